@@ -1,0 +1,175 @@
+"""NumPy reference of gTop-k S-SGD: the executable form of ALGORITHM.md.
+
+Every backend (torch, tensorflow) is tested against :func:`gtopk_step`: it simulates all P
+workers of one step, stage by stage, with the canonical merge order (the lower rank's set
+first), ties broken by lower index, per-stage alive flags and fold / unfold for P not a
+power of two.  Values are kept in the input dtype and added in the same order as the
+backends do, so a backend's float32 result can be compared bit for bit.
+
+Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
+Sparsification for Low Bandwidth Networks", ICDCS 2019.
+"""
+import logging
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+
+from gtopk_hvd.common.schedule import world_split
+
+__all__ = [
+    "SparseSet",
+    "StepResult",
+    "select_topk",
+    "merge",
+    "truncate",
+    "gtopk_step",
+    "topk_allgather_step",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SparseSet:
+    """A sparse vector: ``indices`` sorted ascending (int64, unique) and their ``values``."""
+    indices: np.ndarray
+    values: np.ndarray
+
+    def __len__(self):
+        return len(self.indices)
+
+    def dense(self, size):
+        out = np.zeros(size, dtype=self.values.dtype)
+        out[self.indices] = self.values
+        return out
+
+
+@dataclass
+class StepResult:
+    """Outcome of one simulated step.
+
+    indices: the global set (sorted, int64), identical on every rank.
+    values: the summed (not averaged) values at ``indices``, in the input dtype.
+    residuals: the P new residuals eps^p.
+    alive: per rank, a bool array over that rank's local top-k ``local_indices[p]``: True where
+      the entry's contribution is in the final set (so its residual entry was cleared).
+    """
+    indices: np.ndarray
+    values: np.ndarray
+    residuals: List[np.ndarray]
+    local_indices: List[np.ndarray] = field(default_factory=list)
+    alive: List[np.ndarray] = field(default_factory=list)
+
+    def dense(self, size, average_over=1):
+        out = np.zeros(size, dtype=self.values.dtype)
+        out[self.indices] = self.values
+        return out / average_over if average_over != 1 else out
+
+
+def select_topk(acc, k):
+    """Indices (sorted ascending, int64) of the k largest |acc|, ties broken by lower index."""
+    acc = np.asarray(acc)
+    if not 0 <= k <= acc.size:
+        raise ValueError(f"k must be in [0, {acc.size}], got {k}")
+    # lexsort sorts by the last key first: descending magnitude, then ascending index.
+    order = np.lexsort((np.arange(acc.size), -np.abs(acc)))
+    return np.sort(order[:k]).astype(np.int64)
+
+
+def merge(low, high):
+    """Union of two sparse sets; values added where an index is in both (low + high)."""
+    indices = np.union1d(low.indices, high.indices).astype(np.int64)
+    values = np.zeros(len(indices), dtype=np.result_type(low.values, high.values))
+    values[np.searchsorted(indices, low.indices)] = low.values
+    values[np.searchsorted(indices, high.indices)] += high.values
+    return SparseSet(indices, values)
+
+
+def truncate(s, k):
+    """The k entries of ``s`` with the largest |value|, ties by lower index; sorted by index."""
+    if len(s) <= k:
+        return s
+    keep = np.sort(np.lexsort((s.indices, -np.abs(s.values)))[:k])
+    return SparseSet(s.indices[keep], s.values[keep])
+
+
+def _check_accs(accs, k):
+    accs = [np.asarray(a) for a in accs]
+    if not accs:
+        raise ValueError("accs must hold one array per rank, got an empty list")
+    d = accs[0].size
+    for p, a in enumerate(accs):
+        if a.ndim != 1 or a.size != d:
+            raise ValueError(f"accs[{p}] must be 1-D of size {d} like accs[0], got shape {a.shape}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= d:
+        raise ValueError(f"k must be an int in [0, {d}], got {k!r}")
+    return accs, d
+
+
+def gtopk_step(accs, k):
+    """Simulate one gTop-k step of P = len(accs) workers on their compensated gradients.
+
+    Args:
+        accs: list of P 1-D arrays of equal size d, acc^p = G^p + eps^p.
+        k: entries kept per set, 0 <= k <= d (see :func:`gtopk_hvd.common.k_for`).
+
+    Returns:
+        :class:`StepResult` with the global set, the summed values and the new residuals.
+    """
+    accs, d = _check_accs(accs, k)
+    size = len(accs)
+    m, base, extra = world_split(size)
+
+    local = [select_topk(a, k) for a in accs]
+    sets = [SparseSet(idx, a[idx]) for idx, a in zip(local, accs)]
+    alive = [np.ones(k, dtype=bool) for _ in range(size)]
+
+    def survive(p, s):
+        alive[p] &= np.isin(local[p], s.indices)
+
+    # fold: extra rank e gives its set to e - P', which tracks e's alive flags from then on
+    for e in range(base, size):
+        b = e - base
+        sets[b] = truncate(merge(sets[b], sets[e]), k)
+        survive(b, sets[b])
+        survive(e, sets[b])
+    # stage s: swap with partner p ^ (1 << s), both keep the same k entries
+    for s in range(m):
+        for p in range(base):
+            q = p ^ (1 << s)
+            if p < q:
+                sets[p] = sets[q] = truncate(merge(sets[p], sets[q]), k)
+                for r in (p, q, p + base, q + base):
+                    if r < size:
+                        survive(r, sets[p])
+    # unfold: the extra ranks get the final set (their alive flags are already tracked)
+    final = sets[0]
+
+    residuals = []
+    for p in range(size):
+        eps = accs[p].copy()
+        eps[local[p][alive[p]]] = 0
+        residuals.append(eps)
+    return StepResult(final.indices, final.values, residuals, local, alive)
+
+
+def topk_allgather_step(accs, k):
+    """Simulate one Top-k S-SGD step: every rank's local top-k gathered from all and summed.
+
+    Values are added in rank order (0 + v_0 + v_1 + ...), as the backends do.  Every sent entry
+    counts, so each rank's residual is its acc with its own top-k cleared.
+    """
+    accs, d = _check_accs(accs, k)
+    local = [select_topk(a, k) for a in accs]
+    total = np.zeros(d, dtype=np.result_type(*accs))
+    for idx, a in zip(local, accs):
+        total[idx] += a[idx]
+    indices = np.unique(np.concatenate(local)).astype(np.int64)
+    residuals = []
+    for idx, a in zip(local, accs):
+        eps = a.copy()
+        eps[idx] = 0
+        residuals.append(eps)
+    alive = [np.ones(k, dtype=bool) for _ in accs]
+    return StepResult(indices, total[indices], residuals, local, alive)

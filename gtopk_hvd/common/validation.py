@@ -1,0 +1,108 @@
+"""Eager argument checks shared by the torch and tensorflow adapters.
+
+Each check raises before any communication, with a message that names the value and the fix.
+"""
+import logging
+import numbers
+
+from gtopk_hvd.common.errors import GTopkError
+
+__all__ = [
+    "ALGORITHMS",
+    "GRANULARITIES",
+    "SUPPORTED_OPS",
+    "MAX_BUFFER_NUMEL",
+    "check_algorithm",
+    "check_granularity",
+    "check_positive_int",
+    "check_non_negative_int",
+    "check_op",
+    "check_buffer_numel",
+    "check_parameter_names",
+    "check_world_size_on_load",
+]
+
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = ("gtopk", "topk")
+GRANULARITIES = ("model", "layer")
+SUPPORTED_OPS = ("Average", "Sum")
+# Indices travel as int32 (4 bytes, as in the paper's cost model).
+MAX_BUFFER_NUMEL = 2 ** 31 - 1
+
+
+def check_algorithm(algorithm):
+    if algorithm not in ALGORITHMS:
+        raise ValueError(
+            f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}: 'gtopk' is the hypercube "
+            f"gTop-k (O(k log P)), 'topk' gathers every rank's top-k (O(kP))")
+    return algorithm
+
+
+def check_granularity(granularity):
+    if granularity not in GRANULARITIES:
+        raise ValueError(
+            f"granularity must be one of {GRANULARITIES}, got {granularity!r}: 'model' runs one "
+            f"top-k over all gradients flattened together (as in the paper), 'layer' one per tensor")
+    return granularity
+
+
+def check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_non_negative_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def check_op(op_name):
+    """``op_name`` is the Horovod reduce op's name ('Average', 'Sum', 'Adasum', ...)."""
+    if op_name not in SUPPORTED_OPS:
+        raise ValueError(
+            f"op={op_name} is not supported by gTop-k: use op=hvd.Average (the default) or "
+            f"op=hvd.Sum; for {op_name} use Horovod's own DistributedOptimizer")
+    return op_name
+
+
+def check_buffer_numel(numel, name):
+    if numel > MAX_BUFFER_NUMEL:
+        raise GTopkError(
+            f"buffer {name!r} has {numel} elements, more than the {MAX_BUFFER_NUMEL} that int32 "
+            f"indices address; use granularity='layer' so each tensor is sparsified on its own")
+    return numel
+
+
+def check_parameter_names(names, expected_count, what="named_parameters"):
+    """Names must be unique strings covering every parameter of the optimizer."""
+    seen = set()
+    dups = sorted({n for n in names if n in seen or seen.add(n)})
+    if dups:
+        raise ValueError(f"{what} has duplicate names {dups}; every parameter needs its own name")
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise ValueError(f"{what} names must be strings, got {bad[:3]!r}")
+    if expected_count is not None and len(names) != expected_count:
+        raise ValueError(
+            f"{what} names {len(names)} parameters but the optimizer has {expected_count}; pass "
+            f"named_parameters=model.named_parameters() for the same model the optimizer updates")
+
+
+def check_world_size_on_load(saved_size, saved_rank, size, rank):
+    """Policy for per-rank residuals in a checkpoint: keep them only on the same world.
+
+    Residuals belong to a rank; with a different world size (or a rank mismatch) they do not
+    mean anything, so they are dropped with a warning (training continues, losing at most the
+    not-yet-applied residual mass).  Returns True to keep them.
+    """
+    if saved_size is None:
+        return True
+    if saved_size == size and (saved_rank is None or saved_rank == rank):
+        return True
+    logger.warning(
+        "gtopk_hvd: checkpoint was written with world size %s (rank %s), now size %s (rank %s): "
+        "dropping the saved residuals and starting them from zero", saved_size, saved_rank, size, rank)
+    return False

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Build a Horovod wheel from its source distribution, patched for torch 2.13 / TF 2.21,
+# and cache it.  Usage: scripts/build_horovod.sh PYTHON WHEEL_DIR
+# Prints the path of the wheel on its last line.  Re-running with a cached wheel is a no-op.
+set -euo pipefail
+PY=${1:?usage: build_horovod.sh PYTHON WHEEL_DIR}
+WHEEL_DIR=${2:?usage: build_horovod.sh PYTHON WHEEL_DIR}
+HOROVOD_VERSION=${HOROVOD_VERSION:-0.28.1}
+
+existing=$(ls "$WHEEL_DIR"/horovod-"$HOROVOD_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+if [ -n "$existing" ]; then
+  echo "$existing"
+  exit 0
+fi
+
+die() { echo "build_horovod: $*" >&2; exit 1; }
+command -v gcc >/dev/null && command -v g++ >/dev/null \
+  || die "no C/C++ compiler: install one (Debian: apt-get install -y build-essential)"
+# pip's cmake 4.x breaks Horovod's CMakeLists; a system cmake 3.x works.
+CMAKE=${HOROVOD_CMAKE:-/usr/bin/cmake}
+[ -x "$CMAKE" ] || CMAKE=$(command -v cmake || true)
+[ -n "$CMAKE" ] || die "no cmake: install cmake 3.x (Debian: apt-get install -y cmake) or set HOROVOD_CMAKE"
+case "$("$CMAKE" --version | head -n1)" in
+  *" 3."*) ;;
+  *) die "$CMAKE is not cmake 3.x ($("$CMAKE" --version | head -n1)); Horovod 0.28.1 needs 3.x: set HOROVOD_CMAKE" ;;
+esac
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+echo "build_horovod: fetching the horovod==$HOROVOD_VERSION source distribution" >&2
+"$PY" -m pip download -q --no-deps --no-binary :all: -d "$work" "horovod==$HOROVOD_VERSION" >&2 \
+  || die "could not download horovod==$HOROVOD_VERSION from the package registry (is it reachable?)"
+tar xzf "$work"/horovod-"$HOROVOD_VERSION".tar.gz -C "$work"
+src="$work/horovod-$HOROVOD_VERSION"
+
+echo "build_horovod: patching for torch 2.13 / TF 2.21 / tf-keras" >&2
+# torch 2.13 headers need C++17, and gloo must use the same standard as the rest.
+sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
+  "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
+# The XLA ops are GPU-only and do not compile against TF 2.21 headers (highwayhash).
+sed -i 's/^#if TENSORFLOW_VERSION >= 2006000000$/#if TENSORFLOW_VERSION >= 2006000000 \&\& HAVE_GPU/' \
+  "$src/horovod/tensorflow/xla_mpi_ops.cc"
+# Under TF 2.21 `keras` is Keras 3; Horovod's Keras layer works with tf.keras (tf-keras).
+sed -i 's/^    from keras import backend as K$/    from tensorflow.keras import backend as K/' \
+  "$src/horovod/tensorflow/keras/__init__.py" "$src/horovod/tensorflow/keras/callbacks.py"
+grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" || die "patch failed: torch CMakeLists"
+grep -q '&& HAVE_GPU' "$src/horovod/tensorflow/xla_mpi_ops.cc" || die "patch failed: xla_mpi_ops.cc"
+grep -q 'from tensorflow.keras import backend' "$src/horovod/tensorflow/keras/callbacks.py" \
+  || die "patch failed: keras callbacks"
+
+mpi=0
+if [ "${HOROVOD_WITH_MPI:-}" = 1 ] || { [ -z "${HOROVOD_WITHOUT_MPI:-}" ] && command -v mpicxx >/dev/null; }; then mpi=1; fi
+echo "build_horovod: compiling (torch + tensorflow, gloo$([ $mpi = 1 ] && echo ' + mpi'); a few minutes)" >&2
+export HOROVOD_CMAKE="$CMAKE" HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 \
+  HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}
+if [ $mpi = 1 ]; then export HOROVOD_WITH_MPI=1; else export HOROVOD_WITHOUT_MPI=1; fi
+mkdir -p "$WHEEL_DIR"
+( cd "$src" && "$PY" -m pip wheel -v --no-deps --no-build-isolation -w "$work/out" . ) >"$work/build.log" 2>&1 || {
+  tail -n 60 "$work/build.log" >&2
+  cp "$work/build.log" "$WHEEL_DIR/last-failed-build.log" 2>/dev/null || true
+  die "compiling Horovod failed (log above, full log in $WHEEL_DIR/last-failed-build.log)"
+}
+cp "$work"/out/horovod-*.whl "$WHEEL_DIR"/
+ls "$WHEEL_DIR"/horovod-"$HOROVOD_VERSION"-*.whl | head -n1
