@@ -1,0 +1,97 @@
+"""Launch real multi-process Horovod jobs from pytest and collect what each rank reports.
+
+A worker script runs under ``horovodrun -np N`` (Gloo, localhost).  It runs named scenarios,
+each asserting on its own rank against the NumPy reference, and records per scenario either
+``{"ok": True, ...data}`` or ``{"ok": False, "error": traceback}`` with :class:`Recorder`.
+The pytest side gets one dict per rank and checks that every rank passed every scenario.
+Running many scenarios in one job keeps the suite fast on 2 cores (one interpreter start
+per world size, not per check).
+"""
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT_ENV = "GTOPK_TEST_OUT"
+
+
+def horovodrun(np_, script, *args, timeout=600, env=None):
+    """Run ``horovodrun -np np_ python script args``; return the per-rank result dicts."""
+    bindir = Path(sys.executable).parent
+    horovodrun_bin = bindir / "horovodrun"
+    with tempfile.TemporaryDirectory(prefix="gtopk_mp_") as out:
+        full_env = dict(os.environ)
+        full_env.update({
+            OUT_ENV: out,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), full_env.get("PYTHONPATH", "")]),
+            "TF_USE_LEGACY_KERAS": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            "OMP_NUM_THREADS": "1",
+            "HOROVOD_GLOO_TIMEOUT_SECONDS": "120",
+            "PYTHONUNBUFFERED": "1",
+        })
+        full_env.update(env or {})
+        cmd = [str(horovodrun_bin), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo",
+               sys.executable, str(ROOT / script), *map(str, args)]
+        proc = subprocess.run(cmd, env=full_env, cwd=str(ROOT), capture_output=True, text=True,
+                              timeout=timeout)
+        results = []
+        for r in range(np_):
+            path = Path(out) / f"rank{r}.pkl"
+            results.append(pickle.loads(path.read_bytes()) if path.exists() else None)
+        if proc.returncode != 0 or any(r is None for r in results):
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed with exit code {proc.returncode}\n"
+                f"--- stdout (tail) ---\n{proc.stdout[-6000:]}\n"
+                f"--- stderr (tail) ---\n{proc.stderr[-6000:]}")
+        return results
+
+
+def check_scenario(results, name):
+    """Assert that scenario ``name`` passed on every rank; return the per-rank records."""
+    records = []
+    for rank, res in enumerate(results):
+        assert name in res, f"rank {rank} did not run scenario {name!r} (ran {sorted(res)})"
+        rec = res[name]
+        assert rec["ok"], f"scenario {name!r} failed on rank {rank}:\n{rec['error']}"
+        records.append(rec)
+    return records
+
+
+class Recorder:
+    """Used inside a worker: ``with rec("name") as data: ...`` records success or the traceback.
+
+    ``data`` is a dict the scenario may fill with values the pytest side checks too.
+    """
+
+    def __init__(self, rank):
+        self.rank = rank
+        self.results = {}
+
+    def __call__(self, name):
+        return _Scenario(self, name)
+
+    def save(self):
+        out = os.environ.get(OUT_ENV)
+        if out:
+            Path(out, f"rank{self.rank}.pkl").write_bytes(pickle.dumps(self.results))
+
+
+class _Scenario:
+    def __init__(self, recorder, name):
+        self.recorder, self.name, self.data = recorder, name, {}
+
+    def __enter__(self):
+        return self.data
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.recorder.results[self.name] = {"ok": True, **self.data}
+        else:
+            self.recorder.results[self.name] = {
+                "ok": False, "error": "".join(traceback.format_exception(exc_type, exc, tb))}
+        return exc_type is not None and issubclass(exc_type, Exception)
