@@ -28,7 +28,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   step "creating $VENV"
   "$PYTHON" -m venv "$VENV" || fail "venv" "install the venv module (Debian: apt-get install -y python3-venv)"
 fi
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+PIP=(pip_quiet)
+# pip's find-links / extra-index settings on some machines print one warning per package.
+pip_quiet() {
+  "$VENV/bin/python" -m pip --disable-pip-version-check "$@" \
+    2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+}
 
 step "installing pinned dependencies (torch $TORCH_VERSION CPU, tensorflow-cpu $TF_VERSION)"
 # torch first and alone, so that nothing later can pull a CUDA build.
