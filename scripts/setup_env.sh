@@ -56,13 +56,18 @@ if ! "$VENV/bin/python" -c "import horovod, sys; sys.exit(0 if horovod.__version
 fi
 
 step "verifying Horovod frameworks"
-TF_USE_LEGACY_KERAS=1 TF_CPP_MIN_LOG_LEVEL=3 "$VENV/bin/python" - <<'PY' || fail "horovod check" "remove the cached wheel and .venv, then re-run"
+# horovodrun --check-build can claim a framework that does not load: initialise each for real.
+if ! check_out=$(TF_USE_LEGACY_KERAS=1 TF_CPP_MIN_LOG_LEVEL=3 "$VENV/bin/python" - 2>&1 <<'PY'
 import horovod.torch as h
 h.init()
 import horovod.tensorflow as t
 t.init()
-import horovod.tensorflow.keras  # noqa: F401  (tf-keras layer)
+import horovod.tensorflow.keras  # noqa: F401  (the tf-keras layer)
 PY
+); then
+  echo "$check_out" | tail -n 30 >&2
+  fail "horovod check" "Horovod does not load; remove the cached wheel ($cache) and .venv, then re-run"
+fi
 
 step "installing gtopk_hvd (editable)"
 "${PIP[@]}" install -q --no-deps --no-build-isolation -e . || fail "gtopk_hvd" "pip install -e . failed"
