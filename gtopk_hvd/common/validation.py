@@ -20,6 +20,10 @@ __all__ = [
     "check_buffer_numel",
     "check_parameter_names",
     "check_world_size_on_load",
+    "check_global_process_set",
+    "check_no_compression",
+    "check_gradient_predivide_factor",
+    "check_no_groups",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,3 +110,38 @@ def check_world_size_on_load(saved_size, saved_rank, size, rank):
         "gtopk_hvd: checkpoint was written with world size %s (rank %s), now size %s (rank %s): "
         "dropping the saved residuals and starting them from zero", saved_size, saved_rank, size, rank)
     return False
+
+
+# Horovod arguments that gTop-k keeps in its signatures but cannot honour: each is refused
+# before any communication with the same message in every framework.
+
+def check_global_process_set(process_set):
+    """gTop-k runs over the global set only (the process set with id 0)."""
+    if getattr(process_set, "process_set_id", None) == 0:
+        return
+    raise ValueError(
+        f"process_set={process_set!r} is not supported yet: gTop-k exchanges over the global "
+        f"process set; leave process_set at its default (hvd.global_process_set)")
+
+
+def check_no_compression(compression, none):
+    """``compression`` must be Horovod's ``Compression.none`` (passed as ``none``)."""
+    if compression is not none:
+        raise ValueError(
+            f"compression={getattr(compression, '__name__', compression)} is not supported: "
+            f"gTop-k already compresses (it sends k of d entries); leave "
+            f"compression=hvd.Compression.none")
+
+
+def check_gradient_predivide_factor(factor):
+    if factor != 1.0:
+        raise ValueError(
+            f"gradient_predivide_factor={factor} is not supported: gTop-k "
+            f"sums float32 values, so there is no overflow to guard against; leave it at 1.0")
+
+
+def check_no_groups(num_groups, groups):
+    if num_groups or groups is not None:
+        raise ValueError(
+            f"num_groups={num_groups} / groups={groups!r} are not supported: gTop-k groups "
+            f"tensors by granularity='model' (one buffer) or granularity='layer'")

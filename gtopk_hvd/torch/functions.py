@@ -1,0 +1,48 @@
+"""Start-up and state helpers of the PyTorch backend: ``init`` and ``broadcast_optimizer_state``.
+
+``init`` is ``hvd.init`` with dynamic process sets plus the registration of the two-rank
+pair sets the gTop-k stages exchange in (gtopk_hvd.common.process_sets).
+"""
+import logging
+
+import horovod.torch as hvd
+
+from gtopk_hvd.common.process_sets import init_with_pair_sets
+
+__all__ = ["init", "shutdown", "broadcast_optimizer_state"]
+
+logger = logging.getLogger(__name__)
+
+
+def init(comm=None, process_sets=None):
+    """Initialise Horovod and register gTop-k's pair process sets; call it on every rank
+    instead of ``hvd.init()``.  Arguments as ``horovod.torch.init``.
+    """
+    init_with_pair_sets(hvd, comm=comm, process_sets=process_sets)
+
+
+def shutdown():
+    """``hvd.shutdown()`` once every rank got here.
+
+    With P not a power of two, the ranks outside the fold / unfold pairs finish a gTop-k step
+    before the extra ranks have their result; shutting Horovod down from such a rank at once
+    would abort the others' last exchange.  A barrier first makes the shutdown safe.
+    """
+    if hvd.is_initialized() and hvd.size() > 1:
+        hvd.barrier()
+    hvd.shutdown()
+
+
+def broadcast_optimizer_state(optimizer, root_rank, model=None):
+    """``hvd.broadcast_optimizer_state`` that also accepts a gTop-k DistributedOptimizer.
+
+    Horovod initialises an empty optimizer state by calling ``optimizer.step()`` on zero
+    gradients; for a gTop-k optimizer that step is taken without synchronising, so it neither
+    communicates nor touches the residuals or the density schedule.  The residuals are not
+    broadcast: they belong to each rank.
+    """
+    skip = getattr(optimizer, "skip_synchronize", None)
+    if skip is None or not hasattr(optimizer, "gtopk_stats"):
+        return hvd.broadcast_optimizer_state(optimizer, root_rank, model=model)
+    with skip():
+        return hvd.broadcast_optimizer_state(optimizer, root_rank, model=model)

@@ -1,0 +1,204 @@
+"""PyTorch tensor operations for the framework-free gTop-k driver (gtopk_hvd.common.collective).
+
+:class:`TorchOps` implements the :class:`~gtopk_hvd.common.collective.TensorOps` protocol with
+int32 indices and float32 values.  Two operations carry the algorithm's exactness:
+
+- :func:`select_topk`: the exact top-k of |acc|, ties broken by lower index, as
+  :func:`gtopk_hvd.common.reference.select_topk`.  On a 25M-element gradient a full sort or
+  ``torch.topk`` takes tens of times one pass over the data, so the selection first narrows
+  the search with a threshold estimated from a deterministic strided sample and per-block
+  maxima, then selects exactly among the (about 2k) candidates;
+- :func:`merge_truncate`: the union of two sparse sets with values added low + high in float32,
+  then the k largest magnitudes (ties by lower index), the same arithmetic as the reference's
+  ``truncate(merge(low, high), k)``, so partners and the reference agree bit for bit.
+
+Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
+Sparsification for Low Bandwidth Networks", ICDCS 2019.
+"""
+import logging
+import math
+
+import torch
+
+__all__ = ["TorchOps", "select_topk", "merge_truncate"]
+
+logger = logging.getLogger(__name__)
+
+_SAMPLE_SIZE = 1 << 16   # strided sample that estimates the selection threshold
+_OVERSAMPLE = 2.0        # aim for about 2k candidates, so the estimate rarely falls short
+_TIE_CHUNK = 1 << 20     # chunk of the scan for the first entries equal to the threshold
+_BLOCK = 64              # the candidate scan reads per-block max / min, not every entry
+
+
+def _topk_positions(absval, k):
+    """Ascending positions of the k largest ``absval``, ties by lower position.
+
+    The k-th largest value splits the entries: all above it are in, and the lowest positions
+    equal to it fill up to k (linear time, no sort).  NaN ranks below every number, then by
+    position, as in the NumPy reference.
+    """
+    if absval.numel() <= k:
+        return torch.arange(absval.numel(), device=absval.device)
+    key = torch.nan_to_num(absval, nan=-1.0)
+    kth = torch.topk(key, k, sorted=False).values.min()
+    chosen = key > kth
+    need = k - int(chosen.sum())
+    chosen[torch.nonzero(key == kth).flatten()[:need]] = True
+    return torch.nonzero(chosen).flatten()
+
+
+def _first_equal(acc, thr, need):
+    """Ascending positions of the first ``need`` entries with |acc| == thr (fewer if absent)."""
+    found = []
+    for start in range(0, acc.numel(), _TIE_CHUNK):
+        chunk = acc[start:start + _TIE_CHUNK]
+        pos = torch.nonzero(chunk.abs() == thr).flatten()[:need]
+        found.append(pos + start)
+        need -= pos.numel()
+        if need == 0:
+            break
+    return torch.cat(found) if found else acc.new_zeros(0, dtype=torch.int64)
+
+
+def _threshold_estimate(acc, k, oversample=_OVERSAMPLE):
+    """A magnitude that about ``oversample * k`` entries reach, from a strided sample
+    (deterministic)."""
+    n = acc.numel()
+    stride = max(1, n // _SAMPLE_SIZE) | 1  # odd: less likely to alias with tensor shapes
+    sample = acc[::stride].abs()
+    j = min(sample.numel(), math.ceil(oversample * k / stride) + 8)
+    return torch.topk(torch.nan_to_num(sample, nan=0.0), j, sorted=False).values.min()
+
+
+def _above(acc, thr, k):
+    """Ascending positions of the entries with |acc| > thr, and those |acc|.
+
+    At low density, reads acc twice through block maxima and minima (no n-sized output is
+    written), then looks inside the few blocks that reach past thr (a block holding a NaN is
+    looked into).  When most blocks would hold a candidate, one direct comparison pass.
+    """
+    n = acc.numel()
+    if _OVERSAMPLE * k * _BLOCK * 4 > n:
+        positions = torch.nonzero((acc > thr) | (acc < -thr)).flatten()
+        return positions, acc.index_select(0, positions).abs()
+    main = n - n % _BLOCK
+    blocks = acc[:main].view(-1, _BLOCK)
+    top, bottom = blocks.amax(1), blocks.amin(1)
+    hit = torch.nonzero((top > thr) | (bottom < -thr) | torch.isnan(top)).flatten()
+    magnitude = blocks.index_select(0, hit).abs().reshape(-1)
+    inside = torch.nonzero(magnitude > thr).flatten()
+    positions = hit[inside // _BLOCK] * _BLOCK + inside % _BLOCK
+    values = magnitude[inside]
+    if main < n:
+        tail = acc[main:].abs()
+        in_tail = torch.nonzero(tail > thr).flatten()
+        positions, values = torch.cat([positions, in_tail + main]), torch.cat([values,
+                                                                               tail[in_tail]])
+    return positions, values
+
+
+def select_topk(acc, k):
+    """Ascending int32 indices of the k largest |acc| of a 1-D tensor, ties by lower index.
+
+    1. thr = an estimate of the magnitude about 2k entries reach (strided sample);
+    2. candidates C = {i : |acc[i]| > thr}, found from per-block max / min (two reads of acc,
+       no n-sized buffer written);
+    3. if |C| >= k, the answer lies in C: exact selection among C (split at the k-th value);
+    4. else the answer is C plus the lowest-index entries with |acc| == thr (ties at the
+       threshold: integer-valued or all-zero gradients), found by a chunked scan;
+    5. if even that is short of k (the sample overestimated), again from a lower threshold,
+       and at last an exact selection over all entries.
+    """
+    n = acc.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    if k == n:
+        return torch.arange(n, dtype=torch.int32, device=acc.device)
+    if k == 0:
+        return torch.zeros(0, dtype=torch.int32, device=acc.device)
+    if n <= 4 * _SAMPLE_SIZE:  # small buffers: a selection over all entries is cheap
+        return _topk_positions(acc.abs(), k).to(torch.int32)
+
+    for oversample in (_OVERSAMPLE, 4 * _OVERSAMPLE):  # a second, lower threshold if short
+        thr = _threshold_estimate(acc, k, oversample)
+        cand, magnitude = _above(acc, thr, k)
+        if cand.numel() >= k:
+            return cand[_topk_positions(magnitude, k)].to(torch.int32)
+        ties = _first_equal(acc, thr, k - cand.numel())
+        if cand.numel() + ties.numel() >= k:
+            return torch.sort(torch.cat([cand, ties])).values.to(torch.int32)
+        logger.debug("gtopk_hvd: threshold estimate too high (%d of %d entries reach it)",
+                     cand.numel() + ties.numel(), k)
+    return _topk_positions(acc.abs(), k).to(torch.int32)
+
+
+def merge_truncate(low, high, k):
+    """Union of the sparse sets ``low`` and ``high`` ((values, indices), each sorted by index
+    and unique), values added low + high where an index is in both, then the k entries of
+    largest |value| (ties by lower index), sorted by index.  Returns (values, indices).
+    """
+    low_values, low_indices = low
+    high_values, high_indices = high
+    indices, inverse = torch.unique(torch.cat([low_indices, high_indices]), sorted=True,
+                                    return_inverse=True)
+    n_low = low_indices.numel()
+    values = torch.zeros(indices.numel(), dtype=torch.float32, device=indices.device)
+    # assign the low values, then add the high ones: exactly low + high, as the reference
+    values[inverse[:n_low]] = low_values
+    values.index_add_(0, inverse[n_low:], high_values)
+    if indices.numel() > k:
+        keep = _topk_positions(values.abs(), k)
+        values, indices = values[keep], indices[keep]
+    return values, indices.to(torch.int32)
+
+
+class TorchOps:
+    """The :class:`~gtopk_hvd.common.collective.TensorOps` of PyTorch.
+
+    Args:
+        hvd: the Horovod module whose ``allgather`` the exchange uses (``horovod.torch``).
+        device: where the masks and empty sets it creates live (the gradients' device).
+    """
+
+    def __init__(self, hvd, device="cpu"):
+        self.hvd = hvd
+        self.device = torch.device(device)
+
+    def select_topk(self, acc, k):
+        return select_topk(acc, k)
+
+    def take(self, x, indices):
+        return x.index_select(0, indices)
+
+    def exchange(self, values, indices, process_set, name):
+        # one message per stage: float32 values bit-cast to int32 next to the int32 indices
+        packed = torch.stack([values.to(torch.float32).view(torch.int32),
+                              indices.to(torch.int32)], dim=1)
+        gathered = self.hvd.allgather(packed, name=name, process_set=process_set)
+        return gathered[:, 0].contiguous().view(torch.float32), gathered[:, 1].contiguous()
+
+    def merge_truncate(self, low, high, k):
+        return merge_truncate(low, high, k)
+
+    def isin(self, a, b):
+        return torch.isin(a, b)
+
+    def logical_and(self, a, b):
+        return a & b
+
+    def mask_select(self, x, mask):
+        return x[mask]
+
+    def full_mask(self, k):
+        return torch.ones(k, dtype=torch.bool, device=self.device)
+
+    def encode_flags(self, indices, flags):
+        return torch.where(flags, -indices - 1, indices).to(torch.int32)
+
+    def decode_flags(self, coded):
+        flags = coded < 0
+        return torch.where(flags, -coded - 1, coded).to(torch.int32), flags
+
+    def empty(self):
+        return (torch.zeros(0, dtype=torch.float32, device=self.device),
+                torch.zeros(0, dtype=torch.int32, device=self.device))

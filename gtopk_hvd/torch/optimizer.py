@@ -1,0 +1,345 @@
+"""``DistributedOptimizer``: horovod.torch.DistributedOptimizer with gTop-k sparsification.
+
+The wrapped optimizer sees, on every rank, the same sparse average of the gradients instead
+of the dense one.  One synchronisation (``step()`` or ``synchronize()``), on every rank:
+
+1. gather the gradients into buffers: one flat float32 buffer for the whole model
+   (``granularity="model"``, as in the paper) or one per tensor (``"layer"``); tensors with
+   fewer than ``dense_threshold`` elements go to a dense float32 allreduce instead;
+2. per buffer: compensate (acc = grad + residual), select and communicate (the gTop-k
+   collective), decompress (the global set divided by P) and keep the new residual;
+3. copy the result back into ``p.grad`` (in the gradient's dtype); the wrapped optimizer's
+   ``step()`` applies it (momentum, weight decay etc. stay its business, as with Horovod).
+
+Gradients are communicated when ``step()`` is called, after all backward passes (gTop-k needs
+the whole buffer before it can select), not overlapped with the backward pass.
+
+Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
+Sparsification for Low Bandwidth Networks", ICDCS 2019.
+"""
+import logging
+import warnings
+import weakref
+from contextlib import contextmanager
+
+import horovod.torch as hvd
+import torch
+
+from gtopk_hvd.common.density import k_for
+from gtopk_hvd.common.errors import GTopkError
+from gtopk_hvd.common.process_sets import pair_sets
+from gtopk_hvd.common.validation import (check_buffer_numel, check_global_process_set,
+                                         check_gradient_predivide_factor, check_no_compression,
+                                         check_no_groups, check_op, check_parameter_names,
+                                         check_positive_int)
+from gtopk_hvd.torch.collective import (decompress, dense_allreduce_bytes, exchange, op_name,
+                                        update_residual)
+from gtopk_hvd.torch.state import GTopkState
+
+__all__ = ["DistributedOptimizer"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Layout:
+    """Which parameters go into which sparsified buffer, and which are reduced densely."""
+
+    def __init__(self, params, names, granularity, dense_threshold):
+        sparse = [p for p in params if p.numel() >= max(1, dense_threshold)]
+        self.dense = [p for p in params if p.numel() < max(1, dense_threshold)]
+        if granularity == "model":
+            self.buffers = [("model", sparse)] if sparse else []
+        else:
+            self.buffers = [(names[p], [p]) for p in sparse]
+        for name, ps in self.buffers:
+            check_buffer_numel(sum(p.numel() for p in ps), name)
+        self.key = tuple(id(p) for p in params)
+
+
+class _DistributedOptimizer(torch.optim.Optimizer):
+    """Methods copied into a subclass of the user's optimizer class, as Horovod does."""
+
+    def __init__(self, optimizer, named_parameters, backward_passes_per_step, op,
+                 sparse_as_dense, gtopk_state):
+        super(self.__class__, self).__init__(optimizer.param_groups)
+        self.defaults = dict(optimizer.defaults)
+        self._parameter_names = {p: name for name, p in named_parameters}
+        self.backward_passes_per_step = backward_passes_per_step
+        self.op = op
+        self._op_name = op_name(op)
+        self.sparse_as_dense = sparse_as_dense
+        self._gtopk = gtopk_state
+        self._layout = None
+        self._passes = {}
+        self._synchronized = False
+        self._should_synchronize = True
+        if gtopk_state.algorithm == "gtopk":
+            pair_sets(hvd)  # collective registration; every check above ran first
+        self._register_hooks()
+
+    def _register_hooks(self):
+        this = weakref.ref(self)
+
+        def hook(p):
+            opt = this()
+            if opt is not None:
+                opt._count_backward_pass(p)
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(hook)
+
+    def _count_backward_pass(self, p):
+        self._passes[p] = self._passes.get(p, 0) + 1
+        if self._passes[p] > self.backward_passes_per_step:
+            raise AssertionError(
+                f"Gradients were computed {self._passes[p]} times before step(), more than "
+                f"backward_passes_per_step={self.backward_passes_per_step}. Increase "
+                f"backward_passes_per_step to accumulate gradients locally.")
+
+    def set_backward_passes_per_step(self, passes):
+        self.backward_passes_per_step = check_positive_int(passes, "backward_passes_per_step")
+
+    def _params(self):
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def _current_layout(self, params):
+        if self._layout is None or self._layout.key != tuple(id(p) for p in params):
+            missing = [p for p in params if p not in self._parameter_names]
+            for i, p in enumerate(missing):  # added later with add_param_group
+                self._parameter_names[p] = f"gtopk.noname.added.{i}.{len(self._parameter_names)}"
+            st = self._gtopk
+            self._layout = _Layout(params, self._parameter_names, st.granularity,
+                                   st.dense_threshold)
+        return self._layout
+
+    def _flat_grads(self, params):
+        parts = []
+        for p in params:
+            g = p.grad
+            if g is None:  # not computed here: counts as zero, another rank may have one
+                parts.append(torch.zeros(p.numel(), dtype=torch.float32, device=p.device))
+            else:
+                g = g.to_dense() if g.is_sparse else g
+                parts.append(g.reshape(-1).to(torch.float32))
+        return torch.cat(parts)
+
+    def _compensate(self, params, acc):
+        """acc += the gradients of ``params`` laid end to end (acc is the residual buffer)."""
+        offset = 0
+        for p in params:
+            g = p.grad
+            if g is not None:  # None: not computed here, counts as zero
+                g = g.to_dense() if g.is_sparse else g
+                acc[offset:offset + p.numel()].add_(g.reshape(-1))
+            offset += p.numel()
+        return acc
+
+    def _set_grads(self, params, flat):
+        offset = 0
+        for p in params:
+            chunk = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if p.grad is None:
+                p.grad = chunk.to(p.dtype, copy=True)
+            elif p.grad.is_sparse:  # sparse_as_dense: hand the optimizer a sparse gradient
+                p.grad = chunk.to(p.grad.dtype).to_sparse()
+            else:
+                p.grad.copy_(chunk)
+
+    def _scatter_grads(self, params, result, numel, average_over):
+        """p.grad = the global set divided by P, written straight into the gradients.
+
+        Same values as ``_set_grads(decompress(...))`` without a buffer of the whole model:
+        the gTop-k indices are sorted and unique, so each parameter gets a slice of them.
+        """
+        if self._gtopk.algorithm != "gtopk" or any(
+                p.grad is not None and (p.grad.is_sparse or not p.grad.is_contiguous())
+                for p in params):
+            self._set_grads(params, decompress(result, numel, self._gtopk.algorithm,
+                                               average_over))
+            return
+        values = result.values / average_over if average_over != 1 else result.values
+        indices = result.indices.long()
+        starts = [0]
+        for p in params:
+            starts.append(starts[-1] + p.numel())
+        bounds = torch.searchsorted(indices, torch.tensor(starts, device=indices.device)).tolist()
+        for i, p in enumerate(params):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            else:
+                p.grad.zero_()
+            lo, hi = bounds[i], bounds[i + 1]
+            p.grad.view(-1)[indices[lo:hi] - starts[i]] = values[lo:hi].to(p.grad.dtype)
+
+    def synchronize(self):
+        """Run the gTop-k collective on every rank's gradients and write the result to p.grad."""
+        params = self._params()
+        for p in params:  # before any communication
+            if p.grad is not None and p.grad.is_sparse and not self.sparse_as_dense:
+                raise ValueError(
+                    f"parameter {self._parameter_names.get(p)!r} has a sparse gradient (for "
+                    f"example nn.Embedding(sparse=True)); gTop-k works on dense buffers: pass "
+                    f"sparse_as_dense=True or use a dense embedding")
+        layout = self._current_layout(params)
+        st, size = self._gtopk, hvd.size()
+        density = st.density()
+        average_over = size if self._op_name == "Average" else 1
+        residuals, k_total, numel, sent = {}, 0, 0, 0
+        for name, ps in layout.buffers:
+            buf_numel = sum(p.numel() for p in ps)
+            # compensate in the residual's memory: no gradient-sized buffer per step
+            acc = self._compensate(ps, st.residual(name, buf_numel, ps[0].device))
+            k = k_for(buf_numel, density)
+            result = exchange(acc, k, st.algorithm, name=f"gtopk.{name}")
+            self._scatter_grads(ps, result, buf_numel, average_over)
+            residuals[name] = update_residual(acc, result)
+            k_total, numel, sent = k_total + k, numel + acc.numel(), sent + result.bytes_sent
+        dense_numel = sum(p.numel() for p in layout.dense)
+        if layout.dense:
+            flat = hvd.allreduce(self._flat_grads(layout.dense), name="gtopk.dense", op=self.op)
+            self._set_grads(layout.dense, flat)
+            sent += dense_allreduce_bytes(dense_numel, size)
+        st.residuals = residuals
+        st.step += 1
+        st.last = {"density": density, "k": k_total, "numel": numel, "dense_numel": dense_numel,
+                   "bytes_sent": sent,
+                   "dense_bytes": dense_allreduce_bytes(numel + dense_numel, size)}
+        self._passes.clear()
+        self._synchronized = True
+
+    @contextmanager
+    def skip_synchronize(self):
+        """``step()`` inside this context does not synchronise (after ``synchronize()``)."""
+        self._should_synchronize = False
+        try:
+            yield
+        finally:
+            self._should_synchronize = True
+
+    def step(self, closure=None):
+        if self._should_synchronize:
+            if self._synchronized:
+                warnings.warn("optimizer.step() called after optimizer.synchronize() without "
+                              "optimizer.skip_synchronize(): the gradients are already "
+                              "synchronised and are not sent again")
+            else:
+                self.synchronize()
+        self._synchronized = False
+        return super(self.__class__, self).step(closure)
+
+    def zero_grad(self, set_to_none=True):
+        self._passes.clear()
+        return super(self.__class__, self).zero_grad(set_to_none=set_to_none)
+
+    @property
+    def gtopk_state(self):
+        """The :class:`~gtopk_hvd.torch.state.GTopkState`: schedule, residuals, step."""
+        return self._gtopk
+
+    def gtopk_stats(self):
+        """Statistics of the last synchronisation on this rank (see GTopkState.gtopk_stats)."""
+        return self._gtopk.gtopk_stats()
+
+    def state_dict(self):
+        state = super(self.__class__, self).state_dict()
+        state["gtopk"] = self._gtopk.state_dict(hvd.size(), hvd.rank())
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Load the wrapped optimizer's state and the gTop-k state (residuals, schedule step).
+
+        Residuals written by another rank or world size are dropped with a warning.
+        """
+        state_dict = dict(state_dict)
+        gtopk_state = state_dict.pop("gtopk", None)
+        super(self.__class__, self).load_state_dict(state_dict)
+        if gtopk_state is not None:
+            self._gtopk.load_state_dict(gtopk_state, hvd.size(), hvd.rank())
+        self._passes.clear()
+        self._synchronized = False
+        self._should_synchronize = True
+
+
+def _named_parameters(optimizer, named_parameters):
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if named_parameters is None:
+        return [(f"gtopk.noname.{i}.{j}", p) for i, group in enumerate(optimizer.param_groups)
+                for j, p in enumerate(group["params"])]
+    named_parameters = list(named_parameters)
+    if any(not isinstance(np_, tuple) or len(np_) != 2 for np_ in named_parameters):
+        raise ValueError("named_parameters should be a sequence of (name, parameter) tuples, "
+                         "usually model.named_parameters()")
+    check_parameter_names([n for n, _ in named_parameters], None)
+    named_ids = {id(p) for _, p in named_parameters}
+    unnamed = [i for i, p in enumerate(params) if id(p) not in named_ids]
+    if unnamed:
+        raise ValueError(
+            f"named_parameters misses {len(unnamed)} of the optimizer's {len(params)} "
+            f"parameters (positions {unnamed[:5]} in its param_groups); pass "
+            f"named_parameters=model.named_parameters() for the model the optimizer updates")
+    return named_parameters
+
+
+def DistributedOptimizer(optimizer, named_parameters=None,
+                         compression=hvd.Compression.none,
+                         backward_passes_per_step=1,
+                         op=hvd.Average,
+                         gradient_predivide_factor=1.0,
+                         num_groups=0, groups=None,
+                         sparse_as_dense=False,
+                         process_set=hvd.global_process_set,
+                         *, density=0.001, algorithm="gtopk", granularity="model",
+                         dense_threshold=0):
+    """Wrap ``optimizer`` so that ``step()`` applies the gTop-k sparse average of the gradients.
+
+    Arguments as ``horovod.torch.DistributedOptimizer``, plus (keyword-only):
+
+    Args:
+        density: fraction of gradient entries kept per buffer, a float in (0, 1], a
+            :class:`~gtopk_hvd.common.density.DensitySchedule` or ``callable(step)``;
+            k = max(1, ceil(density * buffer size)).  1.0 gives the dense average.
+        algorithm: ``"gtopk"`` (hypercube merge, O(k log P)) or ``"topk"`` (allgather of
+            every rank's top-k, O(kP)).
+        granularity: ``"model"`` (one top-k over all gradients flattened together, as in the
+            paper) or ``"layer"`` (one per tensor).
+        dense_threshold: tensors with fewer elements are allreduced densely in float32.  The
+            default 0 sparsifies every tensor, as the paper does; 1024 or so sends biases and
+            norm weights densely (worth it with ``granularity="layer"``).
+
+    ``compression`` must stay ``Compression.none``, ``op`` is Average or Sum, ``process_set``
+    the global set, ``gradient_predivide_factor`` 1.0 and ``num_groups`` / ``groups`` unset
+    (use ``granularity``).  The residuals (float32, per rank) are part of ``state_dict()``.
+
+    Example::
+
+        import gtopk_hvd.torch as hvd
+        hvd.init()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1 * hvd.size())
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                       density=0.01)
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; "
+            f"pass for example torch.optim.SGD(model.parameters(), lr=0.1)")
+    if hasattr(optimizer, "gtopk_stats") or hasattr(optimizer, "_allreduce_delay"):
+        raise ValueError(f"optimizer is already a distributed optimizer "
+                         f"({type(optimizer).__name__}); wrap the plain torch optimizer once")
+    check_no_compression(compression, hvd.Compression.none)
+    backward_passes_per_step = check_positive_int(backward_passes_per_step,
+                                                  "backward_passes_per_step")
+    check_op(op_name(op))
+    check_gradient_predivide_factor(gradient_predivide_factor)
+    check_no_groups(num_groups, groups)
+    check_global_process_set(process_set)
+    state = GTopkState(density, algorithm, granularity, dense_threshold)
+    named = _named_parameters(optimizer, named_parameters)
+    if not hvd.is_initialized():
+        raise GTopkError("Horovod is not initialised: call gtopk_hvd.torch.init() on every "
+                         "rank before building a gTop-k DistributedOptimizer")
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
+               dict(_DistributedOptimizer.__dict__))
+    return cls(optimizer, named, backward_passes_per_step, op, sparse_as_dense, state)

@@ -1,0 +1,102 @@
+"""The gTop-k optimizer's state: hyperparameters, residuals (error feedback) and statistics.
+
+Kept apart from the optimizer so it can be checkpointed on its own (``state_dict`` /
+``load_state_dict``).  Policy for the per-rank residuals at load time
+(gtopk_hvd.common.validation.check_world_size_on_load): they are kept when the checkpoint
+was written by the same rank of a world of the same size, otherwise dropped with a warning
+(training goes on; only the not-yet-applied residual mass is lost).  The schedule step is
+always restored, so density schedules continue where they stopped.
+"""
+import logging
+
+import torch
+
+from gtopk_hvd.common.density import as_schedule
+from gtopk_hvd.common.validation import (check_algorithm, check_granularity,
+                                         check_non_negative_int, check_world_size_on_load)
+
+__all__ = ["GTopkState"]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = 1
+
+
+class GTopkState:
+    """Everything a gTop-k optimizer keeps between steps.
+
+    Hyperparameters: ``schedule`` (density per synchronisation step), ``algorithm``,
+    ``granularity``, ``dense_threshold``.
+    Internal state: ``step`` (synchronisations done), ``residuals`` ({buffer name: flat
+    float32 tensor}, this rank's error feedback).
+    Statistics of the last step: ``last`` (density, k, numel, bytes_sent, dense_bytes).
+    """
+
+    def __init__(self, density, algorithm="gtopk", granularity="model", dense_threshold=0):
+        self.schedule = as_schedule(density)
+        self.algorithm = check_algorithm(algorithm)
+        self.granularity = check_granularity(granularity)
+        self.dense_threshold = check_non_negative_int(dense_threshold, "dense_threshold")
+        self.step = 0
+        self.residuals = {}
+        self.last = {}
+
+    def density(self):
+        """The density of the coming synchronisation step."""
+        return self.schedule(self.step)
+
+    def residual(self, name, numel, device):
+        """The residual of buffer ``name`` (zeros the first time or if its size changed)."""
+        eps = self.residuals.get(name)
+        if eps is not None and eps.numel() != numel:
+            logger.warning("gtopk_hvd: buffer %r changed size from %d to %d: its residual "
+                           "starts again from zero", name, eps.numel(), numel)
+            eps = None
+        if eps is None:
+            return torch.zeros(numel, dtype=torch.float32, device=device)
+        return eps.to(device)
+
+    def residual_norm(self):
+        total = sum(float(eps.double().pow(2).sum()) for eps in self.residuals.values())
+        return total ** 0.5
+
+    def gtopk_stats(self):
+        """Statistics of the last synchronisation on this rank.
+
+        density / k: of the last step (k summed over the buffers); numel: sparsified entries;
+        dense_numel: entries reduced densely (below ``dense_threshold``); bytes_sent: bytes
+        this rank sent; dense_bytes: what a dense ring allreduce of all gradients would send,
+        2(P-1)/P * 4d; step: synchronisations so far; residual_norm: L2 norm of the residuals.
+        """
+        stats = {"density": self.density(), "k": 0, "numel": 0, "dense_numel": 0,
+                 "bytes_sent": 0, "dense_bytes": 0}
+        stats.update(self.last)
+        stats["step"] = self.step
+        stats["residual_norm"] = self.residual_norm()
+        return stats
+
+    def state_dict(self, size, rank):
+        """Copies of the residuals (the optimizer updates them in place every step), the
+        schedule step, and the world that wrote them."""
+        return {"format": _FORMAT, "step": self.step, "world_size": size, "rank": rank,
+                "algorithm": self.algorithm, "granularity": self.granularity,
+                "residuals": {name: eps.detach().clone() for name, eps in self.residuals.items()}}
+
+    def load_state_dict(self, state, size, rank):
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("not a gtopk_hvd optimizer state: expected the 'gtopk' entry of "
+                             "DistributedOptimizer.state_dict()")
+        self.step = int(state["step"])
+        self.residuals = {}
+        if not check_world_size_on_load(state.get("world_size"), state.get("rank"), size, rank):
+            return
+        if state.get("granularity", self.granularity) != self.granularity:
+            logger.warning("gtopk_hvd: checkpoint used granularity=%r, now %r: dropping the "
+                           "saved residuals", state.get("granularity"), self.granularity)
+            return
+        self.residuals = {name: eps.detach().to(torch.float32).clone()
+                          for name, eps in state.get("residuals", {}).items()}
+
+    def __repr__(self):
+        return (f"GTopkState(schedule={self.schedule!r}, algorithm={self.algorithm!r}, "
+                f"granularity={self.granularity!r}, dense_threshold={self.dense_threshold})")

@@ -1,0 +1,133 @@
+"""TorchOps, single process: exact selection and merge against the NumPy reference."""
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from gtopk_hvd.common.reference import SparseSet, merge, truncate
+from gtopk_hvd.common.reference import select_topk as ref_select_topk
+from gtopk_hvd.torch.ops import TorchOps, merge_truncate, select_topk
+
+LARGE = 600_000  # above 4 * 2^16: the threshold-estimate path
+
+
+def _data(kind, n, seed):
+    rng = np.random.default_rng(seed)
+    if kind == "normal":
+        return rng.standard_normal(n).astype(np.float32)
+    if kind == "ties":
+        return rng.integers(-3, 4, n).astype(np.float32)
+    if kind == "zeros":
+        return np.zeros(n, np.float32)
+    if kind == "sparse":  # mostly zeros, a few values: ties at zero right after them
+        x = np.zeros(n, np.float32)
+        m = min(50, n // 2)
+        x[rng.choice(n, m, replace=False)] = rng.standard_normal(m)
+        return x
+    if kind == "heavy_tail":
+        return (rng.standard_cauchy(n) * 1e-3).astype(np.float32)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, LARGE])
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "sparse", "heavy_tail"])
+def test_select_topk_equals_reference(kind, n):
+    x = _data(kind, n, seed=n)
+    for k in sorted({1, max(1, n // 1000), max(1, n // 100), n // 2, n}):
+        got = select_topk(torch.from_numpy(x), k)
+        assert got.dtype == torch.int32
+        np.testing.assert_array_equal(got.numpy(), ref_select_topk(x, k), err_msg=f"k={k}")
+
+
+def test_select_topk_k_zero_is_empty():
+    assert select_topk(torch.ones(5), 0).numel() == 0
+
+
+def test_select_topk_rejects_k_out_of_range():
+    with pytest.raises(ValueError, match="k must be in"):
+        select_topk(torch.ones(5), 6)
+
+
+def test_select_topk_falls_back_when_the_sample_overestimates():
+    # every sampled position holds 1.0, the rest 0.5: the estimate (1.0) leaves too few
+    n, stride = LARGE, (LARGE // 65536) | 1
+    x = np.full(n, 0.5, np.float32)
+    x[::stride] = 1.0
+    k = n // 3
+    got = select_topk(torch.from_numpy(x), k)
+    np.testing.assert_array_equal(got.numpy(), ref_select_topk(x, k))
+
+
+def test_select_topk_large_buffer_with_nan_next_to_large_values():
+    x = _data("normal", LARGE, seed=5)
+    top = np.argsort(-np.abs(x))[:20]
+    x[np.minimum(top[::2] + 1, LARGE - 1)] = np.nan  # NaN in the blocks of the largest
+    for k in (10, 600, 6000):
+        np.testing.assert_array_equal(select_topk(torch.from_numpy(x), k).numpy(),
+                                      ref_select_topk(x, k))
+
+
+def test_select_topk_nan_ranks_last_as_in_the_reference():
+    x = np.array([1.0, np.nan, -3.0, 2.0, np.nan], np.float32)
+    for k in range(6):
+        np.testing.assert_array_equal(select_topk(torch.from_numpy(x), k).numpy(),
+                                      ref_select_topk(x, k))
+
+
+def test_select_topk_is_within_3x_of_one_abs_pass():
+    torch.set_num_threads(1)
+    x = torch.randn(25_000_000)  # the benchmark's size, density 0.001
+    k = 25_000
+
+    def seconds(fn):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    # interleaved, best of 7: other jobs on the machine slow single runs down, not the best
+    abs_time = select_time = float("inf")
+    for _ in range(5):
+        abs_time = min(abs_time, seconds(lambda: x.abs()))
+        select_time = min(select_time, seconds(lambda: select_topk(x, k)))
+    # target 3x (about 1.5-2x measured); a full sort or torch.topk (20-30x) fails this
+    assert select_time < 3 * abs_time, f"{select_time / abs_time:.2f}x of one abs() pass"
+
+
+def _sparse(rng, d, n, integer):
+    idx = np.sort(rng.choice(d, n, replace=False))
+    vals = rng.integers(-3, 4, n) if integer else rng.standard_normal(n)
+    return SparseSet(idx.astype(np.int64), vals.astype(np.float32))
+
+
+@pytest.mark.parametrize("integer", [False, True])
+@pytest.mark.parametrize("n_low,n_high,k", [(20, 20, 10), (20, 5, 30), (0, 8, 4), (8, 0, 8),
+                                            (0, 0, 3), (100, 100, 100)])
+def test_merge_truncate_equals_reference(integer, n_low, n_high, k):
+    rng = np.random.default_rng(n_low * 1000 + n_high + integer)
+    d = 60 if max(n_low, n_high) <= 60 else 300  # small d: many shared indices
+    low, high = _sparse(rng, d, n_low, integer), _sparse(rng, d, n_high, integer)
+    want = truncate(merge(low, high), k)
+    values, indices = merge_truncate(
+        (torch.from_numpy(low.values), torch.from_numpy(low.indices).int()),
+        (torch.from_numpy(high.values), torch.from_numpy(high.indices).int()), k)
+    assert indices.dtype == torch.int32 and values.dtype == torch.float32
+    np.testing.assert_array_equal(indices.numpy(), want.indices)
+    np.testing.assert_array_equal(values.numpy(), want.values)
+
+
+def test_merge_truncate_adds_low_then_high_where_indices_meet():
+    low = (torch.tensor([1.0, 2.0]), torch.tensor([3, 5], dtype=torch.int32))
+    high = (torch.tensor([-2.0, 4.0]), torch.tensor([5, 9], dtype=torch.int32))
+    values, indices = merge_truncate(low, high, 2)
+    assert indices.tolist() == [3, 9] and values.tolist() == [1.0, 4.0]  # 5 summed to 0
+
+
+def test_flag_encoding_round_trips():
+    ops = TorchOps(hvd=None)
+    indices = torch.tensor([0, 4, 7, 2**31 - 2], dtype=torch.int32)
+    flags = torch.tensor([True, False, True, True])
+    decoded, back = ops.decode_flags(ops.encode_flags(indices, flags))
+    assert decoded.tolist() == indices.tolist() and back.tolist() == flags.tolist()
+    values, idx = ops.empty()
+    assert values.dtype == torch.float32 and idx.dtype == torch.int32 and idx.numel() == 0

@@ -1,0 +1,37 @@
+"""gtopk_hvd.torch.DistributedOptimizer under real ``horovodrun`` at P = 2, 3 and 4.
+
+Every scenario of workers/optimizer_worker.py runs in the job of conftest.py; every rank checks
+its parameters, gradients and residuals against a simulation of all P ranks built on the
+NumPy reference (workers/reference_sgd.py).
+"""
+import pytest
+
+from tests.harness import check_scenario
+
+SCENARIOS = [
+    "plain_sgd_model_granularity_params_equal_reference_every_step",
+    "plain_sgd_layer_granularity_params_equal_reference_every_step",
+    "momentum_sgd_params_equal_reference_every_step",
+    "plain_sgd_topk_algorithm_params_equal_reference_every_step",
+    "adam_params_bitwise_identical_across_ranks",
+    "density_1_equals_hvd_allreduce_on_integer_gradients",
+    "backward_passes_per_step_accumulates_locally_then_equals_reference",
+    "checkpoint_restore_continues_the_uninterrupted_trajectory",
+    "load_from_other_world_size_drops_residuals_with_warning",
+    "load_rank0_checkpoint_keeps_residuals_on_rank0_only",
+    "parameters_without_grad_on_some_ranks_count_as_zero",
+    "float16_and_bfloat16_gradients_float32_residuals",
+    "sparse_embedding_without_sparse_as_dense_raises_before_communicating",
+    "sparse_embedding_with_sparse_as_dense_equals_reference",
+    "layer_granularity_with_dense_threshold_sends_small_tensors_dense",
+    "density_schedule_and_statistics",
+    "synchronize_then_skip_synchronize_equals_plain_step",
+    "broadcast_optimizer_state_does_not_take_a_gtopk_step",
+    "bad_arguments_raise_on_every_rank_then_training_works",
+]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_distributed_optimizer(torch_job, scenario):
+    check_scenario(torch_job, scenario)
+

@@ -1,0 +1,412 @@
+"""Scenarios: gtopk_hvd.torch.DistributedOptimizer on every rank against the simulated reference.
+
+Run by torch_worker.py under ``horovodrun -np N`` (checked by test_torch_optimizer.py).  Every
+rank trains on its own batches (seeded by rank and step) and compares its parameters with
+:class:`reference_sgd.ReferenceRun`, which simulates all P ranks with the NumPy reference.
+Scenarios communicate first and assert afterwards, so a failing rank never leaves the others
+waiting in a collective.
+"""
+import io
+import warnings
+
+import numpy as np
+import torch
+from _common import LogCapture, assert_equal, rank_array, same_on_every_rank
+from reference_sgd import ReferenceRun
+from torch import nn
+
+from gtopk_hvd.common import StepwiseDensity, k_for, stages_for
+
+LR = 0.1
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def loss_for(seed):
+    """loss_for(seed)(model, rank, j): the MSE on rank ``rank``'s j-th batch of scenario
+    ``seed`` at step ``loss.step`` (the caller advances it)."""
+    def loss(model, rank, j):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + loss.step * 1009 + rank * 31 + j)
+        x, y = torch.randn(6, 8, generator=g), torch.randn(6, 4, generator=g)
+        return ((model(x) - y) ** 2).mean()
+    loss.step = 0
+    return loss
+
+
+def flat_params(model):
+    return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+
+
+def train(hvd, model, opt, loss, steps, passes=1):
+    """``steps`` distributed steps on this rank's batches; returns the params after each."""
+    rank, history = hvd.rank(), []
+    for _ in range(steps):
+        opt.zero_grad()
+        for j in range(passes):
+            loss(model, rank, j).backward()
+        opt.step()
+        loss.step += 1
+        history.append(flat_params(model).clone())
+    return history
+
+
+def simulate(ref, loss, steps, passes=1):
+    """The same ``steps`` on the reference; returns its params after each."""
+    history = []
+    for _ in range(steps):
+        ref.step(loss, passes)
+        loss.step += 1
+        history.append(flat_params(ref.model).clone())
+    return history
+
+
+def compare_trajectories(hvd, make_opt, seed, steps=4, passes=1, **gtopk):
+    """Train distributed and simulated from the same start; assert equal params every step."""
+    model = make_model(seed)
+    opt = hvd.DistributedOptimizer(make_opt(model.parameters()),
+                                   named_parameters=model.named_parameters(),
+                                   backward_passes_per_step=passes, **gtopk)
+    ref = ReferenceRun(model, make_opt, hvd.size(), gtopk.get("density", 0.001),
+                       gtopk.get("granularity", "model"), gtopk.get("algorithm", "gtopk"))
+    got = train(hvd, model, opt, loss_for(seed), steps, passes)
+    want = simulate(ref, loss_for(seed), steps, passes)
+    for t, (g, w) in enumerate(zip(got, want)):
+        assert_equal(g, w.numpy(), f"params after step {t + 1}")
+    assert_equal(opt.gtopk_state.residuals[ref_buffer_name(opt)], ref.residual(hvd.rank()),
+                 "residual after the last step")
+    return model, opt
+
+
+def ref_buffer_name(opt):
+    return next(iter(opt.gtopk_state.residuals))
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=LR)
+
+
+def momentum_sgd(params):
+    return torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=1e-3)
+
+
+def trajectories(hvd, rec, rank, size):
+    cases = [("plain_sgd_model_granularity", sgd, {"density": 0.05}),
+             ("plain_sgd_layer_granularity", sgd, {"density": 0.1, "granularity": "layer"}),
+             ("momentum_sgd", momentum_sgd, {"density": 0.03}),
+             ("plain_sgd_topk_algorithm", sgd, {"density": 0.05, "algorithm": "topk"})]
+    for i, (name, make_opt, gtopk) in enumerate(cases):
+        with rec(f"{name}_params_equal_reference_every_step"):
+            compare_trajectories(hvd, make_opt, seed=100 + i, **gtopk)
+
+
+def identical_across_ranks(hvd, rec, rank, size):
+    with rec("adam_params_bitwise_identical_across_ranks"):
+        model = make_model(7)
+        opt = hvd.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01),
+                                       named_parameters=model.named_parameters(), density=0.02)
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd.broadcast_optimizer_state(opt, root_rank=0)
+        before = flat_params(model).clone()
+        train(hvd, model, opt, loss_for(7), steps=5)
+        same = same_on_every_rank(hvd, flat_params(model), "adam.same")
+        assert same, "parameters differ between ranks"
+        assert not torch.equal(before, flat_params(model)), "training did not move the model"
+        assert isinstance(opt, torch.optim.Adam) and type(opt).__name__ == "Adam"
+
+
+def density_one(hvd, rec, rank, size):
+    with rec("density_1_equals_hvd_allreduce_on_integer_gradients"):
+        model = make_model(3)
+        params = list(model.parameters())
+        opt_sum = hvd.DistributedOptimizer(sgd(params), named_parameters=model.named_parameters(),
+                                           density=1.0, op=hvd.Sum)
+        grads = [torch.from_numpy(rank_array(200 + i, rank, p.numel(), integer=True,
+                                             low=-50, high=51)).view_as(p)
+                 for i, p in enumerate(params)]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt_sum.synchronize()
+        got_sum = [p.grad.clone() for p in params]
+        want_sum = [hvd.allreduce(g, name=f"d1.sum.{i}", op=hvd.Sum) for i, g in enumerate(grads)]
+        opt_avg = hvd.DistributedOptimizer(sgd(params), named_parameters=model.named_parameters(),
+                                           density=1.0)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt_avg.synchronize()
+        got_avg = [p.grad.clone() for p in params]
+        want_avg = [hvd.allreduce(g, name=f"d1.avg.{i}") for i, g in enumerate(grads)]
+        for i in range(len(params)):
+            assert_equal(got_sum[i], want_sum[i].numpy(), f"Sum, param {i}")
+            assert_equal(got_avg[i], (want_sum[i] / size).numpy(), f"Average, param {i}")
+            np.testing.assert_allclose(got_avg[i].numpy(), want_avg[i].numpy(), rtol=1e-6)
+        assert opt_avg.gtopk_state.residual_norm() == 0.0
+
+
+def accumulation(hvd, rec, rank, size):
+    with rec("backward_passes_per_step_accumulates_locally_then_equals_reference"):
+        model, opt = compare_trajectories(hvd, sgd, seed=300, steps=3, passes=3, density=0.05)
+        # local passes touch neither the residuals nor the step counter, nor communicate
+        before = {k: v.clone() for k, v in opt.gtopk_state.residuals.items()}
+        step_before = opt.gtopk_stats()["step"]
+        loss = loss_for(301)
+        opt.zero_grad()
+        for j in range(3):
+            loss(model, rank, j).backward()
+        for k, v in before.items():
+            assert torch.equal(opt.gtopk_state.residuals[k], v), "a local pass changed residuals"
+        assert opt.gtopk_stats()["step"] == step_before
+        try:
+            loss(model, rank, 3).backward()
+        except AssertionError as exc:
+            assert "backward_passes_per_step=3" in str(exc), exc
+        else:
+            raise AssertionError("a 4th backward pass before step() did not raise")
+        opt.zero_grad()
+
+
+def checkpoint(hvd, rec, rank, size):
+    with rec("checkpoint_restore_continues_the_uninterrupted_trajectory") as data:
+        gtopk = {"density": StepwiseDensity([0.1, 0.03], steps_per_epoch=2)}
+        model = make_model(400)
+        opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(), **gtopk)
+        uninterrupted = train(hvd, model, opt, loss_for(400), steps=6)[-1]
+
+        def resumed(keep_residuals):
+            model = make_model(400)
+            opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(), **gtopk)
+            loss = loss_for(400)
+            train(hvd, model, opt, loss, steps=3)
+            buf = io.BytesIO()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+            buf.seek(0)
+            saved = torch.load(buf)  # weights_only: the gTop-k state is plain data
+            if not keep_residuals:
+                saved["opt"]["gtopk"]["residuals"] = {}
+            model = make_model(999)  # a different start: everything must come from the file
+            opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(), **gtopk)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            assert opt.gtopk_stats()["step"] == 3
+            return train(hvd, model, opt, loss, steps=3)[-1], opt
+
+        after_resume, opt2 = resumed(keep_residuals=True)
+        without_residuals, _ = resumed(keep_residuals=False)
+        assert_equal(after_resume, uninterrupted.numpy(), "resumed params")
+        assert_equal(opt2.gtopk_state.residuals["model"], opt.gtopk_state.residuals["model"],
+                     "resumed residual")
+        assert opt2.gtopk_stats()["density"] == 0.03
+        data["residuals_matter"] = not torch.equal(without_residuals, uninterrupted)
+        assert data["residuals_matter"], "dropping the residuals should change the trajectory"
+
+
+def world_size_policy(hvd, rec, rank, size):
+    with rec("load_from_other_world_size_drops_residuals_with_warning"):
+        model = make_model(500)
+        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(), density=0.05)
+        train(hvd, model, opt, loss_for(500), steps=2)
+        state = opt.state_dict()
+        from_rank0 = hvd.broadcast_object(opt.state_dict(), root_rank=0, name="ckpt0")
+        state["gtopk"] = dict(state["gtopk"], world_size=size + 1)
+        fresh = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                         named_parameters=model.named_parameters(), density=0.05)
+        with LogCapture() as logs:
+            fresh.load_state_dict(state)
+        assert fresh.gtopk_state.residuals == {}, "residuals of another world size were kept"
+        assert fresh.gtopk_stats()["step"] == 2, "the schedule step must survive"
+        assert any("world size" in m for m in logs.messages), logs.messages
+    with rec("load_rank0_checkpoint_keeps_residuals_on_rank0_only"):
+        fresh = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                         named_parameters=model.named_parameters(), density=0.05)
+        with LogCapture() as logs:
+            fresh.load_state_dict(from_rank0)
+        if rank == 0:
+            assert_equal(fresh.gtopk_state.residuals["model"], opt.gtopk_state.residuals["model"]
+                         .numpy(), "rank 0 residual")
+            assert not logs.messages, logs.messages
+        else:
+            assert fresh.gtopk_state.residuals == {} and logs.messages
+
+
+def missing_gradients(hvd, rec, rank, size):
+    with rec("parameters_without_grad_on_some_ranks_count_as_zero"):
+        torch.manual_seed(600)
+        model = nn.ModuleDict({"a": nn.Linear(8, 4), "b": nn.Linear(8, 4)})
+
+        def loss(m, r, j):
+            g = torch.Generator().manual_seed(600 + 7 * r + loss.step)
+            x = torch.randn(5, 8, generator=g)
+            out = m["a"](x) if r % 2 else m["a"](x) + m["b"](x)  # odd ranks never touch b
+            return (out ** 2).mean()
+        loss.step = 0
+        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(), density=0.1)
+        ref = ReferenceRun(model, sgd, size, 0.1)
+        got = train(hvd, model, opt, loss, steps=3)
+        loss.step = 0
+        want = simulate(ref, loss, steps=3)
+        for t, (g, w) in enumerate(zip(got, want)):
+            assert_equal(g, w.numpy(), f"params after step {t + 1}")
+
+
+def half_precision(hvd, rec, rank, size):
+    with rec("float16_and_bfloat16_gradients_float32_residuals"):
+        params = [nn.Parameter(torch.zeros(300, dtype=torch.bfloat16)),
+                  nn.Parameter(torch.zeros(20, dtype=torch.float16))]
+        opt = hvd.DistributedOptimizer(sgd(params), density=0.05, granularity="layer")
+        halves = [[torch.from_numpy(rank_array(700 + i, r, p.numel())).to(p.dtype)
+                   for i, p in enumerate(params)] for r in range(size)]
+        for p, g in zip(params, halves[rank]):
+            p.grad = g.clone()
+        opt.synchronize()
+        with opt.skip_synchronize():
+            opt.step()
+        ref = ReferenceRun(nn.ParameterList([nn.Parameter(p.detach().clone()) for p in params]),
+                           sgd, size, 0.05, granularity="layer")
+        for p in ref.params:
+            p.data.zero_()
+        ref.apply(halves)
+        for i, (p, q) in enumerate(zip(params, ref.params)):
+            assert p.grad.dtype == p.dtype
+            assert_equal(p.grad.float(), q.grad.float().numpy(), f"grad {i}")
+            assert_equal(p.float(), q.float().detach().numpy(), f"param {i}")
+        for b, eps in enumerate(opt.gtopk_state.residuals.values()):
+            assert eps.dtype == torch.float32
+            assert_equal(eps, ref.residual(rank, b), f"residual {b}")
+
+
+def sparse_gradients(hvd, rec, rank, size):
+    with rec("sparse_embedding_without_sparse_as_dense_raises_before_communicating"):
+        torch.manual_seed(800)
+        emb = nn.Embedding(20, 3, sparse=True)
+        opt = hvd.DistributedOptimizer(sgd(emb.parameters()),
+                                       named_parameters=emb.named_parameters(), density=0.2)
+        emb(torch.tensor([rank, 5])).sum().backward()
+        try:
+            opt.step()
+        except ValueError as exc:
+            assert "sparse_as_dense=True" in str(exc), exc
+        else:
+            raise AssertionError("a sparse gradient did not raise")
+    with rec("sparse_embedding_with_sparse_as_dense_equals_reference"):
+        emb = nn.Embedding(20, 3, sparse=True)
+        opt = hvd.DistributedOptimizer(sgd(emb.parameters()),
+                                       named_parameters=emb.named_parameters(), density=0.2,
+                                       sparse_as_dense=True)
+
+        def loss(m, r, j):
+            return (m(torch.tensor([r, 5, 2 * r + 1])) ** 2).sum()
+        loss(emb, rank, 0).backward()
+        opt.synchronize()
+        ref = ReferenceRun(emb, sgd, size, 0.2)
+        ref.apply(ref.rank_grads(loss))
+        assert emb.weight.grad.is_sparse
+        assert_equal(emb.weight.grad.to_dense(), ref.params[0].grad.numpy(), "gradient")
+
+
+def dense_threshold(hvd, rec, rank, size):
+    with rec("layer_granularity_with_dense_threshold_sends_small_tensors_dense") as data:
+        model = make_model(900)
+        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(), density=0.1,
+                                       granularity="layer", dense_threshold=20)
+        ref = ReferenceRun(model, sgd, size, 0.1, granularity="layer", dense_threshold=20)
+        got = train(hvd, model, opt, loss_for(900), steps=1)[0]
+        want = simulate(ref, loss_for(900), steps=1)[0]
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-7)
+        for name, p, q in zip([n for n, _ in model.named_parameters()], model.parameters(),
+                              ref.model.parameters()):
+            if name.endswith("weight"):  # the sparsified tensors match exactly
+                assert_equal(p, q.detach().numpy(), name)
+        stats = opt.gtopk_stats()
+        sending = sum(1 for st in stages_for(rank, size) if st.sends)
+        ks = [k_for(128, 0.1), k_for(64, 0.1)]
+        dense_numel = 16 + 4
+        assert set(opt.gtopk_state.residuals) == {"0.weight", "2.weight"}
+        assert stats["k"] == sum(ks) and stats["dense_numel"] == dense_numel, stats
+        assert stats["bytes_sent"] == 8 * sum(ks) * sending + 2 * (size - 1) * 4 * 20 // size
+        data.update(stats)
+
+
+def schedule_and_stats(hvd, rec, rank, size):
+    with rec("density_schedule_and_statistics") as data:
+        model = make_model(1000)
+        d = sum(p.numel() for p in model.parameters())
+        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(),
+                                       density=StepwiseDensity([0.1, 0.02], steps_per_epoch=2))
+        loss, seen = loss_for(1000), []
+        for _ in range(3):
+            train(hvd, model, opt, loss, steps=1)
+            seen.append(opt.gtopk_stats())
+        sending = sum(1 for st in stages_for(rank, size) if st.sends)
+        for s, density in zip(seen, [0.1, 0.1, 0.02]):
+            k = k_for(d, density)
+            assert (s["density"], s["k"], s["numel"]) == (density, k, d), s
+            assert s["bytes_sent"] == 8 * k * sending, s
+            assert s["dense_bytes"] == 2 * (size - 1) * 4 * d // size, s
+            assert s["residual_norm"] > 0
+        assert [s["step"] for s in seen] == [1, 2, 3]
+        data["stats"] = seen[-1]
+
+
+def synchronize_api(hvd, rec, rank, size):
+    with rec("synchronize_then_skip_synchronize_equals_plain_step"):
+        model = make_model(1100)
+        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(), density=0.05)
+        ref = ReferenceRun(model, sgd, size, 0.05)
+        loss = loss_for(1100)
+        opt.zero_grad()
+        loss(model, rank, 0).backward()
+        opt.synchronize()
+        with opt.skip_synchronize():
+            opt.step()
+        ref.step(loss)
+        assert_equal(flat_params(model), flat_params(ref.model).numpy(), "params")
+        # step() after synchronize() without skip_synchronize(): warn, do not sync twice
+        opt.zero_grad()
+        loss.step = 1
+        loss(model, rank, 0).backward()
+        opt.synchronize()
+        residual = opt.gtopk_state.residuals["model"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        assert caught and "already synchronised" in str(caught[0].message)
+        assert opt.gtopk_state.residuals["model"] is residual
+        assert opt.gtopk_stats()["step"] == 2
+    with rec("broadcast_optimizer_state_does_not_take_a_gtopk_step"):
+        model = make_model(1200)
+        opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                       named_parameters=model.named_parameters())
+        hvd.broadcast_optimizer_state(opt, root_rank=0)
+        assert opt.gtopk_stats()["step"] == 0 and opt.gtopk_state.residuals == {}
+        assert len(opt.state_dict()["state"]) == len(list(model.parameters()))
+
+
+def bad_input(hvd, rec, rank, size):
+    with rec("bad_arguments_raise_on_every_rank_then_training_works"):
+        model = make_model(1300)
+        for kwargs, error in [({"density": 1.5}, ValueError), ({"op": hvd.Adasum}, ValueError),
+                              ({"compression": hvd.Compression.fp16}, ValueError),
+                              ({"named_parameters": [("w", p) for p in model.parameters()]},
+                               ValueError)]:
+            try:
+                hvd.DistributedOptimizer(sgd(model.parameters()), **kwargs)
+            except error:
+                pass
+            else:
+                raise AssertionError(f"{kwargs} did not raise")
+        compare_trajectories(hvd, sgd, seed=1300, steps=2, density=0.05)
+
+
+SCENARIOS = (trajectories, identical_across_ranks, density_one, accumulation, checkpoint,
+             world_size_policy, missing_gradients, half_precision, sparse_gradients,
+             dense_threshold, schedule_and_stats, synchronize_api, bad_input)

@@ -1,0 +1,38 @@
+"""The torch test job: every scenario of the torch backend in one ``horovodrun -np N``.
+
+Started once per world size by tests/torch/conftest.py.  First Horovod is initialised with a
+plain ``hvd.init()`` (plain_init_worker.py), then shut down and initialised again with
+``gtopk_hvd.torch.init()`` for the collective and optimizer scenarios.  One interpreter start
+per world size keeps the suite fast on 2 cores.
+"""
+import os
+
+import collective_worker
+import horovod.torch as plain_hvd
+import optimizer_worker
+import plain_init_worker
+import torch
+from _common import Recorder
+
+import gtopk_hvd.torch as hvd
+
+
+def main():
+    torch.set_num_threads(1)
+    os.environ.pop("HOROVOD_DYNAMIC_PROCESS_SETS", None)
+    plain_hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    rec = Recorder(rank)
+    for scenario in plain_init_worker.SCENARIOS:
+        scenario(hvd, rec, rank, size)
+    hvd.shutdown()
+
+    hvd.init()
+    for scenario in collective_worker.SCENARIOS + optimizer_worker.SCENARIOS:
+        scenario(hvd, rec, rank, size)
+    rec.save()
+    hvd.shutdown()  # after a barrier: the extra ranks' last unfold must not be cut short
+
+
+if __name__ == "__main__":
+    main()
