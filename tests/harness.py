@@ -19,8 +19,22 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT_ENV = "GTOPK_TEST_OUT"
 
 
-def horovodrun(np_, script, *args, timeout=600, env=None):
+# Gloo's TCP set-up can fail when another job on the machine grabs a port at the same moment;
+# such a launch is retried once.  Any other failure (an assertion, a hang) is reported at once.
+_TRANSIENT = ("gloo::IoException", "Connection refused", "Connection reset by peer")
+
+
+def horovodrun(np_, script, *args, timeout=600, env=None, attempts=2):
     """Run ``horovodrun -np np_ python script args``; return the per-rank result dicts."""
+    for attempt in range(attempts):
+        try:
+            return _horovodrun_once(np_, script, *args, timeout=timeout, env=env)
+        except RuntimeError as err:
+            if attempt + 1 == attempts or not any(t in str(err) for t in _TRANSIENT):
+                raise
+
+
+def _horovodrun_once(np_, script, *args, timeout=600, env=None):
     bindir = Path(sys.executable).parent
     horovodrun_bin = bindir / "horovodrun"
     with tempfile.TemporaryDirectory(prefix="gtopk_mp_") as out:
