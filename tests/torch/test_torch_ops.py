@@ -1,5 +1,4 @@
 """TorchOps, single process: exact selection and merge against the NumPy reference."""
-import time
 
 import numpy as np
 import pytest
@@ -73,25 +72,6 @@ def test_select_topk_nan_ranks_last_as_in_the_reference():
     for k in range(6):
         np.testing.assert_array_equal(select_topk(torch.from_numpy(x), k).numpy(),
                                       ref_select_topk(x, k))
-
-
-def test_select_topk_is_within_3x_of_one_abs_pass():
-    torch.set_num_threads(1)
-    x = torch.randn(25_000_000)  # the benchmark's size, density 0.001
-    k = 25_000
-
-    def seconds(fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    # interleaved, best of 7: other jobs on the machine slow single runs down, not the best
-    abs_time = select_time = float("inf")
-    for _ in range(5):
-        abs_time = min(abs_time, seconds(lambda: x.abs()))
-        select_time = min(select_time, seconds(lambda: select_topk(x, k)))
-    # target 3x (about 1.5-2x measured); a full sort or torch.topk (20-30x) fails this
-    assert select_time < 3 * abs_time, f"{select_time / abs_time:.2f}x of one abs() pass"
 
 
 def _sparse(rng, d, n, integer):

@@ -1,0 +1,159 @@
+"""Keras integration of gTop-k, written once (as horovod/_keras is) and wrapped by
+gtopk_hvd.tensorflow.keras.
+
+:func:`create_distributed_optimizer` builds, like Horovod, a subclass of the user's optimizer
+class (same name, so saved models load without gtopk_hvd) whose gradient computation ends with
+the gTop-k reduction of gtopk_hvd.tensorflow.gradients.  It overrides the same methods as
+Horovod's (``compute_gradients`` / ``_compute_gradients`` / ``get_gradients`` /
+``apply_gradients``), so it serves both the tf.keras optimizers and their ``legacy`` versions.
+
+Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
+Sparsification for Low Bandwidth Networks", ICDCS 2019.
+"""
+import logging
+
+import horovod.tensorflow as hvd
+import tensorflow as tf
+from horovod.tensorflow.gradient_aggregation_eager import LocalGradientAggregationHelperEager
+
+from gtopk_hvd.common.errors import GTopkError
+from gtopk_hvd.tensorflow.gradients import allreduce_gradients
+
+__all__ = ["create_distributed_optimizer", "check_tf_keras_optimizer", "find_gtopk_state"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_tf_keras_optimizer(optimizer):
+    """Refuse anything but a tf.keras (tf-keras) optimizer, Keras 3 first and loudly: Horovod's
+    own Keras wrapper silently skips the allreduce there, so training would run unsynchronised.
+    """
+    modules = [cls.__module__ or "" for cls in type(optimizer).__mro__]
+    module = next((m for m in modules if m.split(".")[0] in ("keras", "tf_keras")),
+                  modules[0])
+    if module == "keras" or module.startswith("keras."):
+        raise GTopkError(
+            f"{type(optimizer).__name__} is a Keras 3 optimizer ({module}); gtopk_hvd (like "
+            f"Horovod) supports tf.keras from the tf-keras package only, and would otherwise "
+            f"train without synchronising. Fix: `pip install tf-keras`, set the environment "
+            f"variable TF_USE_LEGACY_KERAS=1 before TensorFlow is imported, and build the model "
+            f"and optimizer with tf.keras")
+    if not module.startswith("tf_keras") or not hasattr(optimizer, "apply_gradients"):
+        raise TypeError(
+            f"optimizer must be a tf.keras optimizer (for example tf.keras.optimizers.SGD with "
+            f"TF_USE_LEGACY_KERAS=1), got {type(optimizer).__name__} from {module!r}")
+
+
+def find_gtopk_state(optimizer):
+    """The GTopkState of a gTop-k optimizer, looking through wrappers (LossScaleOptimizer)."""
+    seen = 0
+    while optimizer is not None and seen < 4:
+        state = getattr(optimizer, "gtopk_state", None)
+        if state is not None:
+            return state
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+        seen += 1
+    raise ValueError("the model's optimizer is not a gTop-k optimizer: wrap it with "
+                     "gtopk_hvd.tensorflow.keras.DistributedOptimizer before model.compile()")
+
+
+def create_distributed_optimizer(optimizer, name, sparse_as_dense, op,
+                                 backward_passes_per_step, average_aggregated_gradients,
+                                 scale_local_gradients, gtopk_state):
+    class _DistributedOptimizer(*optimizer.__class__.__bases__):
+        _HAS_AGGREGATE_GRAD = True
+
+        def __init__(self, **kwargs):
+            super(self.__class__, self).__init__(**kwargs)
+            self._gtopk_name = name or "Distributed%s" % self.__class__.__base__.__name__
+            self._gtopk = gtopk_state  # tracked: checkpoints hold the residuals
+            self._local_vars = set()
+            self.scale_local_gradients = scale_local_gradients
+            self._agg_helper = None
+            if backward_passes_per_step > 1:
+                self._agg_helper = LocalGradientAggregationHelperEager(
+                    backward_passes_per_step=backward_passes_per_step,
+                    allreduce_func=self._gtopk_reduce,
+                    sparse_as_dense=sparse_as_dense,
+                    average_aggregated_gradients=average_aggregated_gradients,
+                    scale_local_gradients=scale_local_gradients)
+
+        @property
+        def gtopk_state(self):
+            """The :class:`~gtopk_hvd.tensorflow.GTopkState`: schedule, residuals, step."""
+            return self._gtopk
+
+        def gtopk_stats(self):
+            """Statistics of the last synchronisation on this rank (GTopkState.gtopk_stats)."""
+            return self._gtopk.gtopk_stats()
+
+        def register_local_var(self, var):
+            """Registers a variable as worker local: its gradient is not communicated (and
+            divided by the world size when ``scale_local_gradients``), as in Horovod."""
+            if self._agg_helper:
+                self._agg_helper.register_local_var(var)
+            else:
+                self._local_vars.add(var.ref())
+
+        @tf.autograph.experimental.do_not_convert
+        def compute_gradients(self, loss, var_list, tape=None):
+            return self._compute_gradients(loss, var_list, None, tape)
+
+        @tf.autograph.experimental.do_not_convert
+        def _compute_gradients(self, loss, var_list, grad_loss=None, tape=None):
+            base_class = super(self.__class__, self)
+            tape = tf.GradientTape() if tape is None else tape
+            if hasattr(base_class, "_compute_gradients"):
+                grads_and_vars = base_class._compute_gradients(loss, var_list, grad_loss,
+                                                               tape=tape)
+            else:
+                grads_and_vars = base_class.compute_gradients(loss, var_list, tape=tape)
+            grads, weights = list(zip(*grads_and_vars))
+            return list(zip(self._allreduce(grads, weights), weights))
+
+        @tf.autograph.experimental.do_not_convert
+        def get_gradients(self, loss, params):
+            gradients = super(self.__class__, self).get_gradients(loss, params)
+            return self._allreduce(gradients, params)
+
+        @tf.autograph.experimental.do_not_convert
+        def _gtopk_reduce(self, grads, variables):
+            return allreduce_gradients(self._gtopk, list(grads), list(variables), op=op,
+                                       sparse_as_dense=sparse_as_dense, name=self._gtopk_name)
+
+        @tf.autograph.experimental.do_not_convert
+        def _allreduce(self, grads, variables):
+            if self._agg_helper:
+                return self._agg_helper.compute_gradients(tuple(grads), tuple(variables))
+            grads, variables = list(grads), list(variables)
+            shared = [i for i, v in enumerate(variables) if v.ref() not in self._local_vars]
+            reduced = self._gtopk_reduce([grads[i] for i in shared],
+                                         [variables[i] for i in shared])
+            for i, grad in zip(shared, reduced):
+                grads[i] = grad
+            if self.scale_local_gradients and self._local_vars:
+                for i, v in enumerate(variables):
+                    if v.ref() in self._local_vars and grads[i] is not None:
+                        grads[i] = grads[i] / hvd.size()
+            return grads
+
+        def _aggregate_gradients(self, grads_and_vars):
+            base_class = super(self.__class__, self)
+            if hasattr(base_class, "_aggregate_gradients"):
+                return base_class._aggregate_gradients(grads_and_vars)
+            return base_class.aggregate_gradients(grads_and_vars)
+
+        def apply_gradients(self, *args, **kwargs):
+            if self._agg_helper:
+                if isinstance(args[0], zip):
+                    args = (list(args[0]),) + tuple(args[1:])
+                return self._agg_helper.apply_gradients(
+                    lambda: super(self.__class__, self).apply_gradients(*args, **kwargs),
+                    self, *args, **kwargs)
+            return super(self.__class__, self).apply_gradients(*args, **kwargs)
+
+    # A subclass of the optimizer's own class with the same name, as Horovod builds it, so
+    # that a saved model can be loaded without gtopk_hvd.
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
+               dict(_DistributedOptimizer.__dict__))
+    return cls.from_config(optimizer.get_config())

@@ -1,0 +1,80 @@
+"""gTop-k S-SGD for TensorFlow 2, as a drop-in for ``horovod.tensorflow``.
+
+``import gtopk_hvd.tensorflow as hvd`` reads like ``import horovod.tensorflow as hvd``:
+Horovod's names are re-exported, ``init`` and ``DistributedGradientTape`` are replaced by their
+gTop-k versions, ``gtopk_allreduce`` is the functional form of one step and
+:class:`GTopkState` holds what gTop-k keeps between steps (residuals, density schedule,
+statistics).  Everything works eagerly and inside ``tf.function``.  For Keras use
+``gtopk_hvd.tensorflow.keras`` (tf.keras, i.e. tf-keras with ``TF_USE_LEGACY_KERAS=1``).
+
+Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
+Sparsification for Low Bandwidth Networks", ICDCS 2019.
+"""
+import logging
+
+import horovod.tensorflow as _hvd
+import tensorflow as _tf
+from horovod.tensorflow import (Adasum, Average, Compression, Max, Min, ProcessSet, Product,
+                                Sum, SyncBatchNormalization, add_process_set, allgather,
+                                allgather_object, allreduce, alltoall, broadcast, broadcast_,
+                                broadcast_object, broadcast_object_fn, broadcast_variables,
+                                ccl_built, cross_rank, cross_size, cuda_built, ddl_built,
+                                gloo_built, gloo_enabled, global_process_set, grouped_allgather,
+                                grouped_allreduce, grouped_reducescatter, is_homogeneous,
+                                is_initialized, join, local_rank, local_rank_op, local_size,
+                                local_size_op, mpi_built, mpi_enabled, mpi_threads_supported,
+                                nccl_built, process_set_included_op, rank, rank_op,
+                                reducescatter, remove_process_set, rocm_built, size,
+                                size_op, start_timeline, stop_timeline)
+
+from gtopk_hvd.common.density import (ConstantDensity, DensitySchedule,
+                                      ExponentialWarmupDensity, StepwiseDensity)
+from gtopk_hvd.common.errors import GTopkError, ProcessSetError
+from gtopk_hvd.common.process_sets import init_with_pair_sets
+from gtopk_hvd.tensorflow.collective import GTopkResult, gtopk_allreduce
+from gtopk_hvd.tensorflow.gradient_tape import DistributedGradientTape
+from gtopk_hvd.tensorflow.gradients import allreduce_gradients
+from gtopk_hvd.tensorflow.ops import TFOps
+from gtopk_hvd.tensorflow.state import GTopkState
+
+__all__ = [
+    # gTop-k
+    "init", "shutdown", "DistributedGradientTape", "gtopk_allreduce", "GTopkResult", "GTopkState",
+    "allreduce_gradients", "TFOps", "GTopkError", "ProcessSetError",
+    "ConstantDensity", "DensitySchedule", "ExponentialWarmupDensity", "StepwiseDensity",
+    # re-exported from horovod.tensorflow
+    "Adasum", "Average", "Compression", "Max", "Min", "ProcessSet", "Product", "Sum",
+    "SyncBatchNormalization", "add_process_set", "allgather", "allgather_object", "allreduce",
+    "alltoall", "broadcast", "broadcast_", "broadcast_object", "broadcast_object_fn",
+    "broadcast_variables", "ccl_built", "cross_rank", "cross_size", "cuda_built", "ddl_built",
+    "gloo_built", "gloo_enabled", "global_process_set", "grouped_allgather",
+    "grouped_allreduce", "grouped_reducescatter", "is_homogeneous", "is_initialized", "join",
+    "local_rank", "local_rank_op", "local_size", "local_size_op", "mpi_built", "mpi_enabled",
+    "mpi_threads_supported", "nccl_built", "process_set_included_op", "rank", "rank_op",
+    "reducescatter", "remove_process_set", "rocm_built", "size", "size_op",
+    "start_timeline", "stop_timeline",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def init(comm=None, process_sets=None):
+    """Initialise Horovod and register gTop-k's pair process sets; call it on every rank
+    instead of ``hvd.init()``.  Arguments as ``horovod.tensorflow.init``.
+    """
+    init_with_pair_sets(_hvd, comm=comm, process_sets=process_sets)
+
+
+def shutdown():
+    """``hvd.shutdown()`` once every rank got here.
+
+    With P not a power of two, the ranks outside the fold / unfold pairs finish a gTop-k step
+    before the extra ranks have their result; shutting Horovod down from such a rank at once
+    would abort the others' last exchange (they then fail with "process set does not exist").
+    A barrier first (Horovod's TensorFlow API has none: an allreduce of a scalar) makes the
+    shutdown safe.
+    """
+    if _hvd.is_initialized() and _hvd.size() > 1:
+        with _tf.init_scope():
+            _hvd.allreduce(_tf.zeros([]), name="gtopk.shutdown.barrier", op=_hvd.Sum)
+    _hvd.shutdown()

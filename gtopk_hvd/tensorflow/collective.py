@@ -1,0 +1,214 @@
+"""gTop-k allreduce of one TensorFlow tensor: the functional form of one gTop-k S-SGD step.
+
+One call on every rank (ALGORITHM.md, "One step on worker p"), eagerly or in ``tf.function``:
+
+1. compensate: acc = tensor + residual, flat float32 (:func:`compensate`);
+2. select and communicate: the framework-free driver of gtopk_hvd.common.collective with
+   :class:`~gtopk_hvd.tensorflow.ops.TFOps` (hypercube gTop-k, or Top-k by allgather);
+3. decompress: scatter the global set into a dense tensor, divided by P for Average
+   (:func:`decompress`); bit-identical on every rank;
+4. update the residual: eps = acc, eps[local[alive]] = 0 (:func:`update_residual`).
+
+Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
+Sparsification for Low Bandwidth Networks", ICDCS 2019.
+"""
+import logging
+import time
+
+import horovod.tensorflow as hvd
+import tensorflow as tf
+
+from gtopk_hvd.common.collective import gtopk_exchange, topk_allgather_exchange
+from gtopk_hvd.common.density import check_density, k_for
+from gtopk_hvd.common.process_sets import pair_sets, process_set_for_stage
+from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
+                                         check_global_process_set, check_op)
+from gtopk_hvd.tensorflow.ops import TFOps
+
+__all__ = ["GTopkResult", "gtopk_allreduce", "compensate", "exchange", "decompress",
+           "update_residual", "exact_divide", "op_name", "dense_allreduce_bytes"]
+
+logger = logging.getLogger(__name__)
+
+_OP_NAMES = {hvd.Average: "Average", hvd.Sum: "Sum", hvd.Adasum: "Adasum", hvd.Min: "Min",
+             hvd.Max: "Max", hvd.Product: "Product"}
+
+
+class GTopkResult:
+    """What one :func:`gtopk_allreduce` returns.
+
+    output: the dense result (average or sum over ranks), shape and dtype of the input,
+        bit-identical on every rank.
+    residual: this rank's new residual, flat float32 (keep it for the next call).
+    values / indices: the global set (float32 sums / int32 indices).  With
+        ``algorithm="topk"`` all P*k gathered entries in rank order (indices may repeat).
+    local_indices / alive: this rank's local top-k and which of it made it into the result.
+    k: entries selected per rank.  bytes_sent: bytes this rank put on the wire.
+    timings: seconds per phase ('selection', 'exchange', 'merge', 'decompress', 'residual')
+        when called eagerly with ``profile=True``, else empty.
+    """
+
+    def __init__(self, output, residual, exchange_result, k):
+        self.output = output
+        self.residual = residual
+        self.values = exchange_result.values
+        self.indices = exchange_result.indices
+        self.local_indices = exchange_result.local_indices
+        self.alive = exchange_result.alive
+        self.k = k
+        self.bytes_sent = exchange_result.bytes_sent
+        self.timings = dict(exchange_result.timings)
+
+    def __repr__(self):
+        return f"GTopkResult(k={self.k}, bytes_sent={self.bytes_sent})"
+
+
+def op_name(op):
+    """The name of a Horovod reduce op ('Average', 'Sum', ...), or its repr if unknown."""
+    try:
+        return _OP_NAMES.get(op, repr(op))
+    except TypeError:  # unhashable
+        return repr(op)
+
+
+def dense_allreduce_bytes(numel, size):
+    """Bytes one rank sends in a ring allreduce of ``numel`` float32: 2(P-1)/P * 4 * numel."""
+    return 2 * (size - 1) * 4 * numel // size
+
+
+def compensate(tensor, residual=None):
+    """acc = tensor + residual as a flat float32 tensor."""
+    acc = tf.reshape(tf.cast(tensor, tf.float32), [-1])
+    return acc if residual is None else acc + residual
+
+
+@tf.autograph.experimental.do_not_convert
+def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False):
+    """Select this rank's top-k of ``acc`` and run the collective; an ExchangeResult.
+
+    ``k`` is a Python int or an int32 scalar tensor.  In a ``tf.function`` every output
+    depends on every exchange this rank issued, so none of them is pruned.
+    """
+    ops = TFOps(hvd, acc)
+    rank, size = hvd.rank(), hvd.size()
+    profile = profile and tf.executing_eagerly()
+    if algorithm == "topk":
+        result = topk_allgather_exchange(ops, acc, k, hvd.global_process_set, size, name=name,
+                                         profile=profile)
+    else:
+        sets = pair_sets(hvd)
+        result = gtopk_exchange(ops, acc, k, rank, size,
+                                lambda stage: process_set_for_stage(sets, rank, stage),
+                                name=name, profile=profile)
+    result.values, result.indices, result.local_indices, result.alive = ops.finalize(
+        result.values, result.indices, result.local_indices, result.alive)
+    return result
+
+
+def decompress(result, numel, algorithm="gtopk", average_over=1):
+    """Dense float32 tensor of ``numel`` entries from the global set, divided by
+    ``average_over``.  Top-k's gathered entries are added in rank order (0 + v_0 + v_1 ...)."""
+    if algorithm == "topk":
+        # the CPU kernel adds the rows in order: the reference's summation order
+        dense = tf.math.unsorted_segment_sum(result.values, result.indices, numel)
+    else:
+        dense = tf.tensor_scatter_nd_update(tf.zeros([numel], tf.float32),
+                                            tf.expand_dims(result.indices, 1), result.values)
+    return exact_divide(dense, average_over) if average_over != 1 else dense
+
+
+def exact_divide(x, n):
+    """x / n in IEEE float32, as NumPy and torch compute it, eagerly and in a graph.
+
+    Grappler rewrites a division by a constant into a multiplication by its reciprocal, which
+    is not exact (x / 3 != x * (1 / 3) for a third of all floats), so in a graph the divisor
+    is fed through a placeholder that constant folding leaves alone.
+    """
+    divisor = tf.constant(float(n), x.dtype)
+    if not tf.executing_eagerly():
+        divisor = tf.compat.v1.placeholder_with_default(divisor, [])
+    return x / divisor
+
+
+def update_residual(acc, result):
+    """eps = acc with the entries that made it into the result cleared.
+
+    Entries that were sent but dropped at some stage stay: that is the paper's gMask.
+    """
+    cleared = tf.boolean_mask(result.local_indices, result.alive)
+    return tf.tensor_scatter_nd_update(acc, tf.expand_dims(cleared, 1),
+                                       tf.zeros(tf.shape(cleared), tf.float32))
+
+
+def _check_tensor(tensor, residual):
+    if not isinstance(tensor, (tf.Tensor, tf.Variable)) or isinstance(tensor, tf.IndexedSlices):
+        raise TypeError(f"tensor must be a tf.Tensor, got {type(tensor).__name__}")
+    if not tensor.dtype.is_floating:
+        raise ValueError(f"gTop-k reduces floating-point gradients, got dtype {tensor.dtype.name}; "
+                         f"use hvd.allreduce for integer tensors")
+    if not tensor.shape.is_fully_defined():
+        raise ValueError(f"gtopk_allreduce needs a tensor of static shape, got {tensor.shape}")
+    if residual is not None and (not isinstance(residual, (tf.Tensor, tf.Variable))
+                                 or residual.dtype != tf.float32
+                                 or residual.shape.num_elements() != tensor.shape.num_elements()):
+        raise ValueError(
+            f"residual must be a float32 tensor of {tensor.shape.num_elements()} elements (the "
+            f"residual returned by the previous call, or None for zeros), got "
+            f"{getattr(residual, 'dtype', type(residual).__name__)} with "
+            f"{getattr(residual, 'shape', '?')}")
+
+
+@tf.autograph.experimental.do_not_convert
+def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm="gtopk",
+                    residual=None, process_set=hvd.global_process_set, *, profile=False):
+    """Sparse allreduce of ``tensor`` by gTop-k with error feedback; call it on every rank.
+
+    Works eagerly and inside ``tf.function``.
+
+    1. acc = tensor + residual (float32);
+    2. local top-k of |acc|, k = max(1, ceil(density * numel)), ties by lower index;
+    3. log2(P) hypercube stages of pairwise merge-and-truncate to k (``algorithm="gtopk"``),
+       or an allgather of every rank's top-k (``algorithm="topk"``, O(kP));
+    4. output = the global set scattered into a dense tensor, divided by P for Average;
+    5. new residual = acc with this rank's entries that reached the result cleared.
+
+    Args:
+        tensor: the gradient (any static shape, floating point).
+        density: fraction of entries kept, in (0, 1].  1.0 gives the dense sum exactly.
+        name: prefix of the Horovod op names (the same on every rank).
+        op: ``hvd.Average`` or ``hvd.Sum``.
+        algorithm: ``"gtopk"`` or ``"topk"``.
+        residual: this rank's residual from the previous call (flat float32), or None.
+        process_set: only the global process set is supported.
+        profile: record per-phase wall times in ``result.timings`` (eager only).
+
+    Returns:
+        :class:`GTopkResult`; ``result.output`` is the dense tensor, ``result.residual`` the
+        residual to pass to the next call.
+
+    Example::
+
+        res = gtopk_allreduce(grad, density=0.01, name="w", residual=eps)
+        grad, eps = res.output, res.residual
+    """
+    _check_tensor(tensor, residual)
+    density = check_density(density)
+    check_op(op_name(op))
+    check_algorithm(algorithm)
+    check_global_process_set(process_set)
+    numel = check_buffer_numel(tensor.shape.num_elements(), name or "tensor")
+    k = k_for(numel, density)
+    size = hvd.size()
+
+    acc = compensate(tensor, residual)
+    exchanged = exchange(acc, k, algorithm, name or "gtopk", profile)
+    start = time.perf_counter()
+    dense = decompress(exchanged, numel, algorithm, size if op_name(op) == "Average" else 1)
+    output = tf.cast(tf.reshape(dense, tensor.shape), tensor.dtype)
+    mid = time.perf_counter()
+    new_residual = update_residual(acc, exchanged)
+    result = GTopkResult(output, new_residual, exchanged, k)
+    if profile and tf.executing_eagerly():
+        result.timings["decompress"] = mid - start
+        result.timings["residual"] = time.perf_counter() - mid
+    return result

@@ -1,0 +1,172 @@
+"""``DistributedGradientTape``: horovod.tensorflow.DistributedGradientTape with gTop-k.
+
+``tape.gradient()`` returns, on every rank, the same sparse average of the gradients instead of
+the dense one (gtopk_hvd.tensorflow.gradients).  A tape lives for one step, the residuals must
+outlive it: they are kept in a :class:`~gtopk_hvd.tensorflow.state.GTopkState`, passed as
+``gtopk_state=`` (to checkpoint it or read its statistics) or else shared by every tape built
+with the same hyperparameters in this process.
+
+Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
+Sparsification for Low Bandwidth Networks", ICDCS 2019.
+"""
+import logging
+
+import horovod.tensorflow as hvd
+import tensorflow as tf
+
+from gtopk_hvd.common.density import as_schedule
+from gtopk_hvd.common.errors import GTopkError
+from gtopk_hvd.common.process_sets import pair_sets
+from gtopk_hvd.common.validation import (check_algorithm, check_gradient_predivide_factor,
+                                         check_global_process_set, check_granularity,
+                                         check_no_compression, check_no_groups,
+                                         check_non_negative_int, check_op)
+from gtopk_hvd.tensorflow.collective import op_name
+from gtopk_hvd.tensorflow.gradients import allreduce_gradients
+from gtopk_hvd.tensorflow.state import GTopkState
+
+__all__ = ["DistributedGradientTape", "shared_state"]
+
+logger = logging.getLogger(__name__)
+
+_SHARED = {}
+
+
+def shared_state(density, algorithm="gtopk", granularity="model", dense_threshold=0):
+    """The :class:`GTopkState` every tape with these hyperparameters shares in this process."""
+    schedule = as_schedule(density)
+    key = (repr(schedule), algorithm, granularity, dense_threshold)
+    if key not in _SHARED:
+        _SHARED[key] = GTopkState(schedule, algorithm, granularity, dense_threshold)
+    return _SHARED[key]
+
+
+def check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups, groups,
+                            process_set):
+    """The Horovod arguments gTop-k keeps in its signatures but cannot honour, refused early."""
+    check_no_compression(compression, hvd.Compression.none)
+    check_op(op_name(op))
+    check_gradient_predivide_factor(gradient_predivide_factor)
+    check_no_groups(num_groups, groups)
+    check_global_process_set(process_set)
+
+
+class _DistributedGradientTape(tf.GradientTape):
+    """Methods copied into a subclass of the user's tape class, as Horovod does."""
+
+    def __init__(self, tape, op, sparse_as_dense, persistent=False,
+                 watch_accessed_variables=True, scale_local_gradients=True, gtopk_state=None):
+        if hasattr(tape, "_watch_accessed_variables"):
+            super(self.__class__, self).__init__(persistent, watch_accessed_variables)
+        else:
+            super(self.__class__, self).__init__(persistent)
+        self._tape = tape
+        self._op = op
+        self._sparse_as_dense = sparse_as_dense
+        self._scale_local_gradients = scale_local_gradients
+        self._local_sources = set()
+        self._gtopk = gtopk_state
+
+    def register_local_source(self, source):
+        """Registers a source/variable as worker local: its gradient is not communicated (and
+        divided by the world size when ``scale_local_gradients``), as in Horovod."""
+        self._local_sources.add(source.ref())
+
+    @tf.autograph.experimental.do_not_convert
+    def gradient(self, target, sources, output_gradients=None, use_generic_names=False):
+        gradients = super(self.__class__, self).gradient(target, sources, output_gradients)
+        sources, gradients = list(sources), list(gradients)
+        shared = [i for i, s in enumerate(sources) if s.ref() not in self._local_sources]
+        reduced = allreduce_gradients(self._gtopk, [gradients[i] for i in shared],
+                                      [sources[i] for i in shared], op=self._op,
+                                      sparse_as_dense=self._sparse_as_dense,
+                                      name="gtopk" if use_generic_names else "gtopk_tape")
+        for i, grad in zip(shared, reduced):
+            gradients[i] = grad
+        if self._scale_local_gradients and self._local_sources:
+            for i, s in enumerate(sources):
+                if s.ref() in self._local_sources and gradients[i] is not None:
+                    gradients[i] = _scale(gradients[i], 1.0 / hvd.size())
+        return gradients
+
+    @property
+    def gtopk_state(self):
+        """The :class:`~gtopk_hvd.tensorflow.state.GTopkState`: schedule, residuals, step."""
+        return self._gtopk
+
+    def gtopk_stats(self):
+        """Statistics of the last synchronisation on this rank (see GTopkState.gtopk_stats)."""
+        return self._gtopk.gtopk_stats()
+
+
+def _scale(grad, factor):
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(grad.values * factor, grad.indices, grad.dense_shape)
+    return grad * factor
+
+
+@tf.autograph.experimental.do_not_convert
+def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
+                            compression=hvd.Compression.none, sparse_as_dense=False,
+                            op=hvd.Average, gradient_predivide_factor=1.0,
+                            num_groups=0, groups=None, process_set=hvd.global_process_set,
+                            scale_local_gradients=True, *, density=0.001, algorithm="gtopk",
+                            granularity="model", dense_threshold=0, gtopk_state=None):
+    """A tape that wraps another tf.GradientTape and returns the gTop-k sparse average of the
+    gradients, the same on every rank.
+
+    Arguments as ``horovod.tensorflow.DistributedGradientTape``, plus (keyword-only):
+
+    Args:
+        density: fraction of gradient entries kept per buffer, a float in (0, 1], a
+            :class:`~gtopk_hvd.common.density.DensitySchedule` or ``callable(step)``;
+            k = max(1, ceil(density * buffer size)).  1.0 gives the dense average.
+        algorithm: ``"gtopk"`` (hypercube merge, O(k log P)) or ``"topk"`` (allgather of
+            every rank's top-k, O(kP)).
+        granularity: ``"model"`` (one top-k over all gradients flattened together, as in the
+            paper) or ``"layer"`` (one per tensor).
+        dense_threshold: tensors with fewer elements are allreduced densely in float32 (0:
+            sparsify everything, as the paper does).
+        gtopk_state: a :class:`~gtopk_hvd.tensorflow.GTopkState` holding the residuals; by
+            default one shared by all tapes with the same hyperparameters.  Pass your own to
+            checkpoint it (``tf.train.Checkpoint(model=..., gtopk=state)``); then density and
+            friends come from it.
+
+    ``compression`` must stay ``Compression.none``, ``op`` is Average or Sum, ``process_set``
+    the global set, ``gradient_predivide_factor`` 1.0 and ``num_groups`` / ``groups`` unset
+    (use ``granularity``).  ``device_dense`` / ``device_sparse`` are accepted and unused.
+    Sources must be tf.Variables (they key the residuals); sparse gradients need
+    ``sparse_as_dense=True``.
+
+    Example::
+
+        import gtopk_hvd.tensorflow as hvd
+        hvd.init()
+        with tf.GradientTape() as tape:
+            loss = loss_fn(model(x), y)
+        tape = hvd.DistributedGradientTape(tape, density=0.01)
+        grads = tape.gradient(loss, model.trainable_variables)
+    """
+    check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups, groups,
+                            process_set)
+    if gtopk_state is None:
+        check_algorithm(algorithm)
+        check_granularity(granularity)
+        check_non_negative_int(dense_threshold, "dense_threshold")
+        gtopk_state = shared_state(density, algorithm, granularity, dense_threshold)
+    elif not isinstance(gtopk_state, GTopkState):
+        raise TypeError(f"gtopk_state must be a gtopk_hvd.tensorflow.GTopkState, got "
+                        f"{type(gtopk_state).__name__}")
+    if not hvd.is_initialized():
+        raise GTopkError("Horovod is not initialised: call gtopk_hvd.tensorflow.init() on every "
+                         "rank before building a gTop-k DistributedGradientTape")
+    if gtopk_state.algorithm == "gtopk":
+        pair_sets(hvd)  # collective registration; every check above ran first
+    cls = type(gradtape.__class__.__name__, (gradtape.__class__,),
+               dict(_DistributedGradientTape.__dict__))
+    if hasattr(gradtape, "_watch_accessed_variables"):
+        return cls(gradtape._tape, op, sparse_as_dense, gradtape._persistent,
+                   gradtape._watch_accessed_variables, scale_local_gradients=scale_local_gradients,
+                   gtopk_state=gtopk_state)
+    return cls(gradtape._tape, op, sparse_as_dense, gradtape._persistent,
+               scale_local_gradients=scale_local_gradients, gtopk_state=gtopk_state)

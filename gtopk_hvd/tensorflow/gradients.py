@@ -1,0 +1,135 @@
+"""gTop-k reduction of a model's gradients: what the tape and the Keras optimizer share.
+
+One synchronisation on every rank, eagerly or in a ``tf.function``:
+
+1. gather the gradients into buffers: one flat float32 buffer for the whole model
+   (``granularity="model"``, as in the paper) or one per tensor (``"layer"``); tensors with
+   fewer than ``dense_threshold`` elements go to a dense float32 allreduce instead;
+2. per buffer: compensate (acc = grad + residual), select and communicate (the gTop-k
+   collective), decompress (the global set divided by P) and keep the new residual;
+3. return the result in the gradients' shapes and dtypes; the optimizer applies it.
+
+Plain Python control flow on Python values only: the functions here are excluded from
+AutoGraph, which would otherwise spend seconds converting them (and the common driver) at
+every trace.
+
+Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
+Sparsification for Low Bandwidth Networks", ICDCS 2019.
+"""
+import logging
+
+import horovod.tensorflow as hvd
+import tensorflow as tf
+
+from gtopk_hvd.common.validation import check_buffer_numel
+from gtopk_hvd.tensorflow.collective import (decompress, dense_allreduce_bytes, exchange,
+                                             op_name, update_residual)
+from gtopk_hvd.tensorflow.ops import op_name_safe
+
+__all__ = ["allreduce_gradients"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Item:
+    """One gradient to reduce: its position in the list, the (dense) gradient, its variable."""
+
+    def __init__(self, index, grad, variable):
+        self.index, self.grad, self.variable = index, grad, variable
+        self.numel = variable.shape.num_elements()
+
+
+def _dense_gradient(grad, variable, sparse_as_dense):
+    if isinstance(grad, tf.IndexedSlices):
+        if not sparse_as_dense:
+            raise ValueError(
+                f"variable {variable.name!r} has a sparse gradient (tf.IndexedSlices, for "
+                f"example from an Embedding layer or tf.gather); gTop-k works on dense buffers: "
+                f"pass sparse_as_dense=True")
+        grad = tf.convert_to_tensor(grad)
+    return grad
+
+
+def _check_variable(variable):
+    if not isinstance(variable, tf.Variable) or not variable.shape.is_fully_defined():
+        raise ValueError(
+            f"gTop-k keeps a residual per variable, so every source must be a tf.Variable of "
+            f"static shape; got {type(variable).__name__} {getattr(variable, 'name', '')!r}")
+
+
+def _flatten(tensors):
+    return tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
+
+
+def _split(flat, sizes):
+    return tf.split(flat, sizes) if len(sizes) > 1 else [flat]
+
+
+def _unflatten(flat, like):
+    parts = _split(flat, [g.shape.num_elements() for g in like])
+    return [tf.cast(tf.reshape(p, g.shape), g.dtype) for p, g in zip(parts, like)]
+
+
+@tf.autograph.experimental.do_not_convert
+def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense=False,
+                        name="gtopk"):
+    """The gTop-k average (or sum) of ``grads`` over all ranks; call it on every rank.
+
+    Args:
+        state: the :class:`~gtopk_hvd.tensorflow.state.GTopkState` (residuals, density).
+        grads: one gradient per variable, None for a variable without one (passed through).
+        variables: the tf.Variables the gradients belong to (they key the residuals).
+        op: ``hvd.Average`` or ``hvd.Sum``.
+        sparse_as_dense: densify tf.IndexedSlices gradients (otherwise they are refused).
+        name: prefix of the Horovod op names.
+
+    Returns:
+        The reduced gradients, in the order, shapes and dtypes of ``grads``.
+    """
+    size, rank = hvd.size(), hvd.rank()
+    average_over = size if op_name(op) == "Average" else 1
+    out = list(grads)
+    items = []
+    for i, (grad, var) in enumerate(zip(grads, variables)):
+        if grad is not None:
+            _check_variable(var)
+            items.append(_Item(i, _dense_gradient(grad, var, sparse_as_dense), var))
+    threshold = max(1, state.dense_threshold)
+    sparse = [it for it in items if it.numel >= threshold]
+    dense = [it for it in items if it.numel < threshold]
+    if state.granularity == "model":
+        buffers = [("model", sparse)] if sparse else []
+    else:
+        buffers = [(state.residual_name(it.variable), [it]) for it in sparse]
+    for it in sparse:  # create (and so restore) every residual before the world-size check
+        state.residual(it.variable)
+    state.check_world(size, rank)
+    numels = [sum(it.numel for it in members) for _, members in buffers]
+    density, ks = state.densities(numels)
+
+    k_total, numel_total, sent = 0, 0, 0
+    for (buffer_name, members), numel, k in zip(buffers, numels, ks):
+        check_buffer_numel(numel, buffer_name)
+        eps_vars = [state.residual(it.variable) for it in members]
+        # compensate: acc = grad + residual, in float32
+        acc = (_flatten([it.grad for it in members])
+               + _flatten([eps.read_value() for eps in eps_vars]))
+        result = exchange(acc, k, state.algorithm, name=op_name_safe(f"{name}.{buffer_name}"))
+        reduced = decompress(result, numel, state.algorithm, average_over)
+        for it, value in zip(members, _unflatten(reduced, [it.grad for it in members])):
+            out[it.index] = value
+        new_residual = update_residual(acc, result)
+        for eps, value in zip(eps_vars, _split(new_residual, [it.numel for it in members])):
+            eps.assign(value)
+        k_total, numel_total, sent = k_total + k, numel_total + numel, sent + result.bytes_sent
+
+    dense_numel = sum(it.numel for it in dense)
+    if dense:
+        flat = hvd.allreduce(_flatten([it.grad for it in dense]), name=f"{name}.dense", op=op)
+        for it, value in zip(dense, _unflatten(flat, [it.grad for it in dense])):
+            out[it.index] = value
+        sent += dense_allreduce_bytes(dense_numel, size)
+    state.record(density=density, k=k_total, numel=numel_total, dense_numel=dense_numel,
+                 bytes_sent=sent,
+                 dense_bytes=dense_allreduce_bytes(numel_total + dense_numel, size))
+    return out

@@ -1,0 +1,123 @@
+"""gTop-k S-SGD for tf.keras, as a drop-in for ``horovod.tensorflow.keras``.
+
+``import gtopk_hvd.tensorflow.keras as hvd`` reads like ``import horovod.tensorflow.keras as
+hvd``: ``DistributedOptimizer`` wraps a tf.keras optimizer so that ``model.fit`` applies the
+gTop-k sparse average of the gradients; ``hvd.callbacks`` holds Horovod's callbacks and
+gTop-k's (density schedule, statistics in the logs).
+
+tf.keras means the tf-keras package, selected with ``TF_USE_LEGACY_KERAS=1`` before TensorFlow
+is imported.  Under TensorFlow 2.16+ without it, ``tf.keras`` is Keras 3, where Horovod's Keras
+wrapper silently skips communication: ``DistributedOptimizer`` refuses Keras 3 optimizers
+with an error that says so.
+
+Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
+Sparsification for Low Bandwidth Networks", ICDCS 2019.
+"""
+import logging
+
+import horovod.tensorflow as _hvd
+from horovod.tensorflow import (Average, Compression, ProcessSet, Sum, add_process_set,
+                                ccl_built, cross_rank, cross_size, cuda_built, ddl_built,
+                                gloo_built, gloo_enabled, global_process_set, is_initialized,
+                                local_rank, local_size, mpi_built, mpi_enabled,
+                                mpi_threads_supported, nccl_built, rank, remove_process_set,
+                                rocm_built, size, start_timeline, stop_timeline)
+from horovod.tensorflow.keras import allgather, allreduce, broadcast, reducescatter
+
+from gtopk_hvd._keras import check_tf_keras_optimizer, create_distributed_optimizer
+from gtopk_hvd.common.errors import GTopkError
+from gtopk_hvd.common.process_sets import pair_sets
+from gtopk_hvd.common.validation import check_positive_int
+from gtopk_hvd.tensorflow import GTopkState, init, shutdown
+from gtopk_hvd.tensorflow.gradient_tape import check_horovod_arguments
+from gtopk_hvd.tensorflow.keras import callbacks
+
+__all__ = [
+    "init", "DistributedOptimizer", "GTopkState", "callbacks",
+    "Average", "Compression", "ProcessSet", "Sum", "add_process_set", "allgather", "allreduce",
+    "broadcast", "reducescatter", "ccl_built", "cross_rank", "cross_size", "cuda_built",
+    "ddl_built", "gloo_built", "gloo_enabled", "global_process_set", "is_initialized",
+    "local_rank", "local_size", "mpi_built", "mpi_enabled", "mpi_threads_supported",
+    "nccl_built", "rank", "remove_process_set", "rocm_built", "shutdown", "size",
+    "start_timeline", "stop_timeline",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def DistributedOptimizer(optimizer, name=None,
+                         device_dense='', device_sparse='',
+                         compression=Compression.none,
+                         sparse_as_dense=False,
+                         gradient_predivide_factor=1.0,
+                         op=Average,
+                         backward_passes_per_step=1,
+                         average_aggregated_gradients=False,
+                         num_groups=0,
+                         groups=None,
+                         process_set=global_process_set,
+                         scale_local_gradients=True,
+                         *, density=0.001, algorithm="gtopk", granularity="model",
+                         dense_threshold=0, gtopk_state=None):
+    """Wrap a tf.keras optimizer so that it applies the gTop-k sparse average of the gradients.
+
+    Arguments as ``horovod.tensorflow.keras.DistributedOptimizer``, plus (keyword-only):
+
+    Args:
+        density: fraction of gradient entries kept per buffer, a float in (0, 1], a
+            :class:`~gtopk_hvd.common.density.DensitySchedule` or ``callable(step)``;
+            k = max(1, ceil(density * buffer size)).  1.0 gives the dense average.  Change it
+            during training with ``callbacks.DensityScheduleCallback``.
+        algorithm: ``"gtopk"`` (hypercube merge, O(k log P)) or ``"topk"`` (allgather of
+            every rank's top-k, O(kP)).
+        granularity: ``"model"`` (one top-k over all gradients flattened together, as in the
+            paper) or ``"layer"`` (one per tensor).
+        dense_threshold: tensors with fewer elements are allreduced densely in float32 (0:
+            sparsify everything, as the paper does).
+        gtopk_state: a :class:`~gtopk_hvd.tensorflow.GTopkState` to use instead of a new one
+            (then density and friends come from it).
+
+    The residuals (float32, one per trainable variable, per rank) are created at the first
+    step as variables of ``optimizer.gtopk_state``: ``tf.train.Checkpoint`` and Keras' TF-format
+    checkpoints (``model.save_weights``, ``ModelCheckpoint``) save and restore them; residuals
+    from another world size are dropped with a warning.  They are not ``optimizer.variables``,
+    so Horovod's BroadcastGlobalVariablesCallback leaves them alone.  ``optimizer.gtopk_stats()``
+    returns this rank's statistics of the last step.
+
+    ``compression`` must stay ``Compression.none``, ``op`` is Average or Sum, ``process_set``
+    the global set, ``gradient_predivide_factor`` 1.0 and ``num_groups`` / ``groups`` unset
+    (use ``granularity``).  ``device_dense`` / ``device_sparse`` are accepted and unused.
+
+    Example::
+
+        import gtopk_hvd.tensorflow.keras as hvd
+        hvd.init()
+        opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.01 * hvd.size()),
+                                       density=0.01)
+        model.compile(optimizer=opt, loss=...)
+        model.fit(..., callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+                                  hvd.callbacks.GTopkStatsCallback()])
+    """
+    if hasattr(optimizer, "gtopk_state") or hasattr(optimizer, "_allreduce_grads"):
+        raise ValueError(f"optimizer is already a distributed optimizer "
+                         f"({type(optimizer).__name__}); wrap the plain tf.keras optimizer once")
+    check_tf_keras_optimizer(optimizer)
+    check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups, groups,
+                            process_set)
+    backward_passes_per_step = check_positive_int(backward_passes_per_step,
+                                                  "backward_passes_per_step")
+    if gtopk_state is None:
+        gtopk_state = GTopkState(density, algorithm, granularity, dense_threshold)
+    elif not isinstance(gtopk_state, GTopkState):
+        raise TypeError(f"gtopk_state must be a gtopk_hvd.tensorflow.GTopkState, got "
+                        f"{type(gtopk_state).__name__}")
+    if not _hvd.is_initialized():
+        raise GTopkError("Horovod is not initialised: call gtopk_hvd.tensorflow.keras.init() on "
+                         "every rank before building a gTop-k DistributedOptimizer")
+    if gtopk_state.algorithm == "gtopk":
+        pair_sets(_hvd)  # collective registration; every check above ran first
+    return create_distributed_optimizer(
+        optimizer=optimizer, name=name, sparse_as_dense=sparse_as_dense, op=op,
+        backward_passes_per_step=backward_passes_per_step,
+        average_aggregated_gradients=average_aggregated_gradients,
+        scale_local_gradients=scale_local_gradients, gtopk_state=gtopk_state)

@@ -1,0 +1,230 @@
+"""TensorFlow tensor operations for the framework-free gTop-k driver (gtopk_hvd.common.collective).
+
+:class:`TFOps` implements the :class:`~gtopk_hvd.common.collective.TensorOps` protocol with
+int32 indices and float32 values, eagerly and inside ``tf.function``.  Two operations carry the
+algorithm's exactness:
+
+- :func:`select_topk`: the exact top-k of |acc|, ties broken by lower index, as
+  :func:`gtopk_hvd.common.reference.select_topk`.  On large buffers a full ``top_k`` costs many
+  passes over the data, so the selection first narrows the search with a threshold estimated
+  from a deterministic strided sample, then selects exactly among the (about 2k) candidates;
+- :func:`merge_truncate`: the union of two sparse sets with values added low + high in float32,
+  then the k largest magnitudes (ties by lower index), the same arithmetic as the reference's
+  ``truncate(merge(low, high), k)``, so partners and the reference agree bit for bit.
+
+Both rely on ``tf.math.top_k`` returning the lower index first among equal values (documented,
+and what ``tf.argsort(stable=True)`` is built on).
+
+Graph mode: Horovod's ops are not marked stateful, so in a ``tf.function`` an exchange whose
+output nobody reads (a rank that only sends) would be pruned, and two receive-only exchanges
+with equal inputs could be merged.  :class:`TFOps` therefore builds every empty message from
+its own buffer (never from a constant) and :meth:`TFOps.finalize` ties the result to every
+exchange it issued.
+
+Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
+Sparsification for Low Bandwidth Networks", ICDCS 2019.
+"""
+import logging
+import re
+
+import tensorflow as tf
+
+__all__ = ["TFOps", "select_topk", "merge_truncate", "op_name_safe"]
+
+logger = logging.getLogger(__name__)
+
+_SAMPLE_SIZE = 1 << 16   # strided sample that estimates the selection threshold
+_OVERSAMPLE = 2.0        # aim for about 2k candidates, so the estimate rarely falls short
+_INT32_MAX = 2 ** 31 - 1
+
+
+def op_name_safe(name):
+    """``name`` with the characters TensorFlow refuses in op names replaced by '_'."""
+    name = re.sub(r"[^A-Za-z0-9_.\-]", "_", str(name))
+    return name if re.match(r"[A-Za-z0-9.]", name) else "g" + name
+
+
+def _magnitude(x):
+    """|x| as the ranking key: NaN ranks below every number, as in the NumPy reference."""
+    a = tf.abs(x)
+    return tf.where(tf.math.is_nan(a), tf.constant(-1.0, a.dtype), a)
+
+
+def _topk_positions(key, k):
+    """Ascending int32 positions of the k largest ``key``, ties by lower position."""
+    positions = tf.math.top_k(key, k=k, sorted=True).indices
+    return tf.sort(positions)
+
+
+def _static_int(k):
+    """k as a Python int when it is one (or a constant tensor), else None."""
+    if isinstance(k, int):
+        return k
+    value = tf.get_static_value(k)
+    return None if value is None else int(value)
+
+
+def select_topk(acc, k):
+    """Ascending int32 indices of the k largest |acc| of a 1-D float tensor, ties by lower index.
+
+    ``k`` is a Python int or an int32 scalar tensor (a density that changes between steps).
+
+    1. thr = an estimate of the magnitude about 2k entries reach (strided sample);
+    2. candidates C = {i : |acc[i]| > thr};
+    3. if |C| >= k, the answer lies in C: exact selection among C;
+    4. else the answer is C plus the lowest-index entries with |acc| == thr (ties at the
+       threshold: integer-valued or all-zero gradients);
+    5. if even that is short of k (the sample overestimated), an exact full selection.
+    """
+    n = acc.shape[0]
+    k_static = _static_int(k)
+    if n is not None and k_static is not None:
+        if not 0 <= k_static <= n:
+            raise ValueError(f"k must be in [0, {n}], got {k_static}")
+        if k_static == n:
+            return tf.range(n, dtype=tf.int32)
+        if k_static == 0:
+            return tf.zeros([0], tf.int32)
+    if n is None or n <= 4 * _SAMPLE_SIZE:  # small buffers: top_k is already cheap
+        return _topk_positions(_magnitude(acc), k)
+
+    k = tf.convert_to_tensor(k, tf.int32)
+    stride = max(1, n // _SAMPLE_SIZE) | 1  # odd: less likely to alias with tensor shapes
+    sample = tf.abs(acc[::stride])
+    sample = tf.where(tf.math.is_nan(sample), tf.zeros_like(sample), sample)
+    wanted = tf.cast(tf.math.ceil(_OVERSAMPLE * tf.cast(k, tf.float64) / stride), tf.int32) + 8
+    j = tf.minimum(tf.size(sample), wanted)
+    thr = tf.reduce_min(tf.math.top_k(sample, k=j, sorted=False).values)
+
+    magnitude = tf.abs(acc)
+    cand = tf.cast(tf.reshape(tf.where(magnitude > thr), [-1]), tf.int32)
+    n_cand = tf.size(cand)
+
+    def among_candidates():
+        keep = _topk_positions(tf.gather(magnitude, cand), k)
+        return tf.gather(cand, keep)
+
+    def with_ties():
+        ties = tf.cast(tf.reshape(tf.where(tf.equal(magnitude, thr)), [-1]), tf.int32)
+        ties = ties[:k - n_cand]
+
+        def complete():
+            return tf.sort(tf.concat([cand, ties], 0))
+
+        def full():
+            return _topk_positions(_magnitude(acc), k)
+
+        return tf.cond(n_cand + tf.size(ties) >= k, complete, full)
+
+    chosen = tf.cond(n_cand >= k, among_candidates, with_ties)
+    if k_static is not None:
+        chosen.set_shape([k_static])
+    return chosen
+
+
+def merge_truncate(low, high, k):
+    """Union of the sparse sets ``low`` and ``high`` ((values, indices), each sorted by index
+    and unique), values added low + high where an index is in both, then the k entries of
+    largest |value| (ties by lower index), sorted by index.  Returns (values, indices).
+
+    The arithmetic is the reference's: a value only in ``low`` is kept as is, one only in
+    ``high`` is 0 + high (so -0.0 becomes +0.0), one in both is low + high.
+    """
+    low_values, low_indices = low
+    high_values, high_indices = high
+    n_low = tf.size(low_indices)
+    indices = tf.concat([low_indices, high_indices], 0)
+    values = tf.concat([low_values, high_values], 0)
+    from_high = tf.range(tf.size(indices)) >= n_low
+    # a stable sort puts low's entry right before high's one of the same index
+    order = tf.argsort(indices, stable=True)
+    indices, values, from_high = (tf.gather(t, order) for t in (indices, values, from_high))
+    n = tf.size(indices)
+    same_as_next = tf.concat([tf.equal(indices[1:], indices[:-1]), [False]], 0)[:n]
+    first = tf.concat([[True], tf.not_equal(indices[1:], indices[:-1])], 0)[:n]
+    following = tf.concat([values[1:], tf.zeros([1], values.dtype)], 0)[:n]
+    summed = tf.where(from_high,
+                      tf.where(tf.equal(values, 0.0), tf.zeros_like(values), values),
+                      tf.where(same_as_next, values + following, values))
+    values = tf.boolean_mask(summed, first)
+    indices = tf.boolean_mask(indices, first)
+    keep = _topk_positions(_magnitude(values), tf.minimum(k, tf.size(values)))
+    return tf.gather(values, keep), tf.gather(indices, keep)
+
+
+def isin(a, b):
+    """Bool mask over ``a`` (int32, non-negative): True where the element is also in ``b``."""
+    # a sentinel above every index keeps searchsorted's answer inside the sequence
+    sorted_b = tf.concat([tf.sort(b), [_INT32_MAX]], 0)
+    position = tf.searchsorted(sorted_b, a, side="left", out_type=tf.int32)
+    return tf.equal(tf.gather(sorted_b, position), a)
+
+
+class TFOps:
+    """The :class:`~gtopk_hvd.common.collective.TensorOps` of TensorFlow, for one buffer.
+
+    Args:
+        hvd: the Horovod module whose ``allgather`` the exchange uses (``horovod.tensorflow``).
+        anchor: the buffer being reduced (1-D float32); empty messages are sliced from it, so
+            that in a ``tf.function`` no exchange has constant inputs (see the module doc).
+    """
+
+    def __init__(self, hvd, anchor):
+        self.hvd = hvd
+        self.anchor = anchor
+        self.issued = []
+
+    def select_topk(self, acc, k):
+        return select_topk(acc, k)
+
+    def take(self, x, indices):
+        return tf.gather(x, indices)
+
+    def exchange(self, values, indices, process_set, name):
+        # one message per stage: float32 values bit-cast to int32 next to the int32 indices
+        packed = tf.stack([tf.bitcast(tf.cast(values, tf.float32), tf.int32),
+                           tf.cast(indices, tf.int32)], axis=1)
+        gathered = self.hvd.allgather(packed, name=op_name_safe(name), process_set=process_set)
+        self.issued.append(gathered)
+        return tf.bitcast(gathered[:, 0], tf.float32), gathered[:, 1]
+
+    def merge_truncate(self, low, high, k):
+        return merge_truncate(low, high, k)
+
+    def isin(self, a, b):
+        return isin(a, b)
+
+    def logical_and(self, a, b):
+        return tf.logical_and(a, b)
+
+    def mask_select(self, x, mask):
+        return tf.boolean_mask(x, mask)
+
+    def full_mask(self, k):
+        return tf.ones(tf.reshape(k, [1]), tf.bool)
+
+    def encode_flags(self, indices, flags):
+        return tf.where(flags, -indices - 1, indices)
+
+    def decode_flags(self, coded):
+        flags = coded < 0
+        return tf.where(flags, -coded - 1, coded), flags
+
+    def empty(self):
+        values = self.anchor[:0]
+        return values, tf.bitcast(values, tf.int32)
+
+    def finalize(self, *tensors):
+        """``tensors``, made to depend on every exchange issued, so that none is pruned.
+
+        A control dependency alone is not enough: Grappler drops the identity that carries it
+        and then prunes the unread exchange.  An assertion on each gathered tensor's size (a
+        stateful op, so ``tf.function`` always runs it, on a value only known at run time)
+        keeps every exchange alive.
+        """
+        if tf.executing_eagerly() or not self.issued:
+            return tensors
+        checks = [tf.debugging.assert_non_negative(tf.size(g), message="gtopk exchange")
+                  for g in self.issued]
+        with tf.control_dependencies(checks):
+            return tuple(tf.identity(t) for t in tensors)

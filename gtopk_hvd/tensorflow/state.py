@@ -1,0 +1,248 @@
+"""The gTop-k state of the TensorFlow backend: hyperparameters, residuals and statistics.
+
+A ``tf.Module``, so ``tf.train.Checkpoint`` and Keras' TensorFlow-format checkpoints save and
+restore it with the model: the residuals (one float32 variable per model variable, named after
+it) and the synchronisation step (so density schedules continue where they stopped) are
+tracked; the statistics are not.  ``state_dict()`` / ``load_state_dict()`` give the same
+content as NumPy arrays, as the torch backend's state does.
+
+Policy for the per-rank residuals at load time (gtopk_hvd.common.validation
+.check_world_size_on_load): they are kept when the checkpoint was written by the same rank of a
+world of the same size, otherwise dropped with a warning (training goes on; only the
+not-yet-applied residual mass is lost).  With ``tf.train.Checkpoint`` the check runs at the
+first step after the restore, which is when the residual variables are created and filled.
+"""
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from gtopk_hvd.common.density import as_schedule, k_for
+from gtopk_hvd.common.validation import (check_algorithm, check_granularity,
+                                         check_non_negative_int, check_world_size_on_load)
+
+__all__ = ["GTopkState"]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = 1
+_STATS = {"density": tf.float64, "k": tf.int64, "numel": tf.int64, "dense_numel": tf.int64,
+          "bytes_sent": tf.int64, "dense_bytes": tf.int64}
+
+
+class _Untracked:
+    """Bookkeeping the checkpoint must not see (a plain object is not tracked by tf.Module)."""
+
+    def __init__(self):
+        self.index = {}       # variable ref -> position of its residual
+        self.names = []       # residual names, by position
+        self.sizes = {}       # position -> numel, for residuals not created yet
+        self.pending = {}     # position -> values from load_state_dict, applied at creation
+        self.stats = {}       # statistic name -> tf.Variable
+        self.written = False  # whether a step has run since construction
+
+
+class GTopkState(tf.Module):
+    """Everything gTop-k keeps between steps on one rank.
+
+    Hyperparameters: ``schedule`` (density per synchronisation step), ``algorithm``,
+    ``granularity``, ``dense_threshold``.
+    Internal state (checkpointed): ``step`` (synchronisations done), ``residuals`` ({variable
+    name: flat float32 tf.Variable}, this rank's error feedback) and the world size and rank
+    that wrote them.
+    Statistics of the last step: :meth:`gtopk_stats`.
+
+    Args:
+        density: a float in (0, 1], a :class:`~gtopk_hvd.common.density.DensitySchedule` or a
+            ``callable(step)``.
+        algorithm: ``"gtopk"`` or ``"topk"``.
+        granularity: ``"model"`` or ``"layer"``.
+        dense_threshold: tensors with fewer elements are allreduced densely.
+    """
+
+    def __init__(self, density, algorithm="gtopk", granularity="model", dense_threshold=0,
+                 name="gtopk_state"):
+        super().__init__(name=name)
+        self.schedule = as_schedule(density)
+        self.algorithm = check_algorithm(algorithm)
+        self.granularity = check_granularity(granularity)
+        self.dense_threshold = check_non_negative_int(dense_threshold, "dense_threshold")
+        self._book = _Untracked()
+        with tf.init_scope():
+            self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            # (world size, rank) that wrote the residuals; (-1, -1) before the first step
+            self._world = tf.Variable([-1, -1], dtype=tf.int32, trainable=False, name="world")
+            for key, dtype in _STATS.items():
+                self._book.stats[key] = tf.Variable(tf.zeros([], dtype), trainable=False,
+                                                    name=f"last_{key}")
+        self._slots = []  # tracked: the residuals, by position
+
+    # hyperparameters ---------------------------------------------------------------------
+
+    @property
+    def step(self):
+        """Synchronisations done (a Python int)."""
+        return int(self._step.numpy())
+
+    def density(self):
+        """The density of the coming synchronisation step."""
+        return self.schedule(self.step)
+
+    def set_density(self, density):
+        """Replace the density (a float, schedule or callable); takes effect at the next step,
+        also inside an already traced ``tf.function``."""
+        self.schedule = as_schedule(density)
+
+    def densities(self, numels):
+        """(density, [k per buffer]) for the coming step: Python values eagerly; in a graph,
+        tensors computed at run time from the step variable (the schedule is Python code)."""
+        numels = list(numels)
+        if tf.executing_eagerly():
+            density = self.density()
+            return density, [k_for(n, density) for n in numels]
+
+        def evaluate(step):
+            density = self.schedule(int(step))
+            return (tf.constant(density, tf.float64),
+                    tf.constant([k_for(n, density) for n in numels], tf.int32))
+
+        density, ks = tf.py_function(evaluate, [self._step.read_value()], [tf.float64, tf.int32])
+        density.set_shape([])
+        ks.set_shape([len(numels)])
+        return density, [ks[i] for i in range(len(numels))]
+
+    # residuals ---------------------------------------------------------------------------
+
+    @property
+    def residuals(self):
+        """{variable name: flat float32 tf.Variable}, in the order the variables were first
+        synchronised (the order in which checkpoints match them, whatever the names)."""
+        return dict(zip(self._book.names, self._slots))
+
+    def _index(self, variable):
+        ref = variable.ref()
+        index = self._book.index.get(ref)
+        if index is None:
+            base = variable.name.split(":")[0]
+            name, i = base, 1
+            while name in self._book.names:
+                name, i = f"{base}_{i}", i + 1
+            index = self._book.index[ref] = len(self._book.names)
+            self._book.names.append(name)
+        return index
+
+    def residual_name(self, variable):
+        """The residual's name for ``variable``: its own name, made unique in first-use order."""
+        return self._book.names[self._index(variable)]
+
+    def residual(self, variable):
+        """This rank's residual of ``variable``: a flat float32 tf.Variable, created on first
+        use with zeros, or with what a pending checkpoint restore (``tf.train.Checkpoint``,
+        Keras ``load_weights``) or :meth:`load_state_dict` holds at its position."""
+        index = self._index(variable)
+        numel = variable.shape.num_elements()
+        while len(self._slots) <= index:
+            position = len(self._slots)
+            size = numel if position == index else self._book.sizes.get(position)
+            if size is None:
+                raise ValueError("gTop-k residuals are created in variable order; a variable "
+                                 "was skipped")
+            with tf.init_scope():
+                eps = tf.Variable(tf.zeros([size], tf.float32), trainable=False,
+                                  name="gtopk_residual")
+            self._slots.append(eps)  # a pending checkpoint restore fills it here
+            pending = self._book.pending.pop(position, None)
+            if pending is not None:
+                eps.assign(pending)
+        eps = self._slots[index]
+        if eps.shape.num_elements() != numel:
+            raise ValueError(
+                f"the residual of {self._book.names[index]!r} has {eps.shape.num_elements()} "
+                f"elements but the variable has {numel}; a restored gTop-k state must belong to "
+                f"the same model (residuals are matched by position)")
+        return eps
+
+    def check_world(self, size, rank):
+        """Apply the world-size policy to residuals restored from a checkpoint (Python; in a
+        ``tf.function`` it runs when the step is traced)."""
+        with tf.init_scope():
+            saved_size, saved_rank = (int(v) for v in self._world.numpy())
+            if saved_size >= 0 and not check_world_size_on_load(saved_size, saved_rank, size,
+                                                                rank):
+                for eps in self._slots:
+                    eps.assign(tf.zeros_like(eps))
+            self._world.assign([size, rank])
+
+    def residual_norm(self):
+        total = sum(float(tf.reduce_sum(tf.square(tf.cast(eps, tf.float64))))
+                    for eps in self._slots)
+        return total ** 0.5
+
+    # statistics --------------------------------------------------------------------------
+
+    def record(self, **values):
+        """Store the statistics of the step just taken and count it (eagerly or in a graph)."""
+        for key, value in values.items():
+            var = self._book.stats[key]
+            if isinstance(value, (tf.Tensor, tf.Variable)):
+                var.assign(tf.cast(value, var.dtype))
+            else:  # a Python number: no detour through float32
+                var.assign(tf.constant(value, var.dtype))
+        self._book.written = True
+        return self._step.assign_add(1)
+
+    def gtopk_stats(self):
+        """Statistics of the last synchronisation on this rank.
+
+        density / k: of the last step (k summed over the buffers); numel: sparsified entries;
+        dense_numel: entries reduced densely (below ``dense_threshold``); bytes_sent: bytes
+        this rank sent; dense_bytes: what a dense ring allreduce of all gradients would send,
+        2(P-1)/P * 4d; step: synchronisations so far; residual_norm: L2 norm of the residuals.
+        """
+        with tf.init_scope():
+            stats = {key: var.numpy().item() for key, var in self._book.stats.items()}
+            if not self._book.written and self.step == 0:
+                stats["density"] = self.density()
+            stats["step"] = self.step
+            stats["residual_norm"] = self.residual_norm()
+        return stats
+
+    # checkpoints as plain dictionaries ---------------------------------------------------
+
+    def state_dict(self, size, rank):
+        """Residuals as NumPy arrays (copies, in position order), the step, and the world
+        that wrote them."""
+        return {"format": _FORMAT, "step": self.step, "world_size": size, "rank": rank,
+                "algorithm": self.algorithm, "granularity": self.granularity,
+                "residuals": {name: eps.numpy().copy() for name, eps in self.residuals.items()}}
+
+    def load_state_dict(self, state, size, rank):
+        """Restore :meth:`state_dict`'s content.  Residuals are matched by position; those of
+        variables not synchronised yet are applied when they are created.  Residuals written
+        by another rank or world size are dropped with a warning."""
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("not a gtopk_hvd state: expected the dictionary that "
+                             "GTopkState.state_dict() returns")
+        self._step.assign(int(state["step"]))
+        self._world.assign([size, rank])
+        for eps in self._slots:
+            eps.assign(tf.zeros_like(eps))
+        self._book.pending.clear()
+        if not check_world_size_on_load(state.get("world_size"), state.get("rank"), size, rank):
+            return
+        for position, value in enumerate(state.get("residuals", {}).values()):
+            value = np.asarray(value, np.float32).reshape(-1)
+            if position < len(self._slots):
+                if self._slots[position].shape.num_elements() != value.size:
+                    raise ValueError(
+                        f"residual {position} has {value.size} elements in the state but "
+                        f"{self._slots[position].shape.num_elements()} here; the state belongs "
+                        f"to another model")
+                self._slots[position].assign(value)
+            else:
+                self._book.pending[position] = value
+                self._book.sizes[position] = value.size
+
+    def __repr__(self):
+        return (f"GTopkState(schedule={self.schedule!r}, algorithm={self.algorithm!r}, "
+                f"granularity={self.granularity!r}, dense_threshold={self.dense_threshold})")

@@ -1,0 +1,49 @@
+"""DistributedGradientTape and the Keras DistributedOptimizer under real ``horovodrun`` at
+P = 2, 3 and 4.
+
+One job per world size runs every scenario of workers/training_worker.py; every rank checks
+its gradients, variables and residuals against a simulation of all P ranks built on the NumPy
+reference (workers/reference_steps.py), or that the variables are bitwise the same on every
+rank where the loss is a real one.
+"""
+import pytest
+
+from tests.harness import check_scenario, horovodrun
+
+WORKER = "tests/tensorflow/workers/training_worker.py"
+SCENARIOS = [
+    "tape_eager_model_gtopk_gradients_and_residuals_equal_reference",
+    "tape_graph_model_gtopk_gradients_and_residuals_equal_reference",
+    "tape_eager_layer_gtopk_gradients_and_residuals_equal_reference",
+    "tape_graph_layer_gtopk_gradients_and_residuals_equal_reference",
+    "tape_graph_model_topk_gradients_and_residuals_equal_reference",
+    "tape_density_1_equals_hvd_allreduce_on_integer_gradients",
+    "tape_registered_local_source_is_not_communicated_and_is_scaled",
+    "tape_layer_granularity_dense_threshold_sends_small_tensors_dense",
+    "tape_density_schedule_advances_inside_one_tf_function",
+    "tape_mlp_adam_variables_bitwise_identical_across_ranks",
+    "tape_checkpoint_restore_continues_the_uninterrupted_trajectory",
+    "tape_checkpoint_from_other_world_size_drops_residuals_with_warning",
+    "tape_indexed_slices_need_sparse_as_dense_then_equal_reference",
+    "keras_sgd_minimize_equals_reference_every_step",
+    "keras_legacy_sgd_minimize_equals_reference_every_step",
+    "keras_backward_passes_per_step_2_accumulates_locally_then_equals_reference",
+    "keras_fit_broadcast_metric_average_stats_and_schedule_callbacks",
+    "keras_save_weights_load_weights_continues_the_uninterrupted_trajectory",
+    "bad_arguments_raise_on_every_rank_then_training_works",
+]
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda n: f"np{n}")
+def results(request):
+    return horovodrun(request.param, WORKER)
+
+
+def test_worker_ran_exactly_the_listed_scenarios(results):
+    for rank, res in enumerate(results):
+        assert sorted(res) == sorted(SCENARIOS), f"rank {rank}"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_training(results, scenario):
+    check_scenario(results, scenario)

@@ -1,0 +1,434 @@
+"""Worker: training with gtopk_hvd.tensorflow's DistributedGradientTape and
+gtopk_hvd.tensorflow.keras' DistributedOptimizer, against the NumPy reference.
+
+Run by tests/tensorflow/test_tf_training.py under ``horovodrun -np N``.  Exact scenarios use
+a linear loss, sum(w * G), whose gradient is G (known on every rank from seeds), and plain
+SGD with a power-of-two learning rate, so every rank can check its variables, gradients and
+residuals against reference_steps.ReferenceModel bit for bit.  Scenarios communicate first
+and assert afterwards.
+"""
+import os
+import tempfile
+
+import numpy as np
+from _common import LogCapture, assert_equal, finish, same_on_every_rank, start
+from reference_steps import ReferenceModel, rank_grads
+
+from gtopk_hvd.common.density import StepwiseDensity
+
+SHAPES = [(40, 12), (12,), (12, 3), (3,)]
+
+
+def linear_loss(tf, variables, grads):
+    return tf.add_n([tf.reduce_sum(v * g) for v, g in zip(variables, grads)])
+
+
+def make_variables(tf, shapes=SHAPES, prefix="w"):
+    return [tf.Variable(tf.zeros(s), name=f"{prefix}{j}") for j, s in enumerate(shapes)]
+
+
+def tape_step_fn(tf, hvd, variables, mode, **kwargs):
+    """One tape synchronisation: the reduced gradients of the linear loss."""
+    def step(grads):
+        with tf.GradientTape() as tape:
+            loss = linear_loss(tf, variables, grads)
+        tape = hvd.DistributedGradientTape(tape, **kwargs)
+        return tape.gradient(loss, variables)
+    return tf.function(step) if mode == "graph" else step
+
+
+def tape_equals_reference(tf, hvd, rec, rank, size):
+    for mode, granularity, algorithm in [("eager", "model", "gtopk"), ("graph", "model", "gtopk"),
+                                         ("eager", "layer", "gtopk"), ("graph", "layer", "gtopk"),
+                                         ("graph", "model", "topk")]:
+        name = f"tape_{mode}_{granularity}_{algorithm}_gradients_and_residuals_equal_reference"
+        with rec(name):
+            variables = make_variables(tf, prefix=f"{mode}{granularity}{algorithm}")
+            state = hvd.GTopkState(0.05, algorithm=algorithm, granularity=granularity)
+            step = tape_step_fn(tf, hvd, variables, mode, gtopk_state=state)
+            seed = 100 + len(name)
+            outputs = [[g.numpy() for g in step([tf.constant(g) for g in
+                                                 rank_grads(seed, t, rank, SHAPES)])]
+                       for t in range(3)]
+            ref = ReferenceModel(SHAPES, size, 0.05, granularity, algorithm=algorithm)
+            for t, got in enumerate(outputs):
+                want = ref.step([rank_grads(seed, t, p, SHAPES) for p in range(size)])
+                for j in range(len(SHAPES)):
+                    assert_equal(got[j], want[j], f"step {t} variable {j}")
+            for j, eps in enumerate(ref.residuals(rank)):
+                assert_equal(state.residuals[variables[j].name.split(":")[0]], eps,
+                             f"residual {j}")
+            stats = state.gtopk_stats()
+            assert stats["step"] == 3 and stats["numel"] == sum(np.prod(s) for s in SHAPES)
+
+
+def tape_density_one(tf, hvd, rec, rank, size):
+    with rec("tape_density_1_equals_hvd_allreduce_on_integer_gradients"):
+        variables = make_variables(tf, prefix="dense")
+        grads = [tf.constant(g) for g in rank_grads(7, 0, rank, SHAPES, integer=True)]
+        got = tape_step_fn(tf, hvd, variables, "graph", density=1.0, op=hvd.Sum)(grads)
+        want = [hvd.allreduce(g, op=hvd.Sum, name=f"dense1.{j}") for j, g in enumerate(grads)]
+        for j in range(len(SHAPES)):
+            assert_equal(got[j], want[j].numpy(), f"variable {j}")
+
+
+def tape_local_source(tf, hvd, rec, rank, size):
+    with rec("tape_registered_local_source_is_not_communicated_and_is_scaled"):
+        variables = make_variables(tf, prefix="local")
+        local = rank_grads(19, 0, rank, SHAPES, integer=True)
+        with tf.GradientTape() as tape:
+            loss = linear_loss(tf, variables, [tf.constant(g) for g in local])
+        tape = hvd.DistributedGradientTape(tape, density=1.0, op=hvd.Sum)
+        tape.register_local_source(variables[1])
+        got = tape.gradient(loss, variables)
+        total = [sum(rank_grads(19, 0, p, SHAPES, integer=True)[j] for p in range(size))
+                 for j in range(len(SHAPES))]
+        for j in (0, 2, 3):
+            assert_equal(got[j], total[j], f"variable {j}")
+        assert_equal(got[1], local[1] * np.float32(1.0 / size), "local variable")
+
+
+def tape_dense_threshold(tf, hvd, rec, rank, size):
+    with rec("tape_layer_granularity_dense_threshold_sends_small_tensors_dense"):
+        variables = make_variables(tf, prefix="thr")
+        state = hvd.GTopkState(0.05, granularity="layer", dense_threshold=20)
+        step = tape_step_fn(tf, hvd, variables, "graph", gtopk_state=state)
+        got = step([tf.constant(g) for g in rank_grads(8, 0, rank, SHAPES)])
+        want = ReferenceModel(SHAPES, size, 0.05, "layer", dense_threshold=20).step(
+            [rank_grads(8, 0, p, SHAPES) for p in range(size)])
+        for j, shape in enumerate(SHAPES):
+            if np.prod(shape) >= 20:
+                assert_equal(got[j], want[j], f"sparse variable {j}")
+            else:  # Horovod's Average multiplies by 1/P
+                np.testing.assert_allclose(got[j].numpy(), want[j], rtol=1e-5, atol=1e-6)
+        stats = state.gtopk_stats()
+        assert stats["dense_numel"] == 15 and stats["numel"] == 516, stats
+
+
+def tape_schedule_in_graph(tf, hvd, rec, rank, size):
+    with rec("tape_density_schedule_advances_inside_one_tf_function"):
+        variables = make_variables(tf, prefix="sched")
+        schedule = StepwiseDensity([0.1, 0.02], steps_per_epoch=2)
+        state = hvd.GTopkState(schedule)
+        step = tape_step_fn(tf, hvd, variables, "graph", gtopk_state=state)
+        ks, outputs = [], []
+        for t in range(4):
+            outputs.append(step([tf.constant(g) for g in rank_grads(9, t, rank, SHAPES)]))
+            ks.append(state.gtopk_stats()["k"])
+        ref = ReferenceModel(SHAPES, size, schedule)
+        for t, got in enumerate(outputs):
+            want = ref.step([rank_grads(9, t, p, SHAPES) for p in range(size)])
+            for j in range(len(SHAPES)):
+                assert_equal(got[j], want[j], f"step {t} variable {j}")
+        assert ks == [54, 54, 11, 11], ks  # 531 entries
+        state.set_density(0.5)
+        step([tf.constant(g) for g in rank_grads(9, 4, rank, SHAPES)])
+        assert state.gtopk_stats()["k"] == 266
+
+
+def tape_mlp_identical_across_ranks(tf, hvd, rec, rank, size):
+    with rec("tape_mlp_adam_variables_bitwise_identical_across_ranks"):
+        tf.keras.utils.set_random_seed(1234)  # the same initial weights everywhere
+        model = tf.keras.Sequential([tf.keras.layers.Dense(32, activation="relu",
+                                                           input_shape=(20,)),
+                                     tf.keras.layers.Dense(5)])
+        opt = tf.keras.optimizers.Adam(1e-2)
+        rng = np.random.default_rng([11, rank])
+        x = rng.standard_normal((64, 20)).astype(np.float32)
+        y = rng.integers(0, 5, 64)
+        loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+        @tf.function
+        def train_step(x, y):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=True))
+            tape = hvd.DistributedGradientTape(tape, density=0.02)
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        losses = [float(train_step(x[i:i + 16], y[i:i + 16])) for i in range(0, 64, 16)]
+        same = same_on_every_rank(tf, hvd, model.variables, "mlp.same")
+        assert all(np.isfinite(losses)), losses
+        assert same, "the variables differ between ranks"
+
+
+def tape_checkpoint_restore(tf, hvd, rec, rank, size):
+    with rec("tape_checkpoint_restore_continues_the_uninterrupted_trajectory"):
+        def build(prefix):
+            variables = make_variables(tf, prefix=prefix)
+            opt = tf.keras.optimizers.SGD(0.5, momentum=0.5)
+            state = hvd.GTopkState(0.05)
+            ckpt = tf.train.Checkpoint(variables=variables, optimizer=opt, gtopk=state)
+
+            @tf.function
+            def train_step(grads):
+                with tf.GradientTape() as tape:
+                    loss = linear_loss(tf, variables, grads)
+                tape = hvd.DistributedGradientTape(tape, gtopk_state=state)
+                opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            return variables, state, ckpt, train_step
+
+        def grads(t):
+            return [tf.constant(g) for g in rank_grads(12, t, rank, SHAPES)]
+
+        with tempfile.TemporaryDirectory() as tmp:
+            variables, state, ckpt, train_step = build("ck")
+            for t in range(3):
+                train_step(grads(t))
+            path = ckpt.write(os.path.join(tmp, f"rank{rank}"))
+            for t in range(3, 6):
+                train_step(grads(t))
+            variables2, state2, ckpt2, train_step2 = build("ck")
+            ckpt2.read(path)
+            for t in range(3, 6):
+                train_step2(grads(t))
+        for a, b in zip(variables, variables2):
+            assert_equal(b, a.numpy(), f"variable {a.name}")
+        for name, eps in state.residuals.items():
+            assert_equal(state2.residuals[name], eps.numpy(), f"residual {name}")
+        assert state2.step == 6
+
+
+def tape_world_size_change(tf, hvd, rec, rank, size):
+    with rec("tape_checkpoint_from_other_world_size_drops_residuals_with_warning"):
+        variables = make_variables(tf, prefix="world")
+        state = hvd.GTopkState(0.05)
+        step = tape_step_fn(tf, hvd, variables, "graph", gtopk_state=state)
+        step([tf.constant(g) for g in rank_grads(13, 0, rank, SHAPES)])
+        saved = state.state_dict(size + 1, rank)  # as if written by a larger world
+        state2 = hvd.GTopkState(0.05)
+        with LogCapture() as logs:
+            state2.load_state_dict(saved, size, rank)
+        assert any("world size" in m for m in logs.messages), logs.messages
+        assert state2.step == 1 and all(float(tf.reduce_max(tf.abs(e))) == 0
+                                        for e in state2.residuals.values())
+        # the same through tf.train.Checkpoint: the check runs at the first step after restore
+        with tempfile.TemporaryDirectory() as tmp:
+            state._world.assign([size + 1, rank])
+            path = tf.train.Checkpoint(gtopk=state).write(os.path.join(tmp, f"r{rank}"))
+            variables3 = make_variables(tf, prefix="world")
+            state3 = hvd.GTopkState(0.05)
+            tf.train.Checkpoint(gtopk=state3).read(path)
+            step3 = tape_step_fn(tf, hvd, variables3, "graph", gtopk_state=state3)
+            with LogCapture() as logs3:
+                got = step3([tf.constant(g) for g in rank_grads(13, 1, rank, SHAPES)])
+        want = ReferenceModel(SHAPES, size, 0.05).step(
+            [rank_grads(13, 1, p, SHAPES) for p in range(size)])
+        assert any("world size" in m for m in logs3.messages), logs3.messages
+        for j in range(len(SHAPES)):
+            assert_equal(got[j], want[j], f"variable {j} (residuals started from zero)")
+
+
+def tape_sparse_gradients(tf, hvd, rec, rank, size):
+    with rec("tape_indexed_slices_need_sparse_as_dense_then_equal_reference"):
+        table = tf.Variable(tf.zeros([50, 4]), name="table")
+        rows = tf.constant(np.random.default_rng([14, rank]).integers(0, 50, 8))
+        weights = tf.constant(rank_grads(14, 0, rank, [(8, 4)])[0])
+
+        def grads_of(**kwargs):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.gather(table, rows) * weights)
+            return hvd.DistributedGradientTape(tape, density=0.1, **kwargs).gradient(
+                loss, [table])
+        try:
+            grads_of()
+        except ValueError as exc:
+            assert "sparse_as_dense" in str(exc), exc
+        else:
+            raise AssertionError("IndexedSlices without sparse_as_dense did not raise")
+        got = grads_of(sparse_as_dense=True, gtopk_state=hvd.GTopkState(0.1))[0]
+
+        def dense_grad(p):
+            g = np.zeros((50, 4), np.float32)
+            r = np.random.default_rng([14, p]).integers(0, 50, 8)
+            np.add.at(g, r, rank_grads(14, 0, p, [(8, 4)])[0])
+            return [g]
+        want = ReferenceModel([(50, 4)], size, 0.1).step([dense_grad(p) for p in range(size)])
+        assert_equal(got, want[0], "embedding gradient")
+
+
+def keras_minimize_equals_reference(tf, hvd, rec, rank, size):
+    import gtopk_hvd.tensorflow.keras as hvd_keras
+    for legacy in (False, True):
+        name = f"keras_{'legacy_' if legacy else ''}sgd_minimize_equals_reference_every_step"
+        with rec(name):
+            variables = make_variables(tf, prefix=f"min{legacy}")
+            sgd = tf.keras.optimizers.legacy.SGD if legacy else tf.keras.optimizers.SGD
+            opt = hvd_keras.DistributedOptimizer(sgd(0.5), density=0.05)
+
+            @tf.function
+            def train_step(grads):
+                opt.minimize(lambda: linear_loss(tf, variables, grads), variables)
+            for t in range(3):
+                train_step([tf.constant(g) for g in rank_grads(15, t, rank, SHAPES)])
+            ref = ReferenceModel(SHAPES, size, 0.05)
+            w = [np.zeros(s, np.float32) for s in SHAPES]
+            for t in range(3):
+                update = ref.step([rank_grads(15, t, p, SHAPES) for p in range(size)])
+                w = [wj + (-uj * np.float32(0.5)) for wj, uj in zip(w, update)]
+            for j in range(len(SHAPES)):
+                assert_equal(variables[j], w[j], f"variable {j}")
+            assert opt.gtopk_stats()["step"] == 3
+
+
+def keras_backward_passes(tf, hvd, rec, rank, size):
+    import gtopk_hvd.tensorflow.keras as hvd_keras
+    with rec("keras_backward_passes_per_step_2_accumulates_locally_then_equals_reference"):
+        variables = make_variables(tf, prefix="bpps")
+        opt = hvd_keras.DistributedOptimizer(tf.keras.optimizers.SGD(0.5), density=0.05,
+                                             backward_passes_per_step=2)
+
+        @tf.function
+        def train_step(grads):
+            opt.minimize(lambda: linear_loss(tf, variables, grads), variables)
+        for t in range(4):
+            train_step([tf.constant(g) for g in rank_grads(16, t, rank, SHAPES, integer=True)])
+        ref = ReferenceModel(SHAPES, size, 0.05)
+        w = [np.zeros(s, np.float32) for s in SHAPES]
+        for t in (0, 2):
+            summed = [[a + b for a, b in zip(rank_grads(16, t, p, SHAPES, integer=True),
+                                             rank_grads(16, t + 1, p, SHAPES, integer=True))]
+                      for p in range(size)]
+            w = [wj + (-uj * np.float32(0.5)) for wj, uj in zip(w, ref.step(summed))]
+        for j in range(len(SHAPES)):
+            assert_equal(variables[j], w[j], f"variable {j}")
+        assert opt.gtopk_stats()["step"] == 2
+
+
+def keras_fit_with_callbacks(tf, hvd, rec, rank, size):
+    import gtopk_hvd.tensorflow.keras as hvd_keras
+    cbs = hvd_keras.callbacks
+    with rec("keras_fit_broadcast_metric_average_stats_and_schedule_callbacks") as data:
+        tf.keras.utils.set_random_seed(rank)  # different initial weights: broadcast fixes them
+        rng = np.random.default_rng([17, rank])
+        x = rng.standard_normal((96, 10)).astype(np.float32)
+        y = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+        model = tf.keras.Sequential([tf.keras.layers.Dense(16, activation="relu",
+                                                           input_shape=(10,)),
+                                     tf.keras.layers.Dense(2)])
+        opt = hvd_keras.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.9),
+                                             density=0.1)
+        model.compile(optimizer=opt, metrics=["accuracy"],
+                      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        history = model.fit(
+            x, y, batch_size=16, epochs=3, verbose=0, shuffle=False,
+            callbacks=[cbs.BroadcastGlobalVariablesCallback(0),
+                       cbs.DensityScheduleCallback(StepwiseDensity([0.1, 0.05])),
+                       cbs.MetricAverageCallback(),
+                       cbs.GTopkStatsCallback()])
+        same = same_on_every_rank(tf, hvd, model.variables, "fit.same")
+        logs = history.history
+        data["history"] = {key: [float(v) for v in values] for key, values in logs.items()}
+        assert same, "the variables differ between ranks after model.fit"
+        for key in ("density", "bytes_sent", "residual_norm", "loss", "accuracy"):
+            assert len(logs[key]) == 3, (key, logs)
+        assert logs["density"] == [0.1, 0.05, 0.05], logs["density"]
+        stats = opt.gtopk_stats()
+        assert logs["bytes_sent"][-1] == stats["bytes_sent"] > 0
+        assert logs["residual_norm"][-1] == stats["residual_norm"] > 0
+        assert stats["step"] == 18 and stats["k"] == 11, stats  # 210 weights, k = ceil(10.5)
+
+
+def keras_checkpoint_restore(tf, hvd, rec, rank, size):
+    import gtopk_hvd.tensorflow.keras as hvd_keras
+    with rec("keras_save_weights_load_weights_continues_the_uninterrupted_trajectory"):
+        rng = np.random.default_rng([18, rank])
+        x = rng.standard_normal((64, 6)).astype(np.float32)
+        y = rng.standard_normal((64, 2)).astype(np.float32)
+
+        def build():
+            tf.keras.utils.set_random_seed(7)
+            model = tf.keras.Sequential([tf.keras.layers.Dense(8, activation="tanh",
+                                                               input_shape=(6,)),
+                                         tf.keras.layers.Dense(2)])
+            opt = hvd_keras.DistributedOptimizer(tf.keras.optimizers.SGD(0.05, momentum=0.9),
+                                                 density=0.1)
+            model.compile(optimizer=opt, loss="mse")
+            return model
+
+        fit = dict(batch_size=16, verbose=0, shuffle=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            model = build()
+            model.fit(x, y, epochs=1, **fit)
+            path = os.path.join(tmp, f"rank{rank}", "weights")
+            model.save_weights(path)
+            model.fit(x, y, epochs=1, **fit)
+            restored = build()
+            restored.load_weights(path)
+            restored.fit(x, y, epochs=1, **fit)
+        for a, b in zip(model.variables, restored.variables):
+            assert_equal(b, a.numpy(), f"variable {a.name}")
+        state, state2 = model.optimizer.gtopk_state, restored.optimizer.gtopk_state
+        # matched by position: Keras named the second model's layers differently
+        residuals, residuals2 = list(state.residuals.values()), list(state2.residuals.values())
+        assert len(residuals) == len(residuals2) == len(model.trainable_variables)
+        for j, (eps, eps2) in enumerate(zip(residuals, residuals2)):
+            assert_equal(eps2, eps.numpy(), f"residual {j}")
+        assert state2.step == 8 and float(state.residual_norm()) > 0
+
+
+def bad_arguments(tf, hvd, rec, rank, size):
+    import gtopk_hvd.tensorflow.keras as hvd_keras
+    with rec("bad_arguments_raise_on_every_rank_then_training_works"):
+        variables = make_variables(tf, prefix="bad")
+        cases = [({"density": 0.0}, ValueError, "density"),
+                 ({"density": "0.1"}, ValueError, "density"),
+                 ({"algorithm": "ring"}, ValueError, "algorithm"),
+                 ({"granularity": "bucket"}, ValueError, "granularity"),
+                 ({"dense_threshold": -1}, ValueError, "dense_threshold"),
+                 ({"op": hvd.Adasum}, ValueError, "Adasum"),
+                 ({"compression": hvd.Compression.fp16}, ValueError, "compression"),
+                 ({"gradient_predivide_factor": 2.0}, ValueError, "gradient_predivide_factor"),
+                 ({"groups": 2}, ValueError, "groups"),
+                 ({"process_set": hvd.ProcessSet([0])}, ValueError, "process_set"),
+                 ({"gtopk_state": object()}, TypeError, "GTopkState")]
+        for kwargs, error, text in cases:
+            for make in (lambda kw: hvd.DistributedGradientTape(tf.GradientTape(), **kw),
+                         lambda kw: hvd_keras.DistributedOptimizer(
+                             tf.keras.optimizers.SGD(0.1), **kw)):
+                try:
+                    make(kwargs)
+                except error as exc:
+                    assert text in str(exc), (kwargs, exc)
+                else:
+                    raise AssertionError(f"{kwargs} did not raise")
+        for bad_opt, error in [(object(), TypeError),
+                               (hvd_keras.DistributedOptimizer(tf.keras.optimizers.SGD(0.1)),
+                                ValueError)]:
+            try:
+                hvd_keras.DistributedOptimizer(bad_opt)
+            except error:
+                pass
+            else:
+                raise AssertionError(f"{type(bad_opt).__name__} did not raise")
+        try:
+            source = tf.ones([3])
+            with tf.GradientTape() as tape:
+                tape.watch(source)
+                loss = tf.reduce_sum(source * 2.0)
+            hvd.DistributedGradientTape(tape).gradient(loss, [source])
+        except ValueError as exc:
+            assert "tf.Variable" in str(exc), exc
+        else:
+            raise AssertionError("a tensor source did not raise")
+        got = tape_step_fn(tf, hvd, variables, "eager", density=1.0, op=hvd.Sum)(
+            [tf.ones(s) for s in SHAPES])
+        assert_equal(got[0], np.full(SHAPES[0], size, np.float32), "training after errors")
+
+
+def main():
+    tf, hvd, rec = start()
+    rank, size = hvd.rank(), hvd.size()
+    for scenario in (tape_equals_reference, tape_density_one, tape_local_source,
+                     tape_dense_threshold,
+                     tape_schedule_in_graph, tape_mlp_identical_across_ranks,
+                     tape_checkpoint_restore, tape_world_size_change, tape_sparse_gradients,
+                     keras_minimize_equals_reference, keras_backward_passes,
+                     keras_fit_with_callbacks, keras_checkpoint_restore, bad_arguments):
+        scenario(tf, hvd, rec, rank, size)
+    finish(tf, hvd, rec)
+
+
+if __name__ == "__main__":
+    main()
