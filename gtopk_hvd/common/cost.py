@@ -1,0 +1,151 @@
+"""The alpha-beta communication cost model of ALGORITHM.md, and its fit to measurements.
+
+alpha is the latency of one message, beta the time per byte (values and indices 4 bytes each).
+Per worker, one call of:
+
+| method | messages | bytes sent |
+| --- | --- | --- |
+| dense ring allreduce ("dense") | 2(P-1) | 2(P-1)/P * 4d |
+| Top-k via AllGather ("topk") | log2 P | (P-1) * 8k |
+| gTop-k, hypercube ("gtopk") | log2 P | log2 P * 8k |
+
+gTop-k for P not a power of two (fold / unfold stages, ALGORITHM.md): the base ranks that
+pair with an extra rank make two more exchanges (receive its set, send the result back), so
+the slowest rank takes floor(log2 P) + 2 exchanges and sends floor(log2 P) + 1 sets.
+
+Time of a call: ``messages * alpha + bytes * beta``.  :func:`fit_alpha_beta` finds the
+non-negative (alpha, beta) of least (relative) squared error over measured calls.
+
+Sources: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
+Sparsification for Low Bandwidth Networks", ICDCS 2019, section IV (cost analysis).
+"""
+import logging
+import math
+import numbers
+from dataclasses import dataclass
+
+from gtopk_hvd.common.density import k_for
+from gtopk_hvd.common.schedule import stages_for, world_split
+
+__all__ = ["METHODS", "Cost", "dense_allreduce_cost", "topk_allgather_cost", "gtopk_cost",
+           "gtopk_stages", "cost_of", "fit_alpha_beta"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("dense", "topk", "gtopk")
+BYTES_PER_VALUE = 4
+BYTES_PER_ENTRY = 8  # float32 value + int32 index
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One call on the busiest worker: ``messages`` sent in sequence and ``bytes`` sent."""
+    messages: float
+    bytes: float
+
+    def time(self, alpha, beta):
+        """Seconds under latency ``alpha`` (s per message) and ``beta`` (s per byte)."""
+        return self.messages * alpha + self.bytes * beta
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def dense_allreduce_cost(d, size, bytes_per_value=BYTES_PER_VALUE):
+    """Ring allreduce of ``d`` values on ``size`` workers: 2(P-1) messages, 2(P-1)/P*4d bytes."""
+    d, p = _check_int("d", d, 0), _check_int("size", size, 1)
+    return Cost(2 * (p - 1), 2 * (p - 1) / p * bytes_per_value * d)
+
+
+def topk_allgather_cost(k, size):
+    """AllGather of every worker's k (value, index) pairs: log2 P messages, (P-1)*8k bytes."""
+    k, p = _check_int("k", k, 0), _check_int("size", size, 1)
+    return Cost(math.log2(p), (p - 1) * BYTES_PER_ENTRY * k)
+
+
+def gtopk_cost(k, size, rank=None):
+    """gTop-k's exchanges: log2 P messages of 8k bytes each for P a power of two.
+
+    With ``rank``, that rank's own schedule (:func:`~gtopk_hvd.common.schedule.stages_for`);
+    without, the busiest rank (the one that runs the most exchanges).
+    """
+    k, p = _check_int("k", k, 0), _check_int("size", size, 1)
+    ranks = range(p) if rank is None else [rank]
+    best = Cost(0, 0)
+    for r in ranks:
+        stages = stages_for(r, p)
+        c = Cost(len(stages), sum(st.sends for st in stages) * BYTES_PER_ENTRY * k)
+        if (c.messages, c.bytes) > (best.messages, best.bytes):
+            best = c
+    return best
+
+
+def cost_of(method, d, density, size):
+    """:class:`Cost` of ``method`` ('dense', 'topk' or 'gtopk') for a buffer of ``d`` values
+    at ``density`` (k = :func:`~gtopk_hvd.common.density.k_for`) on ``size`` workers."""
+    if method == "dense":
+        return dense_allreduce_cost(d, size)
+    if method == "topk":
+        return topk_allgather_cost(k_for(d, density), size)
+    if method == "gtopk":
+        return gtopk_cost(k_for(d, density), size)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def gtopk_stages(size):
+    """Exchanges on the busiest rank: log2 P, or floor(log2 P) + 2 with extra ranks."""
+    m, _, extra = world_split(size)
+    return m + (2 if extra else 0)
+
+
+def fit_alpha_beta(costs, times, relative=True):
+    """Least-squares (alpha, beta) >= 0 with ``time ~ messages * alpha + bytes * beta``.
+
+    Args:
+        costs: a sequence of :class:`Cost`.
+        times: the measured seconds of each.
+        relative: minimise the relative error (each equation divided by its time), so that
+            small latency-bound calls weigh as much as large bandwidth-bound ones.
+
+    Returns:
+        (alpha, beta) in seconds per message and seconds per byte.
+    """
+    costs, times = list(costs), [float(t) for t in times]
+    if len(costs) != len(times):
+        raise ValueError(f"got {len(costs)} costs but {len(times)} times")
+    if len(costs) < 2:
+        raise ValueError(f"fitting alpha and beta needs at least 2 measurements, got {len(costs)}")
+    if any(not t > 0 for t in times):
+        raise ValueError("every measured time must be > 0 (and not NaN)")
+    rows = [(c.messages, c.bytes, t, (1.0 / t if relative else 1.0)) for c, t in zip(costs, times)]
+
+    def sse(a, b):
+        return sum(((m * a + n * b) - t) ** 2 * w * w for m, n, t, w in rows)
+
+    # normal equations of the weighted 2-parameter problem
+    s_mm = sum((m * w) ** 2 for m, n, t, w in rows)
+    s_nn = sum((n * w) ** 2 for m, n, t, w in rows)
+    s_mn = sum(m * n * w * w for m, n, t, w in rows)
+    s_mt = sum(m * t * w * w for m, n, t, w in rows)
+    s_nt = sum(n * t * w * w for m, n, t, w in rows)
+    candidates = []
+    det = s_mm * s_nn - s_mn * s_mn
+    if det > 1e-12 * max(s_mm * s_nn, 1e-300):
+        a = (s_mt * s_nn - s_nt * s_mn) / det
+        b = (s_nt * s_mm - s_mt * s_mn) / det
+        if a >= 0 and b >= 0:
+            candidates.append((a, b))
+    # the constrained optimum lies on an axis when the free one is not feasible
+    if s_mm > 0:
+        candidates.append((max(0.0, s_mt / s_mm), 0.0))
+    if s_nn > 0:
+        candidates.append((0.0, max(0.0, s_nt / s_nn)))
+    if not candidates:
+        raise ValueError("every cost is zero: nothing to fit")
+    alpha, beta = min(candidates, key=lambda ab: sse(*ab))
+    logger.debug("alpha-beta fit: alpha=%.3g s, beta=%.3g s/B over %d points", alpha, beta,
+                 len(rows))
+    return alpha, beta
