@@ -29,7 +29,7 @@ from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
                                          check_global_process_set, check_op)
 from gtopk_hvd.torch.ops import TorchOps
 
-__all__ = ["GTopkResult", "gtopk_allreduce", "compensate", "exchange", "decompress",
+__all__ = ["GTopkResult", "gtopk_allreduce", "gtopk_allreduce_", "compensate", "exchange", "decompress",
            "update_residual", "op_name", "dense_allreduce_bytes"]
 
 logger = logging.getLogger(__name__)
@@ -104,10 +104,18 @@ def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False):
                           name=name, profile=profile, sync=sync)
 
 
-def decompress(result, numel, algorithm="gtopk", average_over=1):
+def decompress(result, numel, algorithm="gtopk", average_over=1, out=None):
     """Dense float32 tensor of ``numel`` entries from the global set, divided by
-    ``average_over``.  Top-k's gathered entries are added in rank order (0 + v_0 + v_1 ...)."""
-    dense = torch.zeros(numel, dtype=torch.float32, device=result.values.device)
+    ``average_over``.  Top-k's gathered entries are added in rank order (0 + v_0 + v_1 ...).
+
+    ``out``: a flat float32 tensor of ``numel`` entries to write into (zeroed first) instead of
+    a new one.  On a 25M-element gradient a fresh 100 MB tensor costs several times a pass
+    over it (the kernel maps and faults in its pages), so reuse one where you can.
+    """
+    if out is None:
+        dense = torch.zeros(numel, dtype=torch.float32, device=result.values.device)
+    else:
+        dense = out.zero_()
     if algorithm == "topk":
         dense.index_add_(0, result.indices.long(), result.values)
         if average_over != 1:
@@ -176,6 +184,22 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
         res = gtopk_allreduce(grad, density=0.01, name="w", residual=eps)
         grad, eps = res.output, res.residual
     """
+    return _gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set,
+                            profile, in_place=False)
+
+
+def gtopk_allreduce_(tensor, density=0.001, name=None, op=hvd.Average, algorithm="gtopk",
+                     residual=None, process_set=hvd.global_process_set, *, profile=False):
+    """In-place :func:`gtopk_allreduce` (as ``hvd.allreduce_`` is to ``hvd.allreduce``): the
+    result is written into ``tensor`` and ``result.output`` is ``tensor``.  Same arguments,
+    same bits; it saves allocating a tensor-sized output on every call.
+    """
+    return _gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set,
+                            profile, in_place=True)
+
+
+def _gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set, profile,
+                     in_place):
     _check_tensor(tensor, residual)
     density = check_density(density)
     check_op(op_name(op))
@@ -185,11 +209,19 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
     k = k_for(numel, density)
     size = hvd.size()
 
-    acc = compensate(tensor, residual)
+    acc = compensate(tensor, residual)  # from here on ``tensor`` is free to hold the output
     exchanged = exchange(acc, k, algorithm, name or "gtopk", profile)
     start = time.perf_counter()
-    dense = decompress(exchanged, numel, algorithm, size if op_name(op) == "Average" else 1)
-    output = dense.view(tensor.shape).to(tensor.dtype)
+    average_over = size if op_name(op) == "Average" else 1
+    direct = in_place and tensor.dtype == torch.float32 and tensor.is_contiguous()
+    dense = decompress(exchanged, numel, algorithm, average_over,
+                       out=tensor.view(-1) if direct else None)
+    if direct:
+        output = tensor
+    elif in_place:
+        output = tensor.copy_(dense.view(tensor.shape))
+    else:
+        output = dense.view(tensor.shape).to(tensor.dtype)
     mid = time.perf_counter()
     new_residual = update_residual(acc, exchanged)
     result = GTopkResult(output, new_residual, exchanged, k)

@@ -25,6 +25,11 @@ SCENARIOS = [
     "gtopk_float16_input_float32_residual",
     "gtopk_bfloat16_input_float32_residual",
     "gtopk_bad_input_raises_then_collectives_still_work",
+    "in_place_gtopk_float32_equals_reference_and_writes_the_input",
+    "in_place_topk_float32_equals_reference_and_writes_the_input",
+    "in_place_gtopk_float32_noncontiguous_equals_reference_and_writes_the_input",
+    "in_place_gtopk_float16_equals_reference_and_writes_the_input",
+    "init_registers_every_pair_as_a_static_process_set",
 ]
 
 

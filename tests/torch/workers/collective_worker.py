@@ -168,6 +168,53 @@ def bad_input(hvd, rec, rank, size):
         assert_equal(res.output, np.full(10, size * (size + 1) / 2, np.float32), "after")
 
 
+def in_place(hvd, rec, rank, size):
+    """gtopk_allreduce_ writes the result into its input (float32 contiguous directly, other
+    layouts and dtypes through a copy) and gives the same bits as the reference."""
+    cases = [("gtopk", torch.float32, False), ("topk", torch.float32, False),
+             ("gtopk", torch.float32, True), ("gtopk", torch.float16, False)]
+    for algorithm, dtype, transposed in cases:
+        label = f"{algorithm}_{str(dtype).split('.')[-1]}{'_noncontiguous' if transposed else ''}"
+        with rec(f"in_place_{label}_equals_reference_and_writes_the_input"):
+            d, density = 600, 0.02
+            grads = [torch.from_numpy(rank_array(80, p, d)).to(dtype) for p in range(size)]
+            accs = [g.float().numpy() for g in grads]
+            x = grads[rank].clone().reshape(20, 30)
+            if transposed:
+                x = x.t()  # (30, 20), not contiguous: the flat order is x.reshape(-1)
+                accs = [g.float().reshape(20, 30).t().reshape(-1).numpy() for g in grads]
+            res = hvd.gtopk_allreduce_(x, density=density, name=f"inplace.{label}",
+                                       algorithm=algorithm)
+            k = k_for(d, density)
+            want = (gtopk_step if algorithm == "gtopk" else topk_allgather_step)(accs, k)
+            assert res.output is x, "gtopk_allreduce_ must return its input as the output"
+            expected = torch.from_numpy(want.dense(d, average_over=size)).to(dtype).float()
+            assert_equal(x.reshape(-1).float(), expected.numpy(), "in-place output")
+            assert_equal(res.residual, want.residuals[rank], "residual")
+
+
+def static_pair_sets(hvd, rec, rank, size):
+    """Under horovodrun, gtopk_hvd.torch.init() passes the pairs to hvd.init as static process
+    sets: every pair of the schedule is registered and Horovod runs without dynamic sets."""
+    with rec("init_registers_every_pair_as_a_static_process_set"):
+        import os
+
+        from horovod.common.process_sets import _basics
+
+        from gtopk_hvd.common.schedule import pair_groups
+        registered = {tuple(r) for r in _basics._get_process_set_ids_and_ranks().values()}
+        want = {g for g in pair_groups(size) if len(g) < size}
+        assert want <= registered, f"missing pair sets {sorted(want - registered)}"
+        assert os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") in (None, "", "0"), \
+            "dynamic process sets were switched on"
+        try:
+            hvd.add_process_set([0])  # refused by Horovod without dynamic process sets
+        except Exception as exc:  # noqa: BLE001 (Horovod raises a plain RuntimeError / ValueError)
+            assert "dynamic" in str(exc).lower() or "DYNAMIC" in str(exc), exc
+        else:
+            raise AssertionError("hvd.add_process_set worked: Horovod runs with dynamic sets")
+
+
 SCENARIOS = (gtopk_random, gtopk_ties, gtopk_large_fast_path, gtopk_residual_feedback,
              gtopk_conservation_and_sum, gtopk_density_one, topk_algorithm, bytes_and_dtypes,
-             bad_input)
+             bad_input, in_place, static_pair_sets)
