@@ -3,10 +3,12 @@
 For every network (1 Gbit/s, 10 Gbit/s, unshaped veths), world size P and gradient size d, each
 rank of an emulated cluster (benchmarks/cluster.py) calls, on a random float32 gradient:
 
-- ``hvd.allreduce`` (dense ring allreduce, the baseline);
-- ``gtopk_allreduce(..., algorithm="topk")``: every rank's top-k gathered by one allgather;
-- ``gtopk_allreduce(..., algorithm="gtopk")``: the log2 P hypercube of merge-and-truncate;
+- ``hvd.allreduce_`` (dense ring allreduce, the baseline);
+- ``gtopk_allreduce_(..., algorithm="topk")``: every rank's top-k gathered by one allgather;
+- ``gtopk_allreduce_(..., algorithm="gtopk")``: the log2 P hypercube of merge-and-truncate;
 
+(all three in place, as an optimizer uses them: no gradient-sized output is allocated per
+call)
 and records the median time per call (the slowest rank of each call), the per-phase
 breakdown of the library's ``profile=True`` timings (selection, exchange, merge, decompress,
 residual; 'other' is the compensation add and Python overhead), and the bytes its interface
@@ -52,16 +54,6 @@ PROTO_PATH = RESULTS / "protocol.csv"
 
 # ---------------------------------------------------------------------------------------------
 # worker (runs on every rank)
-
-def _gtopk_api():
-    """(init, gtopk_allreduce) of the PyTorch backend."""
-    import gtopk_hvd.torch as gtopk
-    if hasattr(gtopk, "gtopk_allreduce"):
-        return gtopk.init, gtopk.gtopk_allreduce
-    from gtopk_hvd.torch.collective import gtopk_allreduce  # before the package exports it
-    from gtopk_hvd.torch.functions import init
-    return init, gtopk_allreduce
-
 
 def _barrier_bytes(hvd, counter, n=20):
     """Bytes one hvd.barrier() puts on this rank's interface (to subtract from the blocks)."""
@@ -116,8 +108,8 @@ def worker():
     import torch
 
     torch.set_num_threads(1)
-    init, gtopk_allreduce = _gtopk_api()
-    init()
+    import gtopk_hvd.torch as gtopk
+    gtopk.init()
     rank, size = hvd.rank(), hvd.size()
     counter = WireCounter()
     barrier_tx = _barrier_bytes(hvd, counter)
@@ -127,7 +119,8 @@ def worker():
     protocol = hvd.allgather_object(protocol, name="gather.protocol")
     rows = []
     for d in cfg["sizes"]:
-        g = torch.randn(d, generator=torch.Generator().manual_seed(1000 + rank))
+        g0 = torch.randn(d, generator=torch.Generator().manual_seed(1000 + rank))
+        g = g0.clone()
         cases = [(m, rho) for m in cfg["methods"] for rho in
                  ([1.0] if m == "dense" else cfg["densities"])]
         for method, density in cases:
@@ -135,15 +128,18 @@ def worker():
             name = f"{method}.{d}.{density}"
 
             def call():
+                # in place, both: hvd.allreduce_ / gtopk_allreduce_ write the result into g
+                # (a fresh 100 MB output tensor per call costs more than a pass over it)
                 if method == "dense":
-                    hvd.allreduce(g, op=hvd.Average, name=name)
+                    hvd.allreduce_(g, op=hvd.Average, name=name)
                     return {}
-                res = gtopk_allreduce(g, density=density, name=name, algorithm=method,
-                                      residual=state["residual"], profile=True)
+                res = gtopk.gtopk_allreduce_(g, density=density, name=name, algorithm=method,
+                                             residual=state["residual"], profile=True)
                 state["residual"] = res.residual
                 return res.timings
 
             for _ in range(cfg["warmup"]):
+                g.copy_(g0)
                 call()
             reps = cfg["reps"] if not (method == "dense" and d >= 10_000_000) \
                 else cfg["reps_dense_large"]
@@ -152,6 +148,7 @@ def worker():
             t_block = time.perf_counter()
             times, phases = [], []
             for _ in range(reps):
+                g.copy_(g0)  # the same input every call, outside the timed region
                 hvd.barrier()
                 t0 = time.perf_counter()
                 timings = call()
