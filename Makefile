@@ -18,7 +18,7 @@ demo: env
 	@TF_USE_LEGACY_KERAS=1 .venv/bin/horovodrun -np $(NP) $(PY) examples/pytorch_mnist1d.py $(ARGS)
 
 # benchmarks/README.md: the emulated-cluster benchmarks (root for network namespaces; about
-# 70 min on 2 cores), each also runnable alone
+# 45-60 min on 2 cores), each also runnable alone
 bench: env
 	@$(PY) benchmarks/bench_collective.py --fresh --selection
 	@TF_USE_LEGACY_KERAS=1 $(PY) benchmarks/bench_end_to_end.py --frameworks torch,tf
