@@ -16,7 +16,6 @@ Writes benchmarks/results/convergence.csv (one row per seed, method and epoch),
 convergence.png and convergence.md (final accuracy, mean and spread over seeds).
 """
 import argparse
-import importlib.util
 import logging
 import math
 import statistics
@@ -26,19 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (RESULTS, ROOT, load_config, markdown_table,  # noqa: E402
-                               merge_rows, read_csv, run_workers, save_result, setup_logging,
-                               write_csv)
+from benchmarks.common import (RESULTS, load_config, load_example,  # noqa: E402
+                               markdown_table, merge_rows, read_csv, run_workers, save_result,
+                               setup_logging, write_csv)
 
 logger = logging.getLogger("gtopk_bench.convergence")
-EXAMPLE = ROOT / "examples" / "pytorch_mnist1d.py"
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("pytorch_mnist1d_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,7 +45,7 @@ def worker():
     import gtopk_hvd.torch as hvd
     from gtopk_hvd.common.density import ExponentialWarmupDensity
 
-    ex = _example()
+    ex = load_example()
     torch.set_num_threads(1)
     hvd.init()
     rank, size = hvd.rank(), hvd.size()

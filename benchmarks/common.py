@@ -24,7 +24,8 @@ from benchmarks.cluster import Cluster, cluster_label, iface_bytes  # noqa: E402
 
 __all__ = ["ROOT", "RESULTS", "NETWORKS", "SETTINGS", "cpu_busy", "wait_for_quiet",
            "read_csv", "merge_rows", "run_workers", "write_csv", "markdown_table",
-           "WireCounter", "median", "worker_env", "load_config", "save_result", "setup_logging"]
+           "WireCounter", "median", "worker_env", "load_config", "save_result", "setup_logging",
+           "load_example"]
 
 logger = logging.getLogger("gtopk_bench")
 
@@ -32,6 +33,19 @@ RESULTS = ROOT / "benchmarks" / "results"
 # name -> (tc rate, delay); 'unshaped' has no tc at all
 NETWORKS = {"1gbit": ("1gbit", "0.1ms"), "10gbit": ("10gbit", "0.1ms"),
             "unshaped": (None, 0)}
+
+
+def load_example(filename="pytorch_mnist1d.py"):
+    """Import ``examples/<filename>`` as a module (its model and data, without running it)."""
+    import importlib.util
+    examples = ROOT / "examples"
+    if str(examples) not in sys.path:  # the examples import examples/mnist1d_shared.py
+        sys.path.insert(0, str(examples))
+    spec = importlib.util.spec_from_file_location(Path(filename).stem + "_example",
+                                                  examples / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def setup_logging():

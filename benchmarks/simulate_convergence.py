@@ -13,7 +13,6 @@ differ by about a point; the trends are what this is for.
     python benchmarks/simulate_convergence.py --dense --epochs 60
 """
 import argparse
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -25,16 +24,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import load_example  # noqa: E402
 from gtopk_hvd.common.density import ExponentialWarmupDensity, k_for  # noqa: E402
 from gtopk_hvd.common.reference import gtopk_step  # noqa: E402
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("pytorch_mnist1d_example",
-                                                  ROOT / "examples" / "pytorch_mnist1d.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main():
@@ -51,7 +43,7 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
 
-    ex = _example()
+    ex = load_example()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     train_set, test_set = ex.datasets()

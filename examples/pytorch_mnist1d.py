@@ -8,7 +8,6 @@ and 1000 test sequences of length 40, 10 classes): nothing is downloaded.  Lines
 ``# gtopk_hvd:`` are what changes from a plain Horovod script; with ``--dense`` the same
 script runs horovod.torch's own DistributedOptimizer as the baseline.
 """
-import argparse
 import time
 
 import horovod.torch as plain_hvd
@@ -20,20 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 import gtopk_hvd.torch as hvd  # gtopk_hvd: instead of `import horovod.torch as hvd`
-
-
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--density", type=float, default=0.01,
-                        help="fraction of gradient entries sent per step (default 0.01)")
-    parser.add_argument("--dense", action="store_true",
-                        help="baseline: horovod.torch.DistributedOptimizer, dense allreduce")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=32, help="per rank")
-    parser.add_argument("--lr", type=float, default=0.075, help="per rank, scaled by size()")
-    parser.add_argument("--momentum", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=42)
-    return parser.parse_args()
+from mnist1d_shared import parse_args
 
 
 class ConvNet(nn.Module):
@@ -77,7 +63,8 @@ def evaluate(model, loader):
 
 
 def main():
-    args = parse_args()
+    args = parse_args(__doc__.split("\n")[0],
+                      "horovod.torch.DistributedOptimizer, dense allreduce")
     torch.set_num_threads(1)  # several ranks share few cores
     if args.dense:
         plain_hvd.init()

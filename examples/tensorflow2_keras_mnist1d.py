@@ -11,7 +11,6 @@ script runs horovod.tensorflow.keras' own DistributedOptimizer as the baseline. 
 statistics (density, bytes_sent, residual_norm) are in the progress bar and in the History.
 Needs tf.keras from tf-keras: TF_USE_LEGACY_KERAS=1 (set below if unset).
 """
-import argparse
 import os
 import time
 
@@ -24,38 +23,12 @@ import tensorflow as tf  # noqa: E402
 from mnist1d.data import get_dataset_args, make_dataset  # noqa: E402
 
 import gtopk_hvd.tensorflow.keras as hvd  # noqa: E402  gtopk_hvd: instead of horovod.tensorflow.keras
-
-
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--density", type=float, default=0.01,
-                        help="fraction of gradient entries sent per step (default 0.01)")
-    parser.add_argument("--dense", action="store_true",
-                        help="baseline: horovod.tensorflow.keras.DistributedOptimizer")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=32, help="per rank")
-    parser.add_argument("--lr", type=float, default=0.075, help="per rank, scaled by size()")
-    parser.add_argument("--momentum", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=42)
-    return parser.parse_args()
-
-
-def conv_net(channels=64):
-    """The MNIST-1D paper's CNN (three stride-2 convolutions and a linear classifier), with 64
-    channels instead of 25: at density 0.01 it then reaches 80% in fewer steps."""
-    layers = tf.keras.layers
-    return tf.keras.Sequential([
-        layers.Reshape((40, 1), input_shape=(40,)),
-        layers.Conv1D(channels, 5, strides=2, padding="same", activation="relu"),
-        layers.Conv1D(channels, 3, strides=2, padding="same", activation="relu"),
-        layers.Conv1D(channels, 3, strides=2, padding="same", activation="relu"),
-        layers.Flatten(),
-        layers.Dense(10),
-    ])
+from mnist1d_shared import keras_conv_net, parse_args  # noqa: E402
 
 
 def main():
-    args = parse_args()
+    args = parse_args(__doc__.split("\n")[0],
+                      "horovod.tensorflow.keras.DistributedOptimizer")
     tf.config.threading.set_intra_op_parallelism_threads(1)  # several ranks share few cores
     tf.config.threading.set_inter_op_parallelism_threads(2)
     if args.dense:
@@ -69,7 +42,7 @@ def main():
     x_train, y_train = data["x"][rank::size].astype(np.float32), data["y"][rank::size]
     x_test, y_test = data["x_test"].astype(np.float32), data["y_test"]
 
-    model = conv_net()
+    model = keras_conv_net()
     optimizer = tf.keras.optimizers.SGD(args.lr * size, momentum=args.momentum)
     if args.dense:
         optimizer = plain_hvd.DistributedOptimizer(optimizer)

@@ -10,7 +10,6 @@ and 1000 test sequences of length 40, 10 classes): nothing is downloaded.  Lines
 script runs horovod.tensorflow's own DistributedGradientTape as the baseline.  Set
 TF_USE_LEGACY_KERAS=1 (tf.keras from tf-keras).
 """
-import argparse
 import os
 import time
 
@@ -23,38 +22,12 @@ import tensorflow as tf  # noqa: E402
 from mnist1d.data import get_dataset_args, make_dataset  # noqa: E402
 
 import gtopk_hvd.tensorflow as hvd  # noqa: E402  gtopk_hvd: instead of `import horovod.tensorflow as hvd`
-
-
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--density", type=float, default=0.01,
-                        help="fraction of gradient entries sent per step (default 0.01)")
-    parser.add_argument("--dense", action="store_true",
-                        help="baseline: horovod.tensorflow.DistributedGradientTape, dense allreduce")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=32, help="per rank")
-    parser.add_argument("--lr", type=float, default=0.075, help="per rank, scaled by size()")
-    parser.add_argument("--momentum", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=42)
-    return parser.parse_args()
-
-
-def conv_net(channels=64):
-    """The MNIST-1D paper's CNN (three stride-2 convolutions and a linear classifier), with 64
-    channels instead of 25: at density 0.01 it then reaches 80% in fewer steps."""
-    layers = tf.keras.layers
-    return tf.keras.Sequential([
-        layers.Reshape((40, 1), input_shape=(40,)),
-        layers.Conv1D(channels, 5, strides=2, padding="same", activation="relu"),
-        layers.Conv1D(channels, 3, strides=2, padding="same", activation="relu"),
-        layers.Conv1D(channels, 3, strides=2, padding="same", activation="relu"),
-        layers.Flatten(),
-        layers.Dense(10),
-    ])
+from mnist1d_shared import keras_conv_net, parse_args  # noqa: E402
 
 
 def main():
-    args = parse_args()
+    args = parse_args(__doc__.split("\n")[0],
+                      "horovod.tensorflow.DistributedGradientTape, dense allreduce")
     tf.config.threading.set_intra_op_parallelism_threads(1)  # several ranks share few cores
     tf.config.threading.set_inter_op_parallelism_threads(2)
     if args.dense:
@@ -68,7 +41,7 @@ def main():
     x_train, y_train = data["x"][rank::size].astype(np.float32), data["y"][rank::size]
     x_test, y_test = data["x_test"][rank::size].astype(np.float32), data["y_test"][rank::size]
 
-    model = conv_net()
+    model = keras_conv_net()
     optimizer = tf.keras.optimizers.SGD(args.lr * size, momentum=args.momentum)
     optimizer.build(model.trainable_variables)
     # gtopk_hvd: the residuals (error feedback) live in a state object you can checkpoint

@@ -23,7 +23,8 @@ import time
 
 from gtopk_hvd.common.schedule import FOLD, HYPERCUBE, UNFOLD, stages_for
 
-__all__ = ["TensorOps", "gtopk_exchange", "topk_allgather_exchange", "ExchangeResult"]
+__all__ = ["TensorOps", "gtopk_exchange", "topk_allgather_exchange", "ExchangeResult",
+           "GTopkResult", "reduce_op_name", "dense_allreduce_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,55 @@ class ExchangeResult:
 
 
 BYTES_PER_ENTRY = 8  # float32 value + int32 index
+
+_REDUCE_OPS = ("Average", "Sum", "Adasum", "Min", "Max", "Product")
+
+
+class GTopkResult:
+    """What one ``gtopk_allreduce`` of either backend returns.
+
+    output: the dense result (average or sum over ranks), shape and dtype of the input,
+        bit-identical on every rank.
+    residual: this rank's new residual, flat float32 (keep it for the next call); with
+        PyTorch, the tensor passed as ``residual``, updated in place, when one was passed.
+    values / indices: the global set (float32 sums / int32 indices).  With
+        ``algorithm="topk"`` all P*k gathered entries in rank order (indices may repeat).
+    local_indices / alive: this rank's local top-k and which of it made it into the result.
+    k: entries selected per rank.  bytes_sent: bytes this rank put on the wire.
+    timings: seconds per phase ('selection', 'exchange', 'merge', 'decompress', 'residual')
+        when called (eagerly) with ``profile=True``, else empty.
+    """
+
+    def __init__(self, output, residual, exchange_result, k):
+        self.output = output
+        self.residual = residual
+        self.values = exchange_result.values
+        self.indices = exchange_result.indices
+        self.local_indices = exchange_result.local_indices
+        self.alive = exchange_result.alive
+        self.k = k
+        self.bytes_sent = exchange_result.bytes_sent
+        self.timings = dict(exchange_result.timings)
+
+    def __repr__(self):
+        return f"GTopkResult(k={self.k}, bytes_sent={self.bytes_sent})"
+
+
+def reduce_op_name(hvd, op):
+    """The name of Horovod reduce op ``op`` ('Average', 'Sum', ...) of module ``hvd``
+    (``horovod.torch`` or ``horovod.tensorflow``), or its repr if unknown."""
+    for name in _REDUCE_OPS:
+        try:
+            if op == getattr(hvd, name):
+                return name
+        except (AttributeError, TypeError, ValueError):  # missing op, odd objects
+            continue
+    return repr(op)
+
+
+def dense_allreduce_bytes(numel, size):
+    """Bytes one rank sends in a ring allreduce of ``numel`` float32: 2(P-1)/P * 4 * numel."""
+    return 2 * (size - 1) * 4 * numel // size
 
 
 class _Timer:

@@ -25,7 +25,7 @@ from gtopk_hvd.tensorflow.collective import op_name
 from gtopk_hvd.tensorflow.gradients import allreduce_gradients
 from gtopk_hvd.tensorflow.state import GTopkState
 
-__all__ = ["DistributedGradientTape", "shared_state"]
+__all__ = ["DistributedGradientTape", "shared_state", "prepare_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,23 @@ def check_horovod_arguments(compression, op, gradient_predivide_factor, num_grou
     check_gradient_predivide_factor(gradient_predivide_factor)
     check_no_groups(num_groups, groups)
     check_global_process_set(process_set)
+
+
+def prepare_state(gtopk_state, make_state, init_call, what):
+    """The :class:`GTopkState` a tape or optimizer uses (``make_state()`` when None), after the
+    checks that must fail on every rank before any collective; then registers the pair sets
+    (collective) when the algorithm needs them."""
+    if gtopk_state is None:
+        gtopk_state = make_state()
+    elif not isinstance(gtopk_state, GTopkState):
+        raise TypeError(f"gtopk_state must be a gtopk_hvd.tensorflow.GTopkState, got "
+                        f"{type(gtopk_state).__name__}")
+    if not hvd.is_initialized():
+        raise GTopkError(f"Horovod is not initialised: call {init_call} on every rank before "
+                         f"building a gTop-k {what}")
+    if gtopk_state.algorithm == "gtopk":
+        pair_sets(hvd)  # collective registration; every check above ran first
+    return gtopk_state
 
 
 class _DistributedGradientTape(tf.GradientTape):
@@ -149,19 +166,13 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
     """
     check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups, groups,
                             process_set)
-    if gtopk_state is None:
+    def make_state():
         check_algorithm(algorithm)
         check_granularity(granularity)
         check_non_negative_int(dense_threshold, "dense_threshold")
-        gtopk_state = shared_state(density, algorithm, granularity, dense_threshold)
-    elif not isinstance(gtopk_state, GTopkState):
-        raise TypeError(f"gtopk_state must be a gtopk_hvd.tensorflow.GTopkState, got "
-                        f"{type(gtopk_state).__name__}")
-    if not hvd.is_initialized():
-        raise GTopkError("Horovod is not initialised: call gtopk_hvd.tensorflow.init() on every "
-                         "rank before building a gTop-k DistributedGradientTape")
-    if gtopk_state.algorithm == "gtopk":
-        pair_sets(hvd)  # collective registration; every check above ran first
+        return shared_state(density, algorithm, granularity, dense_threshold)
+    gtopk_state = prepare_state(gtopk_state, make_state, "gtopk_hvd.tensorflow.init()",
+                                "DistributedGradientTape")
     cls = type(gradtape.__class__.__name__, (gradtape.__class__,),
                dict(_DistributedGradientTape.__dict__))
     if hasattr(gradtape, "_watch_accessed_variables"):

@@ -22,64 +22,24 @@ import time
 import horovod.torch as hvd
 import torch
 
-from gtopk_hvd.common.collective import gtopk_exchange, topk_allgather_exchange
+from gtopk_hvd.common.collective import (GTopkResult, dense_allreduce_bytes,
+                                         gtopk_exchange, reduce_op_name,
+                                         topk_allgather_exchange)
 from gtopk_hvd.common.density import check_density, k_for
 from gtopk_hvd.common.process_sets import pair_sets, process_set_for_stage
 from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
                                          check_global_process_set, check_op)
 from gtopk_hvd.torch.ops import TorchOps
 
-__all__ = ["GTopkResult", "gtopk_allreduce", "gtopk_allreduce_", "compensate", "exchange", "decompress",
-           "update_residual", "op_name", "dense_allreduce_bytes"]
+__all__ = ["GTopkResult", "gtopk_allreduce", "gtopk_allreduce_", "compensate", "exchange",
+           "decompress", "update_residual", "op_name", "dense_allreduce_bytes"]
 
 logger = logging.getLogger(__name__)
-
-_OP_NAMES = {hvd.Average: "Average", hvd.Sum: "Sum", hvd.Adasum: "Adasum", hvd.Min: "Min",
-             hvd.Max: "Max", hvd.Product: "Product"}
-
-
-class GTopkResult:
-    """What one :func:`gtopk_allreduce` returns.
-
-    output: the dense result (average or sum over ranks), shape and dtype of the input,
-        bit-identical on every rank.
-    residual: this rank's new residual, flat float32 (keep it for the next call); the tensor
-        passed as ``residual``, updated in place, when one was passed.
-    values / indices: the global set (float32 sums / int32 indices).  With
-        ``algorithm="topk"`` all P*k gathered entries in rank order (indices may repeat).
-    local_indices / alive: this rank's local top-k and which of it made it into the result.
-    k: entries selected per rank.  bytes_sent: bytes this rank put on the wire.
-    timings: seconds per phase ('selection', 'exchange', 'merge', 'decompress', 'residual')
-        when called with ``profile=True``, else empty.
-    """
-
-    def __init__(self, output, residual, exchange_result, k):
-        self.output = output
-        self.residual = residual
-        self.values = exchange_result.values
-        self.indices = exchange_result.indices
-        self.local_indices = exchange_result.local_indices
-        self.alive = exchange_result.alive
-        self.k = k
-        self.bytes_sent = exchange_result.bytes_sent
-        self.timings = dict(exchange_result.timings)
-
-    def __repr__(self):
-        return (f"GTopkResult(k={self.k}, global entries={self.indices.numel()}, "
-                f"bytes_sent={self.bytes_sent})")
 
 
 def op_name(op):
     """The name of a Horovod reduce op ('Average', 'Sum', ...), or its repr if unknown."""
-    try:
-        return _OP_NAMES.get(op, repr(op))
-    except TypeError:  # unhashable
-        return repr(op)
-
-
-def dense_allreduce_bytes(numel, size):
-    """Bytes one rank sends in a ring allreduce of ``numel`` float32: 2(P-1)/P * 4 * numel."""
-    return 2 * (size - 1) * 4 * numel // size
+    return reduce_op_name(hvd, op)
 
 
 def compensate(tensor, residual=None):

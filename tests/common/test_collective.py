@@ -152,3 +152,22 @@ def test_topk_allgather_driver_equals_its_reference(size):
         np.testing.assert_array_equal(total[want.indices], want.values)
         np.testing.assert_array_equal(np.flatnonzero(total != 0),
                                       want.indices[want.values != 0])
+
+
+def test_reduce_op_name_reads_the_ops_of_the_horovod_module():
+    from gtopk_hvd.common.collective import reduce_op_name
+
+    class FakeHvd:  # horovod.torch / horovod.tensorflow expose the ops as attributes
+        Average, Sum, Adasum, Min, Max, Product = range(6)
+    assert [reduce_op_name(FakeHvd, op) for op in range(6)] == [
+        "Average", "Sum", "Adasum", "Min", "Max", "Product"]
+    assert reduce_op_name(FakeHvd, 17) == "17"
+    assert reduce_op_name(object(), FakeHvd.Sum) == "1"  # a module without the ops
+    assert reduce_op_name(FakeHvd, [1]) == "[1]"
+
+
+def test_dense_allreduce_bytes_is_the_ring_volume():
+    from gtopk_hvd.common.collective import dense_allreduce_bytes
+    assert dense_allreduce_bytes(1000, 1) == 0
+    assert dense_allreduce_bytes(1000, 2) == 4000
+    assert dense_allreduce_bytes(25_000_000, 4) == 150_000_000

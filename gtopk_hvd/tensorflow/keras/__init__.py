@@ -15,7 +15,6 @@ Sparsification for Low Bandwidth Networks", ICDCS 2019.
 """
 import logging
 
-import horovod.tensorflow as _hvd
 from horovod.tensorflow import (Average, Compression, ProcessSet, Sum, add_process_set,
                                 ccl_built, cross_rank, cross_size, cuda_built, ddl_built,
                                 gloo_built, gloo_enabled, global_process_set, is_initialized,
@@ -25,11 +24,9 @@ from horovod.tensorflow import (Average, Compression, ProcessSet, Sum, add_proce
 from horovod.tensorflow.keras import allgather, allreduce, broadcast, reducescatter
 
 from gtopk_hvd._keras import check_tf_keras_optimizer, create_distributed_optimizer
-from gtopk_hvd.common.errors import GTopkError
-from gtopk_hvd.common.process_sets import pair_sets
 from gtopk_hvd.common.validation import check_positive_int
 from gtopk_hvd.tensorflow import GTopkState, init, shutdown
-from gtopk_hvd.tensorflow.gradient_tape import check_horovod_arguments
+from gtopk_hvd.tensorflow.gradient_tape import check_horovod_arguments, prepare_state
 from gtopk_hvd.tensorflow.keras import callbacks
 
 __all__ = [
@@ -106,16 +103,9 @@ def DistributedOptimizer(optimizer, name=None,
                             process_set)
     backward_passes_per_step = check_positive_int(backward_passes_per_step,
                                                   "backward_passes_per_step")
-    if gtopk_state is None:
-        gtopk_state = GTopkState(density, algorithm, granularity, dense_threshold)
-    elif not isinstance(gtopk_state, GTopkState):
-        raise TypeError(f"gtopk_state must be a gtopk_hvd.tensorflow.GTopkState, got "
-                        f"{type(gtopk_state).__name__}")
-    if not _hvd.is_initialized():
-        raise GTopkError("Horovod is not initialised: call gtopk_hvd.tensorflow.keras.init() on "
-                         "every rank before building a gTop-k DistributedOptimizer")
-    if gtopk_state.algorithm == "gtopk":
-        pair_sets(_hvd)  # collective registration; every check above ran first
+    gtopk_state = prepare_state(
+        gtopk_state, lambda: GTopkState(density, algorithm, granularity, dense_threshold),
+        "gtopk_hvd.tensorflow.keras.init()", "DistributedOptimizer")
     return create_distributed_optimizer(
         optimizer=optimizer, name=name, sparse_as_dense=sparse_as_dense, op=op,
         backward_passes_per_step=backward_passes_per_step,
