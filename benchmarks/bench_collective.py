@@ -80,10 +80,10 @@ def _pair_allgather(hvd, counter, k, barrier_tx, n=30):
     difference to 8k bytes is the per-message protocol overhead (TCP/IP headers, Horovod's
     negotiation), not the background coordination that runs during a long call."""
     import torch
-    from gtopk_hvd.common.process_sets import pair_sets
+    from gtopk_hvd.common.process_sets import exchange_sets
     rank, size = hvd.rank(), hvd.size()
     partner = rank ^ 1 if (rank ^ 1) < size else None
-    sets = pair_sets(hvd)
+    sets = exchange_sets(hvd)
     rows = torch.zeros(k, 2, dtype=torch.int32)
     ps = sets.get((min(rank, rank ^ 1), max(rank, rank ^ 1))) if partner is not None else None
     if ps is not None:

@@ -6,12 +6,13 @@ NumPy reference of the whole algorithm (ALGORITHM.md), which every backend is te
 from gtopk_hvd.common.density import (ConstantDensity, DensitySchedule, ExponentialWarmupDensity,
                                       StepwiseDensity, as_schedule, check_density, k_for)
 from gtopk_hvd.common.errors import GTopkError, ProcessSetError
-from gtopk_hvd.common.schedule import (FOLD, HYPERCUBE, UNFOLD, Stage, pair_groups, stages_for,
+from gtopk_hvd.common.plan import PlanMismatchError
+from gtopk_hvd.common.schedule import (Stage, exchange_groups, stages_for, virtual_rank,
                                        world_split)
 
 __all__ = [
     "ConstantDensity", "DensitySchedule", "ExponentialWarmupDensity", "StepwiseDensity",
     "as_schedule", "check_density", "k_for",
-    "GTopkError", "ProcessSetError",
-    "FOLD", "HYPERCUBE", "UNFOLD", "Stage", "pair_groups", "stages_for", "world_split",
+    "GTopkError", "PlanMismatchError", "ProcessSetError",
+    "Stage", "exchange_groups", "stages_for", "virtual_rank", "world_split",
 ]

@@ -4,60 +4,87 @@ The torch and tensorflow adapters provide the operations (:class:`TensorOps`); t
 runs the schedule of ALGORITHM.md with them on one rank:
 
 1. local select: I = exact top-k of |acc| (ties by lower index), S = (acc[I], I);
-2. for each stage of :func:`gtopk_hvd.common.schedule.stages_for`:
-   - fold: an extra rank sends S to rank - P'; that rank merges it into its own S (its own set
-     first), keeps k, and from then on tracks the extra rank's alive flags too;
-   - hypercube stage s: swap S with rank ^ 2^s, merge in canonical order (lower rank first),
-     keep k; alive &= (I in S);
-   - unfold: the base rank sends the final S to the extra rank, the indices of the extra rank's
-     surviving entries encoded as -(i + 1); the extra rank decodes them into its alive flags;
-3. return the final S (identical on every rank) and the alive flags over I: the caller zeroes
-   the residual at I[alive] (entries that were sent but died go back into the residual).
+2. for each stage of :func:`gtopk_hvd.common.schedule.stages_for` (the same number on every
+   rank): allgather in the stage's group; in a fold stage (stage 0 with extra ranks) first
+   merge each virtual rank's set with its mirror's, then merge the two virtual ranks' sets in
+   canonical order (lower first), keep k; alive &= (I in S) after every merge this rank's
+   virtual rank took part in;
+3. return the final S (identical on every rank), the alive flags over I (the caller zeroes
+   the residual at I[alive]: entries that were sent but died go back into the residual) and
+   the step's verdict.
 
-Each exchange is one Horovod allgather in the pair's process set of an (n, 2) int32 tensor:
-float32 values bit-cast to int32 in column 0, int32 indices in column 1, so a stage moves
-8k bytes each way, as in the paper's cost model.  A side that only receives sends 0 rows.
+Each message is an (n + 1, 2) int32 tensor: a header row (n, meta), then n rows of float32
+values bit-cast to int32 next to int32 indices, so a stage moves 8k bytes (+ 8) each way.
+``meta`` carries the sender's flags and its plan digest (:func:`make_meta`): every receiver
+ORs the flags into its own and raises the MISMATCH flag when a digest differs from its own.
+The flags travel on through the later stages, so after the last stage every rank holds the
+same verdict (non-finite input somewhere, set-ups that disagree) at no extra round trip.
 """
 import logging
 import time
 
-from gtopk_hvd.common.schedule import FOLD, HYPERCUBE, UNFOLD, stages_for
+from gtopk_hvd.common.schedule import stages_for, virtual_rank
 
 __all__ = ["TensorOps", "gtopk_exchange", "topk_allgather_exchange", "ExchangeResult",
-           "GTopkResult", "reduce_op_name", "dense_allreduce_bytes"]
+           "GTopkResult", "reduce_op_name", "dense_allreduce_bytes", "NONFINITE", "MISMATCH",
+           "make_meta", "merge_meta", "ring_bytes", "gtopk_wire_bytes", "topk_wire_bytes"]
 
 logger = logging.getLogger(__name__)
 
+NONFINITE = 1  # some rank's acc held NaN or Inf
+MISMATCH = 2   # some rank's plan digest differed from its partner's
+_FLAG_BITS = 2
+_DIGEST_MASK = (1 << (32 - _FLAG_BITS)) - 1
+
+
+def make_meta(digest, flags=0):
+    """A header's meta field: a 30-bit ``digest`` and the flags, as a signed int32 value."""
+    meta = ((int(digest) & _DIGEST_MASK) << _FLAG_BITS) | int(flags)
+    return meta - (1 << 32) if meta >= 1 << 31 else meta
+
+
+def merge_meta(mine, theirs):
+    """``mine`` with the flags of ``theirs`` ORed in, and MISMATCH if the digests differ
+    (plain integers; the adapters do the same with tensor operations)."""
+    flags = (mine | theirs) & (NONFINITE | MISMATCH)
+    if (mine >> _FLAG_BITS) != (theirs >> _FLAG_BITS):
+        flags |= MISMATCH
+    return (mine & ~(NONFINITE | MISMATCH)) | flags
+
 
 class TensorOps:
-    """What a framework adapter provides.  Index tensors are int32; value tensors float32.
+    """What a framework adapter provides.  Index tensors are int32; value tensors float32;
+    ``meta`` an int32 scalar (tensor).
 
     select_topk(acc, k): sorted-ascending indices of the k largest |acc|, ties by lower index.
     take(x, indices): x[indices].
-    exchange(values, indices, process_set, name): allgather (values, indices) inside
-        ``process_set``; returns (values, indices) of all members concatenated in rank order.
+    pack(values, indices, meta): the (n + 1, 2) int32 message, header row (n, meta) first.
+    allgather(message, process_set, name): Horovod's allgather inside ``process_set``.
+    unpack(gathered, members): the ``members`` messages of an allgather, in rank order, as a
+        list of (values, indices, meta), read header by header.
+    merge_meta(mine, theirs): as :func:`merge_meta`.
     merge_truncate(low, high, k): union of two (values, indices) sets, values added (low + high)
         where an index is in both, then the k largest |value| (ties by lower index), sorted by
         index.
     isin(a, b): bool mask over a, True where a's element is in b.
-    logical_and(a, b), mask_select(x, mask), full_mask(k): bool helpers.
-    encode_flags(indices, flags): where(flags, -indices - 1, indices).
-    decode_flags(indices): (decoded indices, flags).
-    empty(): a (values, indices) pair with no entries.
+    logical_and(a, b), full_mask(k): bool helpers.
     """
 
 
 class ExchangeResult:
     """values / indices: the global set (sorted by index), identical on every rank.
     local_indices / alive: this rank's local top-k and which of it survived.
-    bytes_sent: bytes this rank put on the wire.  timings: seconds per phase (eager only).
+    verdict: the flags every rank agrees on after the exchange (NONFINITE, MISMATCH), an int32
+    scalar of the adapter.  bytes_sent: bytes this rank put on the wire (ring allgather).
+    timings: seconds per phase (eager only).
     """
 
-    def __init__(self, values, indices, local_indices, alive, bytes_sent, timings):
+    def __init__(self, values, indices, local_indices, alive, verdict, bytes_sent, timings):
         self.values = values
         self.indices = indices
         self.local_indices = local_indices
         self.alive = alive
+        self.verdict = verdict
         self.bytes_sent = bytes_sent
         self.timings = timings
 
@@ -78,6 +105,9 @@ class GTopkResult:
         ``algorithm="topk"`` all P*k gathered entries in rank order (indices may repeat).
     local_indices / alive: this rank's local top-k and which of it made it into the result.
     k: entries selected per rank.  bytes_sent: bytes this rank put on the wire.
+    finite: False when some rank's input was not finite (NaN or Inf): then ``output`` is NaN
+        everywhere on every rank and the residual is what was passed in (a bool, or a bool
+        tensor in a ``tf.function``).
     timings: seconds per phase ('selection', 'exchange', 'merge', 'decompress', 'residual')
         when called (eagerly) with ``profile=True``, else empty.
     """
@@ -91,6 +121,7 @@ class GTopkResult:
         self.alive = exchange_result.alive
         self.k = k
         self.bytes_sent = exchange_result.bytes_sent
+        self.finite = True
         self.timings = dict(exchange_result.timings)
 
     def __repr__(self):
@@ -128,8 +159,27 @@ class _Timer:
             self._t = now
 
 
-def gtopk_exchange(ops, acc, k, rank, size, process_set_for, name="gtopk", profile=False,
-                   sync=None):
+def ring_bytes(group, rank, rows):
+    """Bytes ``rank`` sends in a ring allgather (gloo's) of ``group`` whose members send
+    ``rows[member]`` rows of 8 bytes: every block but its right neighbour's passes through it."""
+    right = group[(group.index(rank) + 1) % len(group)]
+    return (sum(rows[m] for m in group) - rows[right]) * BYTES_PER_ENTRY
+
+
+def gtopk_wire_bytes(k, rank, size):
+    """Bytes ``rank`` sends in one gTop-k exchange with ``k`` entries per set: a header row
+    and k entries per sending member of each stage's group, through a ring allgather."""
+    return sum(ring_bytes(st.group, rank, {m: 1 + (k if st.sends(m) else 0) for m in st.group})
+               for st in stages_for(rank, size))
+
+
+def topk_wire_bytes(k, size):
+    """Bytes one rank sends in a Top-k allgather of ``k`` entries (+ header) per rank."""
+    return (size - 1) * (k + 1) * BYTES_PER_ENTRY
+
+
+def gtopk_exchange(ops, acc, k, rank, size, process_set_for, name="gtopk", digest=0,
+                   flags=0, profile=False, sync=None):
     """Run gTop-k on this rank's compensated gradient ``acc`` (1-D float32).
 
     Args:
@@ -138,7 +188,9 @@ def gtopk_exchange(ops, acc, k, rank, size, process_set_for, name="gtopk", profi
         k: entries kept (``k_for(acc.numel, density)``), 1 <= k <= acc size.
         rank, size: this rank and the world size.
         process_set_for: maps a :class:`~gtopk_hvd.common.schedule.Stage` to its process set.
-        name: a prefix for the Horovod op names.
+        name: a prefix for the Horovod op names (stage s is ``{name}.s{s}``).
+        digest: this rank's plan digest (every rank must hold the same one).
+        flags: this rank's flags (NONFINITE when its acc is not finite), int or int32 scalar.
         profile: record per-phase wall times ('selection', 'exchange', 'merge') in eager mode.
         sync: with ``profile``, a function that waits for a tensor (for asynchronous devices).
 
@@ -150,60 +202,51 @@ def gtopk_exchange(ops, acc, k, rank, size, process_set_for, name="gtopk", profi
     values, indices = ops.take(acc, local), local
     timer.lap("selection", values)
     alive = ops.full_mask(k)
-    extra_local = extra_alive = None
-    sent = 0
+    meta = ops.meta(make_meta(digest), flags)
+    v = virtual_rank(rank, size)
     for st in stages_for(rank, size):
-        ps = process_set_for(st)
-        tag = f"{name}.{st.kind}{st.index if st.kind == HYPERCUBE else ''}"
-        if st.kind == FOLD and st.sends:
-            # extra rank: hand our set to rank - P' and wait for the unfold
-            ops.exchange(values, indices, ps, tag)
-            sent += k
-            timer.lap("exchange")
-        elif st.kind == FOLD:
-            e_values, e_indices = ops.exchange(*ops.empty(), ps, tag)
-            timer.lap("exchange", e_values)
-            values, indices = ops.merge_truncate((values, indices), (e_values, e_indices), k)
-            alive = ops.logical_and(alive, ops.isin(local, indices))
-            extra_local, extra_alive = e_indices, ops.isin(e_indices, indices)
-            timer.lap("merge", values)
-        elif st.kind == HYPERCUBE:
-            # stage s: swap with partner rank ^ (1 << s); the gathered rows are in rank order
-            all_values, all_indices = ops.exchange(values, indices, ps, tag)
-            sent += k
-            timer.lap("exchange", all_values)
-            values, indices = ops.merge_truncate((all_values[:k], all_indices[:k]),
-                                                 (all_values[k:], all_indices[k:]), k)
-            alive = ops.logical_and(alive, ops.isin(local, indices))
-            if extra_local is not None:
-                extra_alive = ops.logical_and(extra_alive, ops.isin(extra_local, indices))
-            timer.lap("merge", values)
-        elif st.kind == UNFOLD and st.sends:
-            flags = ops.isin(indices, ops.mask_select(extra_local, extra_alive))
-            ops.exchange(values, ops.encode_flags(indices, flags), ps, tag)
-            sent += k
-            timer.lap("exchange")
-        elif st.kind == UNFOLD:
-            values, coded = ops.exchange(*ops.empty(), ps, tag)
-            timer.lap("exchange", values)
-            indices, flags = ops.decode_flags(coded)
-            alive = ops.isin(local, ops.mask_select(indices, flags))
-            timer.lap("merge", values)
-    return ExchangeResult(values, indices, local, alive, sent * BYTES_PER_ENTRY, timer.timings)
+        mine = (values, indices) if st.sends(rank) else ops.take_none(values, indices)
+        gathered = ops.allgather(ops.pack(*mine, meta), process_set_for(st), f"{name}.s{st.index}")
+        timer.lap("exchange", gathered)
+        blocks = dict(zip(st.group, ops.unpack(gathered, len(st.group))))
+        for member, (_, _, their_meta) in blocks.items():
+            if member != rank:
+                meta = ops.merge_meta(meta, their_meta)
+        sets = {}
+        for x in (st.low, st.high):
+            members = [m for m in st.group if virtual_rank(m, size) == x and st.sends(m)]
+            merged = blocks[members[0]][:2]
+            if len(members) > 1:  # fold: the virtual rank's set merged with its mirror's
+                merged = ops.merge_truncate(merged, blocks[members[1]][:2], k)
+                if x == v:
+                    alive = ops.logical_and(alive, ops.isin(local, merged[1]))
+            sets[x] = merged
+        # stage s: the lower virtual rank's set first, keep the k largest
+        values, indices = ops.merge_truncate(sets[st.low], sets[st.high], k)
+        alive = ops.logical_and(alive, ops.isin(local, indices))
+        timer.lap("merge", values)
+    return ExchangeResult(values, indices, local, alive, ops.flags_of(meta),
+                          gtopk_wire_bytes(k, rank, size), timer.timings)
 
 
-def topk_allgather_exchange(ops, acc, k, global_set, size, name="topk", profile=False, sync=None):
+def topk_allgather_exchange(ops, acc, k, global_set, size, name="topk", digest=0, flags=0,
+                            profile=False, sync=None):
     """Top-k S-SGD: gather every rank's local top-k from all ranks (O(kP)) and sum them.
 
     Returns an :class:`ExchangeResult` whose (values, indices) hold all P*k gathered entries
-    in rank order (indices may repeat: the caller scatter-adds them); every local entry is alive.
+    in rank order (indices may repeat: the caller scatter-adds them); every local entry is
+    alive.  The headers give every rank every other rank's flags and digest.
     """
     timer = _Timer(profile, sync)
     local = ops.select_topk(acc, k)
     values = ops.take(acc, local)
     timer.lap("selection", values)
-    all_values, all_indices = ops.exchange(values, local, global_set, name)
-    timer.lap("exchange", all_values)
-    # a ring allgather forwards the other ranks' sets too: (P - 1) k entries leave each rank
-    return ExchangeResult(all_values, all_indices, local, ops.full_mask(k),
-                          (size - 1) * k * BYTES_PER_ENTRY, timer.timings)
+    meta = ops.meta(make_meta(digest), flags)
+    gathered = ops.allgather(ops.pack(values, local, meta), global_set, name)
+    timer.lap("exchange", gathered)
+    blocks = ops.unpack(gathered, size)
+    for _, _, their_meta in blocks:
+        meta = ops.merge_meta(meta, their_meta)
+    all_values, all_indices = ops.concat_sets([b[:2] for b in blocks])
+    return ExchangeResult(all_values, all_indices, local, ops.full_mask(k), ops.flags_of(meta),
+                          topk_wire_bytes(k, size), timer.timings)

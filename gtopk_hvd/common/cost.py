@@ -9,9 +9,9 @@ Per worker, one call of:
 | Top-k via AllGather ("topk") | log2 P | (P-1) * 8k |
 | gTop-k, hypercube ("gtopk") | log2 P | log2 P * 8k |
 
-gTop-k for P not a power of two (fold / unfold stages, ALGORITHM.md): the base ranks that
-pair with an extra rank make two more exchanges (receive its set, send the result back), so
-the slowest rank takes floor(log2 P) + 2 exchanges and sends floor(log2 P) + 1 sets.
+gTop-k for P not a power of two (gtopk_hvd.common.schedule): every rank runs floor(log2 P)
+exchanges, but a group with extra ranks holds 3 or 4 ranks, and its ring allgather takes
+(members - 1) messages; a rank forwards every block of its group but its right neighbour's.
 
 Time of a call: ``messages * alpha + bytes * beta``.  :func:`fit_alpha_beta` finds the
 non-negative (alpha, beta) of least (relative) squared error over measured calls.
@@ -70,14 +70,20 @@ def gtopk_cost(k, size, rank=None):
     """gTop-k's exchanges: log2 P messages of 8k bytes each for P a power of two.
 
     With ``rank``, that rank's own schedule (:func:`~gtopk_hvd.common.schedule.stages_for`);
-    without, the busiest rank (the one that runs the most exchanges).
+    without, the busiest rank (the most messages, then the most bytes).  Each stage is a ring
+    allgather in its group: (members - 1) messages, and every block but the right
+    neighbour's passes through the rank (headers not counted).
     """
     k, p = _check_int("k", k, 0), _check_int("size", size, 1)
     ranks = range(p) if rank is None else [rank]
     best = Cost(0, 0)
     for r in ranks:
-        stages = stages_for(r, p)
-        c = Cost(len(stages), sum(st.sends for st in stages) * BYTES_PER_ENTRY * k)
+        messages = sent = 0
+        for st in stages_for(r, p):
+            right = st.group[(st.group.index(r) + 1) % len(st.group)]
+            messages += len(st.group) - 1
+            sent += (len(st.senders) - (right in st.senders)) * BYTES_PER_ENTRY * k
+        c = Cost(messages, sent)
         if (c.messages, c.bytes) > (best.messages, best.bytes):
             best = c
     return best
@@ -96,9 +102,8 @@ def cost_of(method, d, density, size):
 
 
 def gtopk_stages(size):
-    """Exchanges on the busiest rank: log2 P, or floor(log2 P) + 2 with extra ranks."""
-    m, _, extra = world_split(size)
-    return m + (2 if extra else 0)
+    """Exchanges (Horovod operations) of every rank: floor(log2 P)."""
+    return world_split(size)[0]
 
 
 def fit_alpha_beta(costs, times, relative=True):

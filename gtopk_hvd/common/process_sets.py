@@ -1,16 +1,17 @@
-"""The two-rank Horovod process sets the gTop-k schedule exchanges in.
+"""The Horovod process sets the gTop-k schedule exchanges in (pairs, and for P not a power
+of two groups of up to four with the extra ranks; gtopk_hvd.common.schedule).
 
 Framework-free: the functions take the Horovod module (``horovod.torch`` or
 ``horovod.tensorflow``), whose process-set API is the same.  Registration is collective:
-every rank adds every pair set of :func:`gtopk_hvd.common.schedule.pair_groups`, in that order.
-A pair that is the whole world maps onto Horovod's global process set (registering it again is
-refused by Horovod).
+every rank adds every set of :func:`gtopk_hvd.common.schedule.exchange_groups`, in that
+order.  A group that is the whole world maps onto Horovod's global process set (registering
+it again is refused by Horovod).
 
 The one rule for users: call ``gtopk_hvd.torch.init()`` (or ``gtopk_hvd.tensorflow.init()``)
-on every rank instead of ``hvd.init()``.  It passes the pairs to ``hvd.init`` as static
+on every rank instead of ``hvd.init()``.  It passes the groups to ``hvd.init`` as static
 process sets when the launcher's environment tells the world size (horovodrun, mpirun), else
-it initialises Horovod with dynamic process sets and registers the pairs after.  With a plain
-``hvd.init()``, the pairs are registered the first time an optimizer is built, which works
+it initialises Horovod with dynamic process sets and registers them after.  With a plain
+``hvd.init()``, the groups are registered the first time an optimizer is built, which works
 when every rank builds its optimizers in the same order, and needs
 HOROVOD_DYNAMIC_PROCESS_SETS=1.
 """
@@ -18,26 +19,26 @@ import logging
 import os
 
 from gtopk_hvd.common.errors import ProcessSetError
-from gtopk_hvd.common.schedule import pair_groups
+from gtopk_hvd.common.schedule import exchange_groups
 
-__all__ = ["init_with_pair_sets", "pair_sets", "process_set_for_stage",
+__all__ = ["init_with_exchange_sets", "exchange_sets", "process_set_for_stage",
            "world_size_before_init"]
 
 logger = logging.getLogger(__name__)
 
 _DYNAMIC_ENV = "HOROVOD_DYNAMIC_PROCESS_SETS"
-_cache = {}  # id(hvd module) -> (size, {pair: ProcessSet})
+_cache = {}  # id(hvd module) -> (size, {group: ProcessSet})
 
 
-def init_with_pair_sets(hvd, comm=None, process_sets=None):
-    """``hvd.init`` plus the pair sets, registered statically when the world size is known.
+def init_with_exchange_sets(hvd, comm=None, process_sets=None):
+    """``hvd.init`` plus the exchange sets, registered statically when the world size is known.
 
     Static registration (``hvd.init(process_sets=[...])``) when the launcher tells the size
     before ``init`` (horovodrun / mpirun environment, or ``comm``) and neither
     ``process_sets="dynamic"`` nor HOROVOD_DYNAMIC_PROCESS_SETS=1 asks for dynamic sets: with
     dynamic sets Horovod's background thread runs one more allgather over all ranks in every
-    cycle, which on a loaded host made each pair exchange 2-3x slower.  Otherwise Horovod
-    starts with dynamic process sets and the pairs are added after ``init``.
+    cycle, which on a loaded host made each exchange 2-3x slower.  Otherwise Horovod
+    starts with dynamic process sets and the groups are added after ``init``.
     """
     _cache.pop(id(hvd), None)  # a new init: process set ids may differ
     wants_dynamic = (process_sets == "dynamic"
@@ -49,18 +50,18 @@ def init_with_pair_sets(hvd, comm=None, process_sets=None):
         elif process_sets != "dynamic":
             os.environ[_DYNAMIC_ENV] = "1"  # keep the user's static sets and allow ours
         hvd.init(comm=comm, process_sets=process_sets)
-        return pair_sets(hvd)
+        return exchange_sets(hvd)
     user = list(process_sets or [])
     taken = {tuple(sorted(ps.ranks)) for ps in user if ps.ranks is not None}
-    ours = [hvd.ProcessSet(list(group)) for group in pair_groups(size)
+    ours = [hvd.ProcessSet(list(group)) for group in exchange_groups(size)
             if len(group) < size and group not in taken]
     hvd.init(comm=comm, process_sets=user + ours)
     if hvd.size() != size:
         raise ProcessSetError(
             f"gtopk_hvd predicted a world of {size} ranks from the launcher's environment "
             f"(or comm) but Horovod started {hvd.size()}; set {_DYNAMIC_ENV}=1 (or pass "
-            f"process_sets='dynamic') so the pair sets are registered after init")
-    return pair_sets(hvd)
+            f"process_sets='dynamic') so the exchange sets are registered after init")
+    return exchange_sets(hvd)
 
 
 _SIZE_ENV = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
@@ -87,8 +88,8 @@ def world_size_before_init(comm=None):
     return None
 
 
-def pair_sets(hvd):
-    """Return {(low, high): ProcessSet} for every pair of the schedule, registering as needed."""
+def exchange_sets(hvd):
+    """Return {group: ProcessSet} for every group of the schedule, registering as needed."""
     if not hvd.is_initialized():
         raise ProcessSetError(
             "Horovod is not initialised: call gtopk_hvd.torch.init() (or "
@@ -102,7 +103,7 @@ def pair_sets(hvd):
     existing = {tuple(ranks): ps_id for ps_id, ranks in _basics._get_process_set_ids_and_ranks().items()}
     sets = {}
     missing = []
-    for group in pair_groups(size):
+    for group in exchange_groups(size):
         if len(group) == size:
             sets[group] = hvd.global_process_set
         elif group in existing:
@@ -118,11 +119,11 @@ def pair_sets(hvd):
     for group in missing:  # collective: every rank, same order
         sets[group] = hvd.add_process_set(list(group))
     if missing:
-        logger.debug("gtopk_hvd: registered %d pair process sets for size %d", len(missing), size)
+        logger.debug("gtopk_hvd: registered %d exchange process sets for size %d", len(missing), size)
     _cache[id(hvd)] = (size, sets)
     return sets
 
 
-def process_set_for_stage(sets, rank, stage):
-    """The process set of ``stage`` (a schedule Stage) on ``rank``."""
-    return sets[(min(rank, stage.partner), max(rank, stage.partner))]
+def process_set_for_stage(sets, stage):
+    """The process set of ``stage`` (a schedule Stage)."""
+    return sets[stage.group]

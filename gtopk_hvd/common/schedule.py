@@ -1,41 +1,52 @@
-"""The gTop-k exchange schedule: which rank talks to which, stage by stage.
+"""The gTop-k exchange schedule: which ranks exchange with which, stage by stage.
 
-Hypercube (recursive doubling) on the first P' = 2^floor(log2 P) ranks: at stage s rank p
-swaps its sparse set with p XOR 2^s.  For P not a power of two, each extra rank e >= P'
-folds its set into rank e - P' before the hypercube and gets the result back in an unfold
-stage after it (ALGORITHM.md, "P not a power of two").
+Hypercube (recursive doubling) on P' = 2^m virtual ranks, m = floor(log2 P): at stage s
+virtual rank v swaps its sparse set with v XOR 2^s.  For P not a power of two, each extra rank
+e >= P' is the *mirror* of virtual rank e - P' (ALGORITHM.md, "P not a power of two"):
 
-Every exchange is a Horovod allgather inside the two-rank process set of its pair; all ranks
-must register all those sets in one order, which :func:`pair_groups` gives.
+- stage 0 holds the fold: its group is {v, w} plus their mirrors, every member sends its set,
+  and every member computes fold(v) = truncate(merge(S_v, S_mirror(v))), the same for w, then
+  the stage merge;
+- in stages s >= 1 a mirror belongs to its virtual rank's group and sends no entries (a header
+  only); it receives both sets and computes the same merge, so it holds the same set as its
+  virtual rank and tracks its own alive flags: no unfold stage.
+
+So every rank runs exactly m exchanges, one per stage, in the same order: Horovod names an
+unnamed operation after a per-process counter, and a rank that ran one exchange more than
+another would break the user's next unnamed collective (ALGORITHM.md, "Operation
+symmetry").  Every exchange is a Horovod allgather inside the process set of its group; all
+ranks must register all those sets in one order, which :func:`exchange_groups` gives.
 """
 import logging
 from dataclasses import dataclass
+from typing import Tuple
 
-__all__ = ["Stage", "FOLD", "HYPERCUBE", "UNFOLD", "world_split", "stages_for", "pair_groups"]
+__all__ = ["Stage", "world_split", "virtual_rank", "stages_for", "exchange_groups"]
 
 logger = logging.getLogger(__name__)
-
-FOLD = "fold"
-HYPERCUBE = "hypercube"
-UNFOLD = "unfold"
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One exchange of one rank.
+    """One exchange (hypercube stage ``index``) as one rank sees it.
 
-    kind: FOLD, HYPERCUBE or UNFOLD.
-    partner: the other rank of the pair.
-    sends / receives: whether this rank sends its set / needs the partner's set.  In a
-      hypercube stage both are true; in a fold the extra rank only sends and the base rank only
-      receives; in an unfold the base rank only sends and the extra rank only receives.
-    index: the hypercube stage number s (partner = rank ^ 2^s), or -1 for fold / unfold.
+    group: every rank of the exchange, sorted (the process set; Horovod's allgather returns
+      the members' messages in this order).
+    low / high: the two virtual ranks whose sets are merged, low < high (low's set first).
+    senders: the members that send entries (a mirror sends a header only after stage 0).
+    fold: whether the stage merges each virtual rank with its mirror first (stage 0 with
+      extra ranks).
     """
-    kind: str
-    partner: int
-    sends: bool
-    receives: bool
-    index: int = -1
+    index: int
+    group: Tuple[int, ...]
+    low: int
+    high: int
+    senders: Tuple[int, ...]
+    fold: bool
+
+    def sends(self, rank):
+        """Whether ``rank`` sends its entries in this stage."""
+        return rank in self.senders
 
 
 def world_split(size):
@@ -46,37 +57,48 @@ def world_split(size):
     return m, base, size - base
 
 
+def virtual_rank(rank, size):
+    """The hypercube rank ``rank`` plays: itself, or ``rank - P'`` for an extra rank."""
+    _, base, _ = world_split(size)
+    return rank - base if rank >= base else rank
+
+
+def _members(v, size):
+    """Virtual rank ``v`` and its mirror, if it has one."""
+    _, base, extra = world_split(size)
+    return (v, v + base) if v < extra else (v,)
+
+
+def _stage(s, v, size):
+    w = v ^ (1 << s)
+    low, high = min(v, w), max(v, w)
+    group = tuple(sorted(_members(low, size) + _members(high, size)))
+    fold = s == 0 and len(group) > 2
+    senders = group if s == 0 else (low, high)
+    return Stage(s, group, low, high, senders, fold)
+
+
 def stages_for(rank, size):
-    """The ordered list of :class:`Stage` that ``rank`` runs in a world of ``size`` ranks."""
+    """The ordered list of :class:`Stage` that ``rank`` runs: one per hypercube stage,
+    the same number on every rank."""
     _check_size(size)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < size:
         raise ValueError(f"rank must be an int in [0, {size}), got {rank!r}")
-    m, base, extra = world_split(size)
-    if rank >= base:  # extra rank: fold into rank - P', wait, get the result back
-        partner = rank - base
-        return [Stage(FOLD, partner, sends=True, receives=False),
-                Stage(UNFOLD, partner, sends=False, receives=True)]
-    stages = []
-    if rank < extra:
-        stages.append(Stage(FOLD, rank + base, sends=False, receives=True))
-    stages.extend(Stage(HYPERCUBE, rank ^ (1 << s), sends=True, receives=True, index=s)
-                  for s in range(m))
-    if rank < extra:
-        stages.append(Stage(UNFOLD, rank + base, sends=True, receives=False))
-    return stages
+    m, _, _ = world_split(size)
+    v = virtual_rank(rank, size)
+    return [_stage(s, v, size) for s in range(m)]
 
 
-def pair_groups(size):
-    """Every two-rank group the schedule uses, as sorted (low, high) tuples, in one order.
-
-    The order is the same on every rank (fold pairs, then hypercube stage 0, 1, ...), which is
-    what collective process-set registration needs.  A pair that is the whole world (size 2)
-    is included; adapters map it onto Horovod's global process set.
+def exchange_groups(size):
+    """Every group the schedule exchanges in, as sorted tuples, in one order (stage 0, 1, ...;
+    by lowest virtual rank), the same on every rank, which is what collective process-set
+    registration needs.  A group that is the whole world is included; adapters map it onto
+    Horovod's global process set.
     """
-    m, base, extra = world_split(size)
-    groups = [(e - base, e) for e in range(base, base + extra)]
+    m, base, _ = world_split(size)
+    groups = []
     for s in range(m):
-        groups.extend((p, p ^ (1 << s)) for p in range(base) if p < p ^ (1 << s))
+        groups.extend(_stage(s, v, size).group for v in range(base) if v < v ^ (1 << s))
     return groups
 
 

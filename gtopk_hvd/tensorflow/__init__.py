@@ -30,7 +30,7 @@ from horovod.tensorflow import (Adasum, Average, Compression, Max, Min, ProcessS
 from gtopk_hvd.common.density import (ConstantDensity, DensitySchedule,
                                       ExponentialWarmupDensity, StepwiseDensity)
 from gtopk_hvd.common.errors import GTopkError, ProcessSetError
-from gtopk_hvd.common.process_sets import init_with_pair_sets
+from gtopk_hvd.common.process_sets import init_with_exchange_sets
 from gtopk_hvd.tensorflow.collective import GTopkResult, gtopk_allreduce
 from gtopk_hvd.tensorflow.gradient_tape import DistributedGradientTape
 from gtopk_hvd.tensorflow.gradients import allreduce_gradients
@@ -62,7 +62,7 @@ def init(comm=None, process_sets=None):
     """Initialise Horovod and register gTop-k's pair process sets; call it on every rank
     instead of ``hvd.init()``.  Arguments as ``horovod.tensorflow.init``.
     """
-    init_with_pair_sets(_hvd, comm=comm, process_sets=process_sets)
+    init_with_exchange_sets(_hvd, comm=comm, process_sets=process_sets)
 
 
 def shutdown():

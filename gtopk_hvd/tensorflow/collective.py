@@ -22,7 +22,7 @@ from gtopk_hvd.common.collective import (GTopkResult, dense_allreduce_bytes,
                                          gtopk_exchange, reduce_op_name,
                                          topk_allgather_exchange)
 from gtopk_hvd.common.density import check_density, k_for
-from gtopk_hvd.common.process_sets import pair_sets, process_set_for_stage
+from gtopk_hvd.common.process_sets import exchange_sets, process_set_for_stage
 from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
                                          check_global_process_set, check_op)
 from gtopk_hvd.tensorflow.ops import TFOps
@@ -58,7 +58,7 @@ def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False):
         result = topk_allgather_exchange(ops, acc, k, hvd.global_process_set, size, name=name,
                                          profile=profile)
     else:
-        sets = pair_sets(hvd)
+        sets = exchange_sets(hvd)
         result = gtopk_exchange(ops, acc, k, rank, size,
                                 lambda stage: process_set_for_stage(sets, rank, stage),
                                 name=name, profile=profile)

@@ -16,10 +16,9 @@ Both rely on ``tf.math.top_k`` returning the lower index first among equal value
 and what ``tf.argsort(stable=True)`` is built on).
 
 Graph mode: Horovod's ops are not marked stateful, so in a ``tf.function`` an exchange whose
-output nobody reads (a rank that only sends) would be pruned, and two receive-only exchanges
-with equal inputs could be merged.  :class:`TFOps` therefore builds every empty message from
-its own buffer (never from a constant) and :meth:`TFOps.finalize` ties the result to every
-exchange it issued.
+output nobody reads would be pruned, and two exchanges with equal inputs could be merged.
+Every message holds data of its own buffer (a header-only message slices its values from
+it), and :meth:`TFOps.finalize` ties the result to every exchange issued.
 
 Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
 Sparsification for Low Bandwidth Networks", ICDCS 2019.
@@ -28,6 +27,8 @@ import logging
 import re
 
 import tensorflow as tf
+
+from gtopk_hvd.common.collective import MISMATCH, NONFINITE
 
 __all__ = ["TFOps", "select_topk", "merge_truncate", "op_name_safe"]
 
@@ -165,13 +166,10 @@ class TFOps:
 
     Args:
         hvd: the Horovod module whose ``allgather`` the exchange uses (``horovod.tensorflow``).
-        anchor: the buffer being reduced (1-D float32); empty messages are sliced from it, so
-            that in a ``tf.function`` no exchange has constant inputs (see the module doc).
     """
 
-    def __init__(self, hvd, anchor):
+    def __init__(self, hvd):
         self.hvd = hvd
-        self.anchor = anchor
         self.issued = []
 
     def select_topk(self, acc, k):
@@ -180,13 +178,48 @@ class TFOps:
     def take(self, x, indices):
         return tf.gather(x, indices)
 
-    def exchange(self, values, indices, process_set, name):
-        # one message per stage: float32 values bit-cast to int32 next to the int32 indices
-        packed = tf.stack([tf.bitcast(tf.cast(values, tf.float32), tf.int32),
-                           tf.cast(indices, tf.int32)], axis=1)
-        gathered = self.hvd.allgather(packed, name=op_name_safe(name), process_set=process_set)
+    def take_none(self, values, indices):
+        return values[:0], indices[:0]
+
+    def meta(self, base, flags):
+        return tf.bitwise.bitwise_or(tf.constant(base, tf.int32), tf.cast(flags, tf.int32))
+
+    def pack(self, values, indices, meta):
+        # one message per stage: a header row (n, meta), then float32 values bit-cast to
+        # int32 next to the int32 indices
+        header = tf.reshape(tf.stack([tf.size(values, out_type=tf.int32), meta]), [1, 2])
+        body = tf.stack([tf.bitcast(tf.cast(values, tf.float32), tf.int32),
+                         tf.cast(indices, tf.int32)], axis=1)
+        return tf.concat([header, body], 0)
+
+    def allgather(self, message, process_set, name):
+        gathered = self.hvd.allgather(message, name=op_name_safe(name), process_set=process_set)
         self.issued.append(gathered)
-        return tf.bitcast(gathered[:, 0], tf.float32), gathered[:, 1]
+        return gathered
+
+    def unpack(self, gathered, members):
+        blocks, pos = [], tf.constant(0, tf.int32)
+        for _ in range(members):
+            count, meta = gathered[pos, 0], gathered[pos, 1]
+            body = gathered[pos + 1:pos + 1 + count]
+            blocks.append((tf.bitcast(body[:, 0], tf.float32), body[:, 1], meta))
+            pos = pos + 1 + count
+        return blocks
+
+    def merge_meta(self, mine, theirs):
+        flag_mask = tf.constant(NONFINITE | MISMATCH, tf.int32)
+        flags = tf.bitwise.bitwise_and(tf.bitwise.bitwise_or(mine, theirs), flag_mask)
+        digests_differ = tf.not_equal(tf.bitwise.right_shift(mine, 2),
+                                      tf.bitwise.right_shift(theirs, 2))
+        flags = tf.where(digests_differ, tf.bitwise.bitwise_or(flags, MISMATCH), flags)
+        return tf.bitwise.bitwise_or(tf.bitwise.bitwise_and(mine, tf.bitwise.invert(flag_mask)),
+                                     flags)
+
+    def flags_of(self, meta):
+        return tf.bitwise.bitwise_and(meta, NONFINITE | MISMATCH)
+
+    def concat_sets(self, sets):
+        return tf.concat([v for v, _ in sets], 0), tf.concat([i for _, i in sets], 0)
 
     def merge_truncate(self, low, high, k):
         return merge_truncate(low, high, k)
@@ -197,22 +230,8 @@ class TFOps:
     def logical_and(self, a, b):
         return tf.logical_and(a, b)
 
-    def mask_select(self, x, mask):
-        return tf.boolean_mask(x, mask)
-
     def full_mask(self, k):
         return tf.ones(tf.reshape(k, [1]), tf.bool)
-
-    def encode_flags(self, indices, flags):
-        return tf.where(flags, -indices - 1, indices)
-
-    def decode_flags(self, coded):
-        flags = coded < 0
-        return tf.where(flags, -coded - 1, coded), flags
-
-    def empty(self):
-        values = self.anchor[:0]
-        return values, tf.bitcast(values, tf.int32)
 
     def finalize(self, *tensors):
         """``tensors``, made to depend on every exchange issued, so that none is pruned.

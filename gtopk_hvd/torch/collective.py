@@ -2,16 +2,20 @@
 
 One call on every rank (ALGORITHM.md, "One step on worker p"):
 
-1. compensate: acc = tensor + residual, flat float32, in the residual's memory
-   (:func:`compensate`);
+1. compensate: acc = tensor + residual, flat float32 (:func:`compensate`), and one finiteness
+   check of acc;
 2. select and communicate: the framework-free driver of gtopk_hvd.common.collective with
-   :class:`~gtopk_hvd.torch.ops.TorchOps` (hypercube gTop-k, or Top-k by allgather);
+   :class:`~gtopk_hvd.torch.ops.TorchOps` (hypercube gTop-k, or Top-k by allgather); the
+   headers carry this rank's finiteness flag and plan digest, so every rank ends the exchange
+   with the same verdict (:func:`check_verdict`);
 3. decompress: scatter the global set into a dense tensor, divided by P for Average
    (:func:`decompress`); bit-identical on every rank;
-4. update the residual: eps = acc, eps[local[alive]] = 0, in place (:func:`update_residual`).
+4. update the residual: eps = acc, eps[local[alive]] = 0 (:func:`update_residual`).
 
-The residual is updated in place, so a step allocates no gradient-sized buffer besides the
-dense output: on a 25M-element gradient a fresh 100 MB buffer costs as much as a pass over it.
+A non-finite step (NaN or Inf in any rank's acc) gives every rank an all-NaN output and
+leaves every residual as it was.  ``gtopk_allreduce_`` computes acc in the tensor's own memory
+and reuses it for the output, so a step allocates no gradient-sized buffer: on a 25M-element
+gradient a fresh 100 MB buffer costs as much as a pass over it.
 
 Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
 Sparsification for Low Bandwidth Networks", ICDCS 2019.
@@ -22,17 +26,18 @@ import time
 import horovod.torch as hvd
 import torch
 
-from gtopk_hvd.common.collective import (GTopkResult, dense_allreduce_bytes,
-                                         gtopk_exchange, reduce_op_name,
+from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, GTopkResult,
+                                         dense_allreduce_bytes, gtopk_exchange, reduce_op_name,
                                          topk_allgather_exchange)
 from gtopk_hvd.common.density import check_density, k_for
-from gtopk_hvd.common.process_sets import pair_sets, process_set_for_stage
+from gtopk_hvd.common.plan import make_plan, mismatch_error, plan_digest
+from gtopk_hvd.common.process_sets import exchange_sets, process_set_for_stage
 from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
                                          check_global_process_set, check_op)
-from gtopk_hvd.torch.ops import TorchOps
+from gtopk_hvd.torch.ops import TorchOps, all_finite
 
 __all__ = ["GTopkResult", "gtopk_allreduce", "gtopk_allreduce_", "compensate", "exchange",
-           "decompress", "update_residual", "op_name", "dense_allreduce_bytes"]
+           "check_verdict", "decompress", "update_residual", "op_name", "dense_allreduce_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,26 +47,39 @@ def op_name(op):
     return reduce_op_name(hvd, op)
 
 
-def compensate(tensor, residual=None):
-    """acc = tensor + residual, flat float32, written into ``residual`` (a new tensor if None)."""
+def compensate(tensor, residual=None, scale=1.0, out=None):
+    """acc = tensor + scale * residual, flat float32, written into ``out`` (a new tensor if
+    None).  ``residual`` is left as it is, so a non-finite step can keep it."""
     flat = tensor.detach().reshape(-1)
+    if out is None:
+        out = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
     if residual is None:
-        return flat.to(torch.float32, copy=True)
-    return residual.add_(flat)
+        return out.copy_(flat)
+    return torch.add(flat, residual, alpha=scale, out=out)
 
 
-def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False):
-    """Select this rank's top-k of ``acc`` and run the collective; an ExchangeResult."""
+def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False, digest=0, flags=0):
+    """Select this rank's top-k of ``acc`` and run the collective; an ExchangeResult whose
+    ``verdict`` every rank shares (``flags`` and ``digest`` travel in the headers)."""
     ops = TorchOps(hvd, device=acc.device)
     rank, size = hvd.rank(), hvd.size()
     sync = (lambda t: torch.cuda.synchronize(t.device)) if acc.is_cuda else None
     if algorithm == "topk":
         return topk_allgather_exchange(ops, acc, k, hvd.global_process_set, size, name=name,
-                                       profile=profile, sync=sync)
-    sets = pair_sets(hvd)
+                                       digest=digest, flags=flags, profile=profile, sync=sync)
+    sets = exchange_sets(hvd)
     return gtopk_exchange(ops, acc, k, rank, size,
-                          lambda stage: process_set_for_stage(sets, rank, stage),
-                          name=name, profile=profile, sync=sync)
+                          lambda stage: process_set_for_stage(sets, stage),
+                          name=name, digest=digest, flags=flags, profile=profile, sync=sync)
+
+
+def check_verdict(verdict, plan, name="gtopk.plan"):
+    """Raise :class:`~gtopk_hvd.common.plan.PlanMismatchError` on every rank when the
+    exchange found set-ups that disagree (one allgather of the plans, to name the difference);
+    return whether the step is finite."""
+    if verdict & MISMATCH:
+        raise mismatch_error(hvd.allgather_object(plan, name=name), hvd.rank())
+    return not verdict & NONFINITE
 
 
 def decompress(result, numel, algorithm="gtopk", average_over=1, out=None):
@@ -86,12 +104,13 @@ def decompress(result, numel, algorithm="gtopk", average_over=1, out=None):
     return dense
 
 
-def update_residual(acc, result):
-    """eps = acc with the entries that made it into the result cleared (in place on ``acc``).
-
-    Entries that were sent but dropped at some stage stay: that is the paper's gMask.
-    """
+def update_residual(acc, result, scale=1.0):
+    """eps = acc / scale with the entries that made it into the result cleared (in place on
+    ``acc``).  Entries that were sent but dropped at some stage stay: that is the paper's
+    gMask.  With a power-of-two loss ``scale`` the division is exact."""
     acc[result.local_indices[result.alive].long()] = 0
+    if scale != 1.0:
+        acc.mul_(1.0 / scale)
     return acc
 
 
@@ -168,14 +187,24 @@ def _gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set
     numel = check_buffer_numel(tensor.numel(), name or "tensor")
     k = k_for(numel, density)
     size = hvd.size()
+    plan = make_plan(algorithm, op_name(op), "tensor", 0, [(name or "tensor", numel, k)])
 
-    acc = compensate(tensor, residual)  # from here on ``tensor`` is free to hold the output
-    exchanged = exchange(acc, k, algorithm, name or "gtopk", profile)
-    start = time.perf_counter()
-    average_over = size if op_name(op) == "Average" else 1
+    # acc in a buffer of its own: the residual stays as it was until the step is known finite
     direct = in_place and tensor.dtype == torch.float32 and tensor.is_contiguous()
-    dense = decompress(exchanged, numel, algorithm, average_over,
-                       out=tensor.view(-1) if direct else None)
+    acc = compensate(tensor, residual, out=tensor.view(-1) if direct else None)
+    flags = 0 if all_finite([acc]) else NONFINITE
+    exchanged = exchange(acc, k, algorithm, name or "gtopk", profile, plan_digest(plan), flags)
+    finite = check_verdict(exchanged.verdict, plan)
+    start = time.perf_counter()
+    if finite:
+        new_residual = update_residual(acc.clone() if residual is None else residual.copy_(acc),
+                                       exchanged)
+        average_over = size if op_name(op) == "Average" else 1
+        dense = decompress(exchanged, numel, algorithm, average_over, out=acc)
+    else:  # every rank: the same non-finite result, the residual as it was
+        new_residual = (torch.zeros(numel, dtype=torch.float32, device=tensor.device)
+                        if residual is None else residual)
+        dense = acc.fill_(float("nan"))
     if direct:
         output = tensor
     elif in_place:
@@ -183,8 +212,8 @@ def _gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set
     else:
         output = dense.view(tensor.shape).to(tensor.dtype)
     mid = time.perf_counter()
-    new_residual = update_residual(acc, exchanged)
     result = GTopkResult(output, new_residual, exchanged, k)
+    result.finite = finite
     if profile:
         result.timings["decompress"] = mid - start
         result.timings["residual"] = time.perf_counter() - mid

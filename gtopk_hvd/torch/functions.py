@@ -7,7 +7,7 @@ import logging
 
 import horovod.torch as hvd
 
-from gtopk_hvd.common.process_sets import init_with_pair_sets
+from gtopk_hvd.common.process_sets import init_with_exchange_sets
 
 __all__ = ["init", "shutdown", "broadcast_optimizer_state"]
 
@@ -18,7 +18,7 @@ def init(comm=None, process_sets=None):
     """Initialise Horovod and register gTop-k's pair process sets; call it on every rank
     instead of ``hvd.init()``.  Arguments as ``horovod.torch.init``.
     """
-    init_with_pair_sets(hvd, comm=comm, process_sets=process_sets)
+    init_with_exchange_sets(hvd, comm=comm, process_sets=process_sets)
 
 
 def shutdown():

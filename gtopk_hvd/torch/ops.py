@@ -20,7 +20,9 @@ import math
 
 import torch
 
-__all__ = ["TorchOps", "select_topk", "merge_truncate"]
+from gtopk_hvd.common.collective import MISMATCH, NONFINITE, merge_meta
+
+__all__ = ["TorchOps", "select_topk", "merge_truncate", "all_finite"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +134,21 @@ def select_topk(acc, k):
     return _topk_positions(acc.abs(), k).to(torch.int32)
 
 
+def all_finite(tensors):
+    """Whether every entry of every tensor is finite: one read pass per tensor and one sync.
+
+    A sum is the cheapest reduction that a NaN or an Inf reaches; a non-finite sum of finite
+    entries (overflow) is told apart by max / min, on that rare path only.
+    """
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return all(bool(torch.isfinite(t.amax()) and torch.isfinite(t.amin())) for t in tensors)
+
+
 def merge_truncate(low, high, k):
     """Union of the sparse sets ``low`` and ``high`` ((values, indices), each sorted by index
     and unique), values added low + high where an index is in both, then the k entries of
@@ -170,12 +187,41 @@ class TorchOps:
     def take(self, x, indices):
         return x.index_select(0, indices)
 
-    def exchange(self, values, indices, process_set, name):
-        # one message per stage: float32 values bit-cast to int32 next to the int32 indices
-        packed = torch.stack([values.to(torch.float32).view(torch.int32),
-                              indices.to(torch.int32)], dim=1)
-        gathered = self.hvd.allgather(packed, name=name, process_set=process_set)
-        return gathered[:, 0].contiguous().view(torch.float32), gathered[:, 1].contiguous()
+    def take_none(self, values, indices):
+        return values[:0], indices[:0]
+
+    def meta(self, base, flags):
+        return base | int(flags)  # eager: the header's meta is a Python int
+
+    def pack(self, values, indices, meta):
+        # one message per stage: a header row (n, meta), then float32 values bit-cast to
+        # int32 next to the int32 indices
+        header = torch.tensor([[values.numel(), meta]], dtype=torch.int32, device=self.device)
+        body = torch.stack([values.to(torch.float32).view(torch.int32),
+                            indices.to(torch.int32)], dim=1)
+        return torch.cat([header, body])
+
+    def allgather(self, message, process_set, name):
+        return self.hvd.allgather(message, name=name, process_set=process_set)
+
+    def unpack(self, gathered, members):
+        blocks, pos = [], 0
+        for _ in range(members):
+            count, meta = gathered[pos].tolist()
+            body = gathered[pos + 1:pos + 1 + count]
+            blocks.append((body[:, 0].contiguous().view(torch.float32), body[:, 1].contiguous(),
+                           meta))
+            pos += 1 + count
+        return blocks
+
+    def merge_meta(self, mine, theirs):
+        return merge_meta(mine, theirs)
+
+    def flags_of(self, meta):
+        return meta & (NONFINITE | MISMATCH)
+
+    def concat_sets(self, sets):
+        return torch.cat([v for v, _ in sets]), torch.cat([i for _, i in sets])
 
     def merge_truncate(self, low, high, k):
         return merge_truncate(low, high, k)
@@ -186,19 +232,5 @@ class TorchOps:
     def logical_and(self, a, b):
         return a & b
 
-    def mask_select(self, x, mask):
-        return x[mask]
-
     def full_mask(self, k):
         return torch.ones(k, dtype=torch.bool, device=self.device)
-
-    def encode_flags(self, indices, flags):
-        return torch.where(flags, -indices - 1, indices).to(torch.int32)
-
-    def decode_flags(self, coded):
-        flags = coded < 0
-        return torch.where(flags, -coded - 1, coded).to(torch.int32), flags
-
-    def empty(self):
-        return (torch.zeros(0, dtype=torch.float32, device=self.device),
-                torch.zeros(0, dtype=torch.int32, device=self.device))

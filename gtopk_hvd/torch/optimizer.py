@@ -6,9 +6,12 @@ of the dense one.  One synchronisation (``step()`` or ``synchronize()``), on eve
 1. gather the gradients into buffers: one flat float32 buffer for the whole model
    (``granularity="model"``, as in the paper) or one per tensor (``"layer"``); tensors with
    fewer than ``dense_threshold`` elements go to a dense float32 allreduce instead;
-2. per buffer: compensate (acc = grad + residual), select and communicate (the gTop-k
-   collective), decompress (the global set divided by P) and keep the new residual;
-3. copy the result back into ``p.grad`` (in the gradient's dtype); the wrapped optimizer's
+2. compensate every buffer (acc = grad + scale * residual, into a spare buffer) and check
+   once whether everything is finite;
+3. per buffer: select and communicate (the gTop-k collective; the first exchange carries the
+   finiteness flag and the plan digest to every rank), decompress (the global set divided by
+   P) and keep the new residual (acc / scale with what reached the result cleared);
+4. copy the result back into ``p.grad`` (in the gradient's dtype); the wrapped optimizer's
    ``step()`` applies it (momentum, weight decay etc. stay its business, as with Horovod).
 
 Gradients are communicated when ``step()`` is called, after all backward passes (gTop-k needs
@@ -25,15 +28,18 @@ from contextlib import contextmanager
 import horovod.torch as hvd
 import torch
 
+from gtopk_hvd.common.collective import NONFINITE
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
-from gtopk_hvd.common.process_sets import pair_sets
+from gtopk_hvd.common.plan import make_plan, plan_digest
+from gtopk_hvd.common.process_sets import exchange_sets
 from gtopk_hvd.common.validation import (check_buffer_numel, check_global_process_set,
                                          check_gradient_predivide_factor, check_no_compression,
                                          check_no_groups, check_op, check_parameter_names,
                                          check_positive_int)
-from gtopk_hvd.torch.collective import (decompress, dense_allreduce_bytes, exchange, op_name,
-                                        update_residual)
+from gtopk_hvd.torch.collective import (check_verdict, decompress, dense_allreduce_bytes,
+                                        exchange, op_name, update_residual)
+from gtopk_hvd.torch.ops import all_finite
 from gtopk_hvd.torch.state import GTopkState
 
 __all__ = ["DistributedOptimizer"]
@@ -60,7 +66,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     """Methods copied into a subclass of the user's optimizer class, as Horovod does."""
 
     def __init__(self, optimizer, named_parameters, backward_passes_per_step, op,
-                 sparse_as_dense, gtopk_state):
+                 sparse_as_dense, gtopk_state, grad_scaler=None):
         super(self.__class__, self).__init__(optimizer.param_groups)
         self.defaults = dict(optimizer.defaults)
         self._parameter_names = {p: name for name, p in named_parameters}
@@ -69,12 +75,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._op_name = op_name(op)
         self.sparse_as_dense = sparse_as_dense
         self._gtopk = gtopk_state
+        self._grad_scaler = grad_scaler
         self._layout = None
+        self._plan_cache = None
         self._passes = {}
         self._synchronized = False
         self._should_synchronize = True
         if gtopk_state.algorithm == "gtopk":
-            pair_sets(hvd)  # collective registration; every check above ran first
+            exchange_sets(hvd)  # collective registration; every check above ran first
         self._register_hooks()
 
     def _register_hooks(self):
@@ -125,16 +133,20 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 parts.append(g.reshape(-1).to(torch.float32))
         return torch.cat(parts)
 
-    def _compensate(self, params, acc):
-        """acc += the gradients of ``params`` laid end to end (acc is the residual buffer)."""
+    def _compensate(self, params, eps, out, scale):
+        """out = the gradients of ``params`` laid end to end + scale * eps (float32)."""
         offset = 0
         for p in params:
+            n = p.numel()
             g = p.grad
-            if g is not None:  # None: not computed here, counts as zero
+            if g is None:  # not computed here: counts as zero, another rank may have one
+                torch.mul(eps[offset:offset + n], scale, out=out[offset:offset + n])
+            else:
                 g = g.to_dense() if g.is_sparse else g
-                acc[offset:offset + p.numel()].add_(g.reshape(-1))
-            offset += p.numel()
-        return acc
+                torch.add(g.reshape(-1), eps[offset:offset + n], alpha=scale,
+                          out=out[offset:offset + n])
+            offset += n
+        return out
 
     def _set_grads(self, params, flat):
         offset = 0
@@ -174,8 +186,44 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             lo, hi = bounds[i], bounds[i + 1]
             p.grad.view(-1)[indices[lo:hi] - starts[i]] = values[lo:hi].to(p.grad.dtype)
 
+    def _loss_scale(self):
+        """The scale the gradients carry (GradScaler), 1.0 without one."""
+        scaler = self._grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        per_opt = getattr(scaler, "_per_optimizer_states", {}).get(id(self), {})
+        if getattr(per_opt.get("stage"), "name", "") == "UNSCALED":
+            raise GTopkError(
+                "the gradients were unscaled (scaler.unscale_ or scaler.step) before gTop-k "
+                "synchronised them, so a rank whose gradients overflowed would skip the step "
+                "alone. Use Horovod's pattern: scaler.scale(loss).backward(); "
+                "optimizer.synchronize(); scaler.unscale_(optimizer); with "
+                "optimizer.skip_synchronize(): scaler.step(optimizer); scaler.update()")
+        return float(scaler.get_scale())
+
+    def _plan(self, layout, density, scale):
+        key = (layout.key, density, scale)
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            buffers = [(name, sum(p.numel() for p in ps),
+                        k_for(sum(p.numel() for p in ps), density))
+                       for name, ps in layout.buffers]
+            plan = make_plan(self._gtopk.algorithm, self._op_name, self._gtopk.granularity,
+                             self._gtopk.dense_threshold, buffers,
+                             [(self._parameter_names[p], p.numel()) for p in layout.dense],
+                             scale)
+            self._plan_cache = (key, plan, plan_digest(plan))
+        return self._plan_cache[1], self._plan_cache[2]
+
     def synchronize(self):
-        """Run the gTop-k collective on every rank's gradients and write the result to p.grad."""
+        """Run the gTop-k collective on every rank's gradients and write the result to p.grad.
+
+        Every rank issues the same Horovod operations: one exchange per buffer (named
+        ``gtopk.<i>.s<stage>``; a layout without sparse buffers sends a header-only exchange),
+        then one dense allreduce when ``dense_threshold`` sends tensors densely.  The first
+        exchange tells every rank whether some rank's gradients were not finite (then every
+        gradient is set to NaN on every rank, the residuals stay as they were and the rest is
+        skipped) and whether the set-ups differ (then every rank raises PlanMismatchError).
+        """
         params = self._params()
         for p in params:  # before any communication
             if p.grad is not None and p.grad.is_sparse and not self.sparse_as_dense:
@@ -185,28 +233,67 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                     f"sparse_as_dense=True or use a dense embedding")
         layout = self._current_layout(params)
         st, size = self._gtopk, hvd.size()
-        density = st.density()
+        density, scale = st.density(), self._loss_scale()
+        plan, digest = self._plan(layout, density, scale)
         average_over = size if self._op_name == "Average" else 1
-        residuals, k_total, numel, sent = {}, 0, 0, 0
-        for name, ps in layout.buffers:
-            buf_numel = sum(p.numel() for p in ps)
-            # compensate in the residual's memory: no gradient-sized buffer per step
-            acc = self._compensate(ps, st.residual(name, buf_numel, ps[0].device))
-            k = k_for(buf_numel, density)
-            result = exchange(acc, k, st.algorithm, name=f"gtopk.{name}")
-            self._scatter_grads(ps, result, buf_numel, average_over)
-            residuals[name] = update_residual(acc, result)
-            k_total, numel, sent = k_total + k, numel + acc.numel(), sent + result.bytes_sent
+        accs = []
+        for name, ps in layout.buffers:  # compensate all buffers, then one finiteness check
+            numel, device = sum(p.numel() for p in ps), ps[0].device
+            accs.append(self._compensate(ps, st.residual(name, numel, device),
+                                         st.spare(name, numel, device), scale))
+        dense_grads = [p.grad for p in layout.dense if p.grad is not None]
+        flags = 0 if all_finite(accs + [g.to_dense() if g.is_sparse else g
+                                        for g in dense_grads]) else NONFINITE
+        if not accs:  # the verdict and the digest still travel in one exchange
+            accs_k = [(None, torch.zeros(0, dtype=torch.float32), 0)]
+        else:
+            accs_k = [(b, acc, k) for b, acc, (_, _, k) in zip(layout.buffers, accs,
+                                                                plan["buffers"])]
+        k_total, numel, sent = 0, 0, 0
+        for i, (buffer, acc, k) in enumerate(accs_k):
+            result = exchange(acc, k, st.algorithm, name=f"gtopk.{i}", digest=digest,
+                              flags=flags)
+            if i == 0 and not check_verdict(result.verdict, plan):
+                self._nonfinite_step(params, plan)
+                return
+            sent += result.bytes_sent
+            if buffer is None:
+                continue
+            name, ps = buffer
+            self._scatter_grads(ps, result, acc.numel(), average_over)
+            st.commit(name, update_residual(acc, result, scale))
+            k_total, numel = k_total + k, numel + acc.numel()
         dense_numel = sum(p.numel() for p in layout.dense)
         if layout.dense:
             flat = hvd.allreduce(self._flat_grads(layout.dense), name="gtopk.dense", op=self.op)
             self._set_grads(layout.dense, flat)
             sent += dense_allreduce_bytes(dense_numel, size)
-        st.residuals = residuals
         st.step += 1
         st.last = {"density": density, "k": k_total, "numel": numel, "dense_numel": dense_numel,
-                   "bytes_sent": sent,
+                   "bytes_sent": sent, "finite": True, "loss_scale": scale,
                    "dense_bytes": dense_allreduce_bytes(numel + dense_numel, size)}
+        self._passes.clear()
+        self._synchronized = True
+
+    def _nonfinite_step(self, params, plan):
+        """Some rank's gradients were not finite: NaN in every gradient on every rank (as a
+        dense allreduce would spread them; GradScaler then skips the step), residuals and
+        the schedule step as they were."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.full_like(p, float("nan"), memory_format=torch.contiguous_format)
+            elif p.grad.is_sparse:
+                p.grad = torch.full(p.shape, float("nan"), dtype=p.grad.dtype,
+                                    device=p.device).to_sparse()
+            else:
+                p.grad.fill_(float("nan"))
+        st = self._gtopk
+        st.nonfinite_steps += 1
+        st.last = dict(st.last, finite=False, bytes_sent=0)
+        # with loss scaling an overflow now and then is the scaler's business
+        log = logger.info if self._grad_scaler is not None else logger.warning
+        log("gtopk_hvd: non-finite gradients on some rank at step %d: every rank gets NaN "
+            "gradients, residuals are kept (%d such steps so far)", st.step, st.nonfinite_steps)
         self._passes.clear()
         self._synchronized = True
 
@@ -292,7 +379,7 @@ def DistributedOptimizer(optimizer, named_parameters=None,
                          sparse_as_dense=False,
                          process_set=hvd.global_process_set,
                          *, density=0.001, algorithm="gtopk", granularity="model",
-                         dense_threshold=0):
+                         dense_threshold=0, grad_scaler=None):
     """Wrap ``optimizer`` so that ``step()`` applies the gTop-k sparse average of the gradients.
 
     Arguments as ``horovod.torch.DistributedOptimizer``, plus (keyword-only):
@@ -308,6 +395,10 @@ def DistributedOptimizer(optimizer, named_parameters=None,
         dense_threshold: tensors with fewer elements are allreduced densely in float32.  The
             default 0 sparsifies every tensor, as the paper does; 1024 or so sends biases and
             norm weights densely (worth it with ``granularity="layer"``).
+        grad_scaler: the ``torch.amp.GradScaler`` that scales the loss, if any.  The residuals
+            are then kept in unscaled units (acc = grad + scale * residual), so a change of
+            scale does not change what they mean; use Horovod's pattern (``synchronize()``,
+            ``scaler.unscale_``, ``skip_synchronize()``, ``scaler.step``, README).
 
     ``compression`` must stay ``Compression.none``, ``op`` is Average or Sum, ``process_set``
     the global set, ``gradient_predivide_factor`` 1.0 and ``num_groups`` / ``groups`` unset
@@ -342,4 +433,8 @@ def DistributedOptimizer(optimizer, named_parameters=None,
                          "rank before building a gTop-k DistributedOptimizer")
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                dict(_DistributedOptimizer.__dict__))
-    return cls(optimizer, named, backward_passes_per_step, op, sparse_as_dense, state)
+    if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
+                        f"{type(grad_scaler).__name__}")
+    return cls(optimizer, named, backward_passes_per_step, op, sparse_as_dense, state,
+               grad_scaler)

@@ -27,9 +27,13 @@ class GTopkState:
 
     Hyperparameters: ``schedule`` (density per synchronisation step), ``algorithm``,
     ``granularity``, ``dense_threshold``.
-    Internal state: ``step`` (synchronisations done), ``residuals`` ({buffer name: flat
-    float32 tensor}, this rank's error feedback).
-    Statistics of the last step: ``last`` (density, k, numel, bytes_sent, dense_bytes).
+    Internal state: ``step`` (finite synchronisations done: the density schedule's clock),
+    ``residuals`` ({buffer name: flat float32 tensor}, this rank's error feedback, in unscaled
+    units) and one spare buffer per residual: a step computes acc = grad + scale * residual
+    into the spare, so that a non-finite step can keep the residual as it was; a finite step
+    swaps the two.  Residuals thus take twice their size in memory.
+    Statistics: ``last`` (density, k, numel, bytes_sent, dense_bytes of the last step) and
+    ``nonfinite_steps`` (steps skipped because some rank's gradients were not finite).
     """
 
     def __init__(self, density, algorithm="gtopk", granularity="model", dense_threshold=0):
@@ -39,6 +43,8 @@ class GTopkState:
         self.dense_threshold = check_non_negative_int(dense_threshold, "dense_threshold")
         self.step = 0
         self.residuals = {}
+        self.spares = {}
+        self.nonfinite_steps = 0
         self.last = {}
 
     def density(self):
@@ -53,8 +59,27 @@ class GTopkState:
                            "starts again from zero", name, eps.numel(), numel)
             eps = None
         if eps is None:
-            return torch.zeros(numel, dtype=torch.float32, device=device)
-        return eps.to(device)
+            eps = self.residuals[name] = torch.zeros(numel, dtype=torch.float32, device=device)
+        elif eps.device != torch.device(device):
+            eps = self.residuals[name] = eps.to(device)
+        return eps
+
+    def spare(self, name, numel, device):
+        """The buffer a step computes acc into for buffer ``name`` (not checkpointed)."""
+        buf = self.spares.get(name)
+        if buf is None or buf.numel() != numel or buf.device != torch.device(device):
+            buf = self.spares[name] = torch.empty(numel, dtype=torch.float32, device=device)
+        return buf
+
+    def commit(self, name, acc):
+        """``acc`` (updated into the new residual) becomes the residual; the old residual's
+        memory becomes the spare."""
+        old = self.residuals.get(name)
+        self.residuals[name] = acc
+        if old is not None and old is not acc:
+            self.spares[name] = old
+        else:
+            self.spares.pop(name, None)
 
     def residual_norm(self):
         total = sum(float(eps.double().pow(2).sum()) for eps in self.residuals.values())
@@ -66,12 +91,16 @@ class GTopkState:
         density / k: of the last step (k summed over the buffers); numel: sparsified entries;
         dense_numel: entries reduced densely (below ``dense_threshold``); bytes_sent: bytes
         this rank sent; dense_bytes: what a dense ring allreduce of all gradients would send,
-        2(P-1)/P * 4d; step: synchronisations so far; residual_norm: L2 norm of the residuals.
+        2(P-1)/P * 4d; finite: whether the last step was finite on every rank; loss_scale:
+        the loss scale the last step's gradients carried; step: finite synchronisations so
+        far; nonfinite_steps: steps in which some rank's gradients were not finite (nothing
+        applied, residuals kept); residual_norm: L2 norm of the residuals.
         """
         stats = {"density": self.density(), "k": 0, "numel": 0, "dense_numel": 0,
-                 "bytes_sent": 0, "dense_bytes": 0}
+                 "bytes_sent": 0, "dense_bytes": 0, "finite": True, "loss_scale": 1.0}
         stats.update(self.last)
         stats["step"] = self.step
+        stats["nonfinite_steps"] = self.nonfinite_steps
         stats["residual_norm"] = self.residual_norm()
         return stats
 
@@ -88,6 +117,7 @@ class GTopkState:
                              "DistributedOptimizer.state_dict()")
         self.step = int(state["step"])
         self.residuals = {}
+        self.spares = {}
         if not check_world_size_on_load(state.get("world_size"), state.get("rank"), size, rank):
             return
         if state.get("granularity", self.granularity) != self.granularity:

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from gtopk_hvd.common import k_for
-from gtopk_hvd.common.collective import gtopk_exchange, topk_allgather_exchange
+from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, gtopk_exchange, make_meta,
+                                         merge_meta, ring_bytes, topk_allgather_exchange)
+from gtopk_hvd.common.schedule import stages_for
 from gtopk_hvd.common.reference import (SparseSet, gtopk_step, merge, select_topk,
                                         topk_allgather_step, truncate)
 
@@ -44,10 +46,37 @@ class NumpyOps:
     def take(self, x, idx):
         return x[idx]
 
-    def exchange(self, values, indices, group, name):
-        rows = np.stack([values.astype(np.float32).view(np.int32), indices.astype(np.int32)], 1)
-        out = self.mailbox.allgather(group, self.rank, rows.reshape(-1, 2), name)
-        return out[:, 0].copy().view(np.float32), out[:, 1].copy()
+    def take_none(self, values, indices):
+        return values[:0], indices[:0]
+
+    def meta(self, base, flags):
+        return base | int(flags)
+
+    def pack(self, values, indices, meta):
+        body = np.stack([values.astype(np.float32).view(np.int32), indices.astype(np.int32)], 1)
+        return np.concatenate([np.array([[len(values), meta]], np.int32), body.reshape(-1, 2)])
+
+    def allgather(self, message, group, name):
+        return self.mailbox.allgather(group, self.rank, message, name)
+
+    def unpack(self, gathered, members):
+        blocks, pos = [], 0
+        for _ in range(members):
+            count, meta = (int(x) for x in gathered[pos])
+            body = gathered[pos + 1:pos + 1 + count]
+            blocks.append((body[:, 0].copy().view(np.float32), body[:, 1].copy(), meta))
+            pos += 1 + count
+        assert pos == len(gathered)
+        return blocks
+
+    def merge_meta(self, mine, theirs):
+        return merge_meta(mine, theirs)
+
+    def flags_of(self, meta):
+        return meta & (NONFINITE | MISMATCH)
+
+    def concat_sets(self, sets):
+        return np.concatenate([v for v, _ in sets]), np.concatenate([i for _, i in sets])
 
     def merge_truncate(self, low, high, k):
         s = truncate(merge(SparseSet(low[1].astype(np.int64), low[0]),
@@ -60,21 +89,8 @@ class NumpyOps:
     def logical_and(self, a, b):
         return a & b
 
-    def mask_select(self, x, mask):
-        return x[mask]
-
     def full_mask(self, k):
         return np.ones(k, dtype=bool)
-
-    def encode_flags(self, indices, flags):
-        return np.where(flags, -indices - 1, indices).astype(np.int32)
-
-    def decode_flags(self, coded):
-        flags = coded < 0
-        return np.where(flags, -coded - 1, coded).astype(np.int32), flags
-
-    def empty(self):
-        return np.zeros(0, np.float32), np.zeros(0, np.int32)
 
 
 def _run_ranks(size, body):
@@ -95,8 +111,8 @@ def _run_ranks(size, body):
     return results
 
 
-def _group(rank, stage):
-    return tuple(sorted((rank, stage.partner)))
+def _group(stage):
+    return stage.group
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 7, 8, 11])
@@ -111,7 +127,7 @@ def test_driver_on_every_rank_equals_the_reference(size, integer):
 
     def body(rank, ops):
         return gtopk_exchange(ops, accs[rank], k, rank, size,
-                              lambda st, r=rank: _group(r, st), name="t")
+                              _group, name="t")
 
     for rank, res in enumerate(_run_ranks(size, body)):
         np.testing.assert_array_equal(res.indices, want.indices, err_msg=f"rank {rank}")
@@ -121,19 +137,67 @@ def test_driver_on_every_rank_equals_the_reference(size, integer):
         eps = accs[rank].copy()
         eps[res.local_indices[res.alive]] = 0
         np.testing.assert_array_equal(eps, want.residuals[rank])
-        assert res.bytes_sent % (8 * k) == 0
+        assert res.verdict == 0
 
 
-@pytest.mark.parametrize("size,bytes_stages", [(1, [0]), (2, [1, 1]), (3, [2, 1, 1]),
-                                               (4, [2, 2, 2, 2]), (5, [3, 2, 2, 2, 1])])
-def test_driver_bytes_sent_is_8k_per_sending_stage(size, bytes_stages):
+@pytest.mark.parametrize("size,rows", [
+    (1, [0]), (2, [5, 5]), (4, [10, 10, 10, 10]),
+    # P = 3: one ring allgather of the three sets (header + 4 rows each): 2 blocks leave each
+    (3, [10, 10, 10]),
+    # P = 5: stage 0 {0, 1, 4} and {2, 3}, stage 1 {0, 2, 4} (4 sends a header only) and
+    # {1, 3}; a rank forwards every block of its group but its right neighbour's
+    (5, [10 + 6, 10 + 5, 5 + 10, 5 + 5, 10 + 6]),
+])
+def test_driver_bytes_sent_follow_the_ring_allgather_of_each_group(size, rows):
     accs = [np.arange(16, dtype=np.float32) * (r + 1) for r in range(size)]
 
     def body(rank, ops):
-        return gtopk_exchange(ops, accs[rank], 4, rank, size, lambda st, r=rank: _group(r, st))
+        return gtopk_exchange(ops, accs[rank], 4, rank, size, _group)
 
     for rank, res in enumerate(_run_ranks(size, body)):
-        assert res.bytes_sent == 8 * 4 * bytes_stages[rank]
+        assert res.bytes_sent == 8 * rows[rank], rank
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 5, 6, 7, 8, 12])
+def test_every_rank_runs_the_same_number_of_exchanges(size):
+    counts = {len(stages_for(r, size)) for r in range(size)}
+    assert counts == {size.bit_length() - 1}
+
+
+@pytest.mark.parametrize("size", [2, 3, 5, 6, 7, 8])
+@pytest.mark.parametrize("bad_rank", [0, -1])
+def test_a_nonfinite_flag_on_one_rank_reaches_every_rank(size, bad_rank):
+    bad_rank %= size
+    accs = [np.arange(16, dtype=np.float32) for _ in range(size)]
+
+    def body(rank, ops):
+        return gtopk_exchange(ops, accs[rank], 4, rank, size, _group, digest=7,
+                              flags=NONFINITE if rank == bad_rank else 0)
+
+    assert [res.verdict for res in _run_ranks(size, body)] == [NONFINITE] * size
+
+
+@pytest.mark.parametrize("size", [2, 3, 5, 6, 7, 8])
+def test_a_digest_that_differs_on_one_rank_raises_mismatch_on_every_rank(size):
+    accs = [np.arange(16, dtype=np.float32) for _ in range(size)]
+    ks = [4] * size
+    ks[size - 1] = 3  # a different k too: messages of another length must still parse
+
+    def body(rank, ops):
+        return gtopk_exchange(ops, accs[rank], ks[rank], rank, size, _group,
+                              digest=99 if rank == size - 1 else 98)
+
+    assert [res.verdict & MISMATCH for res in _run_ranks(size, body)] == [MISMATCH] * size
+
+
+def test_meta_keeps_digest_and_flags_apart():
+    a, b = make_meta(12345), make_meta(12345, NONFINITE)
+    assert merge_meta(a, b) & (NONFINITE | MISMATCH) == NONFINITE
+    assert merge_meta(a, make_meta(12346)) & MISMATCH == MISMATCH
+    assert merge_meta(a, a) == a
+    big = make_meta((1 << 30) - 1, MISMATCH)  # the top digest bit makes a negative int32
+    assert -(1 << 31) <= big < 0 and big & MISMATCH
+    assert ring_bytes((0, 1, 4), 4, {0: 5, 1: 5, 4: 1}) == 8 * 6
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5])
@@ -143,7 +207,7 @@ def test_topk_allgather_driver_equals_its_reference(size):
     want = topk_allgather_step(accs, 6)
     group = tuple(range(size))
 
-    def body(rank, ops):
+    def body(rank, ops):  # noqa: F811
         return topk_allgather_exchange(ops, accs[rank], 6, group, size)
 
     for res in _run_ranks(size, body):

@@ -23,15 +23,16 @@ def test_gtopk_sends_less_than_topk_from_four_workers_on():
         assert gtopk_cost(k, size).bytes < topk_allgather_cost(k, size).bytes
 
 
-def test_gtopk_busiest_rank_pays_fold_and_unfold_when_size_is_not_a_power_of_two():
+def test_gtopk_groups_with_extra_ranks_cost_ring_steps_when_size_is_not_a_power_of_two():
     k = 10
-    # P = 6: P' = 4, ranks 0 and 1 fold in ranks 4 and 5: 1 + 2 + 1 exchanges, 3 sends
-    assert gtopk_cost(k, 6) == Cost(4, 3 * 8 * k)
-    assert gtopk_stages(6) == 4 and gtopk_stages(8) == 3 and gtopk_stages(1) == 0
-    # an extra rank sends once (fold) and receives once (unfold)
-    assert gtopk_cost(k, 6, rank=5) == Cost(2, 8 * k)
-    # a base rank without an extra partner runs the plain hypercube
-    assert gtopk_cost(k, 6, rank=3) == Cost(2, 2 * 8 * k)
+    # P = 6: stage 0 in {0, 1, 4, 5} (3 ring steps, 3 blocks leave rank 0), stage 1 in
+    # {0, 2, 4} where mirror 4 sends a header only (2 steps, 1 block leaves rank 0)
+    assert gtopk_cost(k, 6) == Cost(5, 4 * 8 * k)
+    assert gtopk_cost(k, 6, rank=4) == Cost(5, 4 * 8 * k)
+    # every rank runs the same number of exchanges: floor(log2 P)
+    assert gtopk_stages(6) == 2 and gtopk_stages(8) == 3 and gtopk_stages(1) == 0
+    # rank 3: a pair {2, 3}, then {1, 3, 5} whose right neighbour 5 sends no entries
+    assert gtopk_cost(k, 6, rank=3) == Cost(3, 3 * 8 * k)
 
 
 def test_single_worker_costs_nothing():

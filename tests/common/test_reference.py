@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from gtopk_hvd.common import k_for, stages_for, world_split
+from gtopk_hvd.common import k_for, world_split
 from gtopk_hvd.common.reference import (SparseSet, gtopk_step, merge, select_topk,
                                         topk_allgather_step, truncate)
 
@@ -34,35 +34,34 @@ def _naive_gtopk(accs, k, seed):
     local = [top({i: a[i] for i in range(len(a))}) for a in accs]
     state = [dict(s) for s in local]
     alive = [{i: True for i in s} for s in local]
-    tracks = {r: [r] for r in range(size)}  # whose alive flags each rank carries
     m, base, extra = world_split(size)
-    phases = [("fold", -1)] + [("hypercube", s) for s in range(m)] + [("unfold", -1)]
-    for kind, s in phases:
-        ranks = list(range(size))
-        order_rng.shuffle(ranks)
-        new_state = {}
-        for r in ranks:
-            for st in stages_for(r, size):
-                if st.kind != kind or st.index != s or not st.receives:
-                    continue
-                q = st.partner
-                if kind == "unfold":
-                    new_state[r] = dict(state[q])
-                    continue
-                lo, hi = (state[r], state[q]) if r < q else (state[q], state[r])
-                merged = dict(lo)
-                for i, v in hi.items():
-                    merged[i] = merged[i] + v if i in merged else v
-                new_state[r] = top(merged)
-                if kind == "fold":
-                    tracks[r] = tracks[r] + [q]
-        for r, st_ in new_state.items():
-            state[r] = st_
-        for r in range(size):
-            for owner in tracks[r]:
-                if r < base or kind == "unfold":
-                    for i in alive[owner]:
-                        alive[owner][i] = alive[owner][i] and i in state[r]
+
+    def merged(lo, hi):
+        out = dict(lo)
+        for i, v in hi.items():
+            out[i] = out[i] + v if i in out else v
+        return top(out)
+
+    def survive(r, entries):
+        for i in alive[r]:
+            alive[r][i] = alive[r][i] and i in entries
+
+    # fold: extra rank e's set goes into rank e - P' (the lower rank's set first)
+    for e in order_rng.sample(range(base, size), extra):
+        state[e - base] = merged(state[e - base], state[e])
+        survive(e - base, state[e - base])
+        survive(e, state[e - base])
+    # hypercube on the first P' ranks, pairs of a stage in random order
+    for s in range(m):
+        pairs = [(p, p ^ (1 << s)) for p in range(base) if p < p ^ (1 << s)]
+        order_rng.shuffle(pairs)
+        for p, q in pairs:
+            state[p] = state[q] = merged(state[p], state[q])
+            for r in (p, q, p + base, q + base):
+                if r < size:  # a rank folded into p or q tracks its entries there
+                    survive(r, state[p])
+    for e in range(base, size):  # the extra ranks get the final set
+        state[e] = dict(state[e - base])
     for r in range(size):
         assert state[r] == state[0], "naive oracle: ranks disagree"
     residuals = []

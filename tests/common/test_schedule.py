@@ -1,76 +1,69 @@
-"""The exchange schedule: consistent pairs, full coverage, fold/unfold for P not a power of two."""
+"""The exchange schedule: one exchange per stage on every rank, consistent groups, full
+coverage, mirrors for P not a power of two."""
 import pytest
 
-from gtopk_hvd.common import FOLD, HYPERCUBE, UNFOLD, pair_groups, stages_for, world_split
+from gtopk_hvd.common import exchange_groups, stages_for, virtual_rank, world_split
 
 SIZES = list(range(1, 34))
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_partners_are_symmetric_stage_by_stage(size):
+def test_every_rank_runs_one_exchange_per_stage(size):
+    m, _, _ = world_split(size)
+    for r in range(size):
+        assert [st.index for st in stages_for(r, size)] == list(range(m))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_group_members_agree_on_their_stage(size):
     plans = [stages_for(r, size) for r in range(size)]
     for r, plan in enumerate(plans):
         for st in plan:
-            assert st.partner != r
-            back = [t for t in plans[st.partner] if t.kind == st.kind and t.partner == r]
-            assert len(back) == 1, (size, r, st)
-            other = back[0]
-            assert other.index == st.index
-            # one side sends what the other receives
-            assert st.sends == other.receives and st.receives == other.sends
+            assert r in st.group
+            for member in st.group:  # every member sees the very same stage
+                assert plans[member][st.index] == st, (size, r, st)
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_hypercube_stage_order_and_xor_partners(size):
+def test_virtual_ranks_follow_the_hypercube_and_mirrors_join_them(size):
     m, base, extra = world_split(size)
     assert base <= size < 2 * base and extra == size - base
-    for r in range(base):
-        cube = [st for st in stages_for(r, size) if st.kind == HYPERCUBE]
-        assert [st.index for st in cube] == list(range(m))
-        assert [st.partner for st in cube] == [r ^ (1 << s) for s in range(m)]
+    for r in range(size):
+        v = virtual_rank(r, size)
+        assert v == (r - base if r >= base else r)
+        for st in stages_for(r, size):
+            assert {st.low, st.high} == {v, v ^ (1 << st.index)}
+            assert set(st.group) == {x for x in range(size)
+                                     if virtual_rank(x, size) in (st.low, st.high)}
+            assert st.fold == (st.index == 0 and len(st.group) > 2)
+            # after stage 0 only the two virtual ranks send entries; mirrors send headers
+            assert set(st.senders) == (set(st.group) if st.index == 0 else {st.low, st.high})
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_every_rank_ends_in_the_same_block(size):
+def test_every_rank_ends_with_every_contribution(size):
     """Simulate who has whose contribution: after the schedule every rank has all P."""
-    m, base, extra = world_split(size)
     have = [{r} for r in range(size)]
-    plans = [stages_for(r, size) for r in range(size)]
-    for phase in (FOLD,) + tuple((HYPERCUBE, s) for s in range(m)) + (UNFOLD,):
+    for s in range(world_split(size)[0]):
         new = [set(h) for h in have]
         for r in range(size):
-            for st in plans[r]:
-                match = st.kind == phase if isinstance(phase, str) else \
-                    (st.kind, st.index) == phase
-                if match and st.receives:
-                    new[r] |= have[st.partner]
+            st = stages_for(r, size)[s]
+            for member in st.senders:
+                new[r] |= have[member]
         have = new
     assert all(h == set(range(size)) for h in have)
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_fold_and_unfold_cover_exactly_the_extra_ranks(size):
-    m, base, extra = world_split(size)
-    folded = {st.partner for r in range(size) for st in stages_for(r, size)
-              if st.kind == FOLD and st.receives}
-    unfolded = {r for r in range(size) for st in stages_for(r, size)
-                if st.kind == UNFOLD and st.receives}
-    assert folded == unfolded == set(range(base, size))
-    for e in range(base, size):
-        assert [(st.kind, st.partner) for st in stages_for(e, size)] == \
-            [(FOLD, e - base), (UNFOLD, e - base)]
-
-
-@pytest.mark.parametrize("size", SIZES)
-def test_pair_groups_cover_every_stage_once_in_a_fixed_order(size):
-    groups = pair_groups(size)
-    assert groups == pair_groups(size)
+def test_exchange_groups_cover_every_stage_once_in_a_fixed_order(size):
+    groups = exchange_groups(size)
+    assert groups == exchange_groups(size)
     assert len(groups) == len(set(groups))
-    assert all(a < b for a, b in groups)
-    used = {tuple(sorted((r, st.partner))) for r in range(size) for st in stages_for(r, size)}
+    assert all(list(g) == sorted(g) and 2 <= len(g) <= 4 for g in groups)
+    used = {st.group for r in range(size) for st in stages_for(r, size)}
     assert used == set(groups)
-    m, base, extra = world_split(size)
-    assert len(groups) == extra + m * base // 2
+    m, base, _ = world_split(size)
+    assert len(groups) == m * base // 2
 
 
 def test_bad_world_or_rank_is_refused():

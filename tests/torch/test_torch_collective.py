@@ -21,7 +21,7 @@ SCENARIOS = [
     "gtopk_density_1_equals_hvd_allreduce",
     "topk_allgather_random_equals_reference",
     "topk_allgather_ties_equals_reference",
-    "gtopk_bytes_sent_is_8k_per_sending_stage",
+    "gtopk_bytes_sent_follow_the_schedule",
     "gtopk_float16_input_float32_residual",
     "gtopk_bfloat16_input_float32_residual",
     "gtopk_bad_input_raises_then_collectives_still_work",

@@ -6,7 +6,8 @@ import torch
 
 from gtopk_hvd.common.reference import SparseSet, merge, truncate
 from gtopk_hvd.common.reference import select_topk as ref_select_topk
-from gtopk_hvd.torch.ops import TorchOps, merge_truncate, select_topk
+from gtopk_hvd.common.collective import NONFINITE, make_meta
+from gtopk_hvd.torch.ops import TorchOps, all_finite, merge_truncate, select_topk
 
 LARGE = 600_000  # above 4 * 2^16: the threshold-estimate path
 
@@ -103,11 +104,28 @@ def test_merge_truncate_adds_low_then_high_where_indices_meet():
     assert indices.tolist() == [3, 9] and values.tolist() == [1.0, 4.0]  # 5 summed to 0
 
 
-def test_flag_encoding_round_trips():
+def test_messages_round_trip_through_pack_and_unpack():
     ops = TorchOps(hvd=None)
-    indices = torch.tensor([0, 4, 7, 2**31 - 2], dtype=torch.int32)
-    flags = torch.tensor([True, False, True, True])
-    decoded, back = ops.decode_flags(ops.encode_flags(indices, flags))
-    assert decoded.tolist() == indices.tolist() and back.tolist() == flags.tolist()
-    values, idx = ops.empty()
-    assert values.dtype == torch.float32 and idx.dtype == torch.int32 and idx.numel() == 0
+    values = torch.tensor([1.5, -0.0, float("inf")])
+    indices = torch.tensor([0, 4, 2**31 - 2], dtype=torch.int32)
+    meta = make_meta((1 << 30) - 1, NONFINITE)
+    first = ops.pack(values, indices, meta)
+    empty = ops.pack(*ops.take_none(values, indices), make_meta(5))
+    assert first.shape == (4, 2) and empty.shape == (1, 2) and first.dtype == torch.int32
+    blocks = ops.unpack(torch.cat([first, empty, first]), 3)
+    for (v, i, m), (want_v, want_i, want_m) in zip(blocks, [(values, indices, meta),
+                                                            (values[:0], indices[:0], make_meta(5)),
+                                                            (values, indices, meta)]):
+        assert torch.equal(v.view(torch.int32), want_v.view(torch.int32))
+        assert i.tolist() == want_i.tolist() and m == want_m
+
+
+def test_all_finite_finds_nan_and_inf_and_tells_overflow_apart():
+    big = torch.full((10,), 3e38)
+    assert all_finite([torch.ones(5), big])  # the sum overflows, the entries are finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.zeros(1000)
+        x[777] = bad
+        assert not all_finite([torch.ones(3), x])
+        assert not all_finite([x.half()])
+    assert all_finite([]) and all_finite([torch.zeros(0)])

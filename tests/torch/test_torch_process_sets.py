@@ -1,8 +1,8 @@
 """Horovod started with a plain hvd.init() (no dynamic process sets), at P = 2, 3 and 4.
 
-gTop-k's pair sets cannot be registered there: for P >= 3 the optimizer and gtopk_allreduce
-must raise ProcessSetError on every rank, naming the fix; for P = 2 the pair is the global set
-and both work; algorithm="topk" (global set only) always works.  The scenarios run first in
+gTop-k's exchange sets cannot be registered there: for P >= 4 the optimizer and
+gtopk_allreduce must raise ProcessSetError on every rank, naming the fix; for P = 2 and 3 the
+only group is the global set and both work; algorithm="topk" (global set only) always works.  The scenarios run first in
 the job of conftest.py (workers/plain_init_worker.py).  This module also checks that the job
 ran exactly the scenarios the three torch test modules expect.
 """
@@ -12,9 +12,9 @@ from tests.harness import check_scenario
 from tests.torch import test_torch_collective, test_torch_optimizer
 
 SCENARIOS = [
-    "plain_init_optimizer_raises_process_set_error_unless_p2",
-    "plain_init_gtopk_allreduce_raises_process_set_error_unless_p2",
-    "plain_init_topk_algorithm_needs_no_pair_sets",
+    "plain_init_optimizer_raises_process_set_error_unless_p2_or_3",
+    "plain_init_gtopk_allreduce_raises_process_set_error_unless_p2_or_3",
+    "plain_init_topk_algorithm_needs_no_exchange_sets",
 ]
 
 

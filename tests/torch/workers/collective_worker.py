@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from _common import assert_equal, rank_array, same_on_every_rank
 
-from gtopk_hvd.common import k_for, stages_for
+from gtopk_hvd.common import k_for
+from gtopk_hvd.common.collective import gtopk_wire_bytes, topk_wire_bytes
 from gtopk_hvd.common.reference import gtopk_step, topk_allgather_step
 
 
@@ -129,16 +130,15 @@ def topk_algorithm(hvd, rec, rank, size):
             assert_equal(res.output, want.dense(d, average_over=size), "topk dense output")
             assert_equal(res.residual, want.residuals[rank], "topk residual")
             assert_equal(res.local_indices, want.local_indices[rank].astype(np.int32), "local")
-            assert res.bytes_sent == (size - 1) * k * 8
+            assert res.bytes_sent == topk_wire_bytes(k, size)
 
 
 def bytes_and_dtypes(hvd, rec, rank, size):
-    with rec("gtopk_bytes_sent_is_8k_per_sending_stage"):
+    with rec("gtopk_bytes_sent_follow_the_schedule"):
         k = 7
         res = hvd.gtopk_allreduce(torch.arange(100, dtype=torch.float32) * (rank + 1),
                                   density=k / 100, name="bytes")
-        sending = sum(1 for st in stages_for(rank, size) if st.sends)
-        assert res.bytes_sent == 8 * k * sending, (res.bytes_sent, sending)
+        assert res.bytes_sent == gtopk_wire_bytes(k, rank, size), res.bytes_sent
     for dtype in (torch.float16, torch.bfloat16):
         with rec(f"gtopk_{str(dtype).split('.')[-1]}_input_float32_residual"):
             d = 400
@@ -201,9 +201,9 @@ def static_pair_sets(hvd, rec, rank, size):
 
         from horovod.common.process_sets import _basics
 
-        from gtopk_hvd.common.schedule import pair_groups
+        from gtopk_hvd.common.schedule import exchange_groups
         registered = {tuple(r) for r in _basics._get_process_set_ids_and_ranks().values()}
-        want = {g for g in pair_groups(size) if len(g) < size}
+        want = {g for g in exchange_groups(size) if len(g) < size}
         assert want <= registered, f"missing pair sets {sorted(want - registered)}"
         assert os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") in (None, "", "0"), \
             "dynamic process sets were switched on"
