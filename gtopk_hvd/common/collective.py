@@ -58,11 +58,14 @@ class TensorOps:
 
     select_topk(acc, k): sorted-ascending indices of the k largest |acc|, ties by lower index.
     take(x, indices): x[indices].
+    meta(digest, flags): this rank's header meta, as :func:`make_meta`.
+    take_none(values, indices): the empty set a header-only message carries.
     pack(values, indices, meta): the (n + 1, 2) int32 message, header row (n, meta) first.
     allgather(message, process_set, name): Horovod's allgather inside ``process_set``.
     unpack(gathered, members): the ``members`` messages of an allgather, in rank order, as a
         list of (values, indices, meta), read header by header.
-    merge_meta(mine, theirs): as :func:`merge_meta`.
+    merge_meta(mine, theirs): as :func:`merge_meta`.  flags_of(meta): its flag bits.
+    concat_sets(sets): the (values, indices) of several sets laid end to end.
     merge_truncate(low, high, k): union of two (values, indices) sets, values added (low + high)
         where an index is in both, then the k largest |value| (ties by lower index), sorted by
         index.
@@ -202,7 +205,7 @@ def gtopk_exchange(ops, acc, k, rank, size, process_set_for, name="gtopk", diges
     values, indices = ops.take(acc, local), local
     timer.lap("selection", values)
     alive = ops.full_mask(k)
-    meta = ops.meta(make_meta(digest), flags)
+    meta = ops.meta(digest, flags)
     v = virtual_rank(rank, size)
     for st in stages_for(rank, size):
         mine = (values, indices) if st.sends(rank) else ops.take_none(values, indices)
@@ -241,7 +244,7 @@ def topk_allgather_exchange(ops, acc, k, global_set, size, name="topk", digest=0
     local = ops.select_topk(acc, k)
     values = ops.take(acc, local)
     timer.lap("selection", values)
-    meta = ops.meta(make_meta(digest), flags)
+    meta = ops.meta(digest, flags)
     gathered = ops.allgather(ops.pack(values, local, meta), global_set, name)
     timer.lap("exchange", gathered)
     blocks = ops.unpack(gathered, size)

@@ -18,17 +18,19 @@ import time
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
-from gtopk_hvd.common.collective import (GTopkResult, dense_allreduce_bytes,
-                                         gtopk_exchange, reduce_op_name,
+from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, GTopkResult,
+                                         dense_allreduce_bytes, gtopk_exchange, reduce_op_name,
                                          topk_allgather_exchange)
 from gtopk_hvd.common.density import check_density, k_for
+from gtopk_hvd.common.plan import make_plan, mismatch_error, plan_digest
 from gtopk_hvd.common.process_sets import exchange_sets, process_set_for_stage
 from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
                                          check_global_process_set, check_op)
-from gtopk_hvd.tensorflow.ops import TFOps
+from gtopk_hvd.tensorflow.ops import TFOps, all_finite
 
-__all__ = ["GTopkResult", "gtopk_allreduce", "compensate", "exchange", "decompress",
-           "update_residual", "exact_divide", "op_name", "dense_allreduce_bytes"]
+__all__ = ["GTopkResult", "gtopk_allreduce", "compensate", "exchange", "nonfinite_flag",
+           "plan_digest_tensor", "check_verdict", "decompress", "update_residual",
+           "exact_divide", "op_name", "dense_allreduce_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,26 +47,69 @@ def compensate(tensor, residual=None):
 
 
 @tf.autograph.experimental.do_not_convert
-def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False):
-    """Select this rank's top-k of ``acc`` and run the collective; an ExchangeResult.
+def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False, digest=0, flags=0):
+    """Select this rank's top-k of ``acc`` and run the collective; an ExchangeResult whose
+    ``verdict`` (an int32 tensor) every rank shares.
 
-    ``k`` is a Python int or an int32 scalar tensor.  In a ``tf.function`` every output
-    depends on every exchange this rank issued, so none of them is pruned.
+    ``k`` is a Python int or an int32 scalar tensor; ``digest`` and ``flags`` too.  In a
+    ``tf.function`` every output depends on every exchange this rank issued, so none of them
+    is pruned.
     """
-    ops = TFOps(hvd, acc)
+    ops = TFOps(hvd)
     rank, size = hvd.rank(), hvd.size()
     profile = profile and tf.executing_eagerly()
     if algorithm == "topk":
         result = topk_allgather_exchange(ops, acc, k, hvd.global_process_set, size, name=name,
-                                         profile=profile)
+                                         digest=digest, flags=flags, profile=profile)
     else:
         sets = exchange_sets(hvd)
         result = gtopk_exchange(ops, acc, k, rank, size,
-                                lambda stage: process_set_for_stage(sets, rank, stage),
-                                name=name, profile=profile)
-    result.values, result.indices, result.local_indices, result.alive = ops.finalize(
-        result.values, result.indices, result.local_indices, result.alive)
+                                lambda stage: process_set_for_stage(sets, stage),
+                                name=name, digest=digest, flags=flags, profile=profile)
+    if size == 1:
+        result.verdict = tf.cast(flags, tf.int32)
+    (result.values, result.indices, result.local_indices, result.alive,
+     result.verdict) = ops.finalize(result.values, result.indices, result.local_indices,
+                                    result.alive, result.verdict)
     return result
+
+
+def nonfinite_flag(tensors):
+    """NONFINITE (an int32 tensor) when some entry of ``tensors`` is NaN or Inf, else 0."""
+    return tf.where(all_finite(tensors), 0, NONFINITE)
+
+
+def plan_digest_tensor(plan, ks):
+    """The plan digest with the step's k (Python ints or int32 tensors) folded in, so that a
+    ``tf.function`` whose density schedule moves k at run time still compares it."""
+    digest = plan_digest(plan)
+    if all(isinstance(k, int) for k in ks):  # the same arithmetic as below, in Python
+        for k in ks:
+            digest = (digest * 31 + k) & ((1 << 30) - 1)
+        return digest
+    digest = tf.constant(digest, tf.int32)
+    for k in ks:
+        digest = tf.bitwise.bitwise_and(digest * 31 + tf.cast(k, tf.int32), (1 << 30) - 1)
+    return digest
+
+
+def check_verdict(verdict, plan, ks=(), name="gtopk.plan"):
+    """Raise :class:`~gtopk_hvd.common.plan.PlanMismatchError` on every rank when the
+    exchange found set-ups that disagree (one allgather of the plans, with the step's ``ks``,
+    to name the difference); return whether the step is finite (a Python bool eagerly, a
+    bool tensor in a graph, where the check runs as a py_function)."""
+    def check(verdict, *ks_now):
+        verdict = int(verdict)
+        if verdict & MISMATCH:
+            full = dict(plan, k=[int(k) for k in ks_now])
+            raise mismatch_error(hvd.allgather_object(full, name=name), hvd.rank())
+        return not verdict & NONFINITE
+
+    if tf.executing_eagerly():
+        return check(verdict, *ks)
+    finite = tf.py_function(check, [verdict] + [tf.cast(k, tf.int32) for k in ks], tf.bool)
+    finite.set_shape([])
+    return finite
 
 
 def decompress(result, numel, algorithm="gtopk", average_over=1):
@@ -161,15 +206,25 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
     numel = check_buffer_numel(tensor.shape.num_elements(), name or "tensor")
     k = k_for(numel, density)
     size = hvd.size()
+    plan = make_plan(algorithm, op_name(op), "tensor", 0, [(name or "tensor", numel, k)])
 
     acc = compensate(tensor, residual)
-    exchanged = exchange(acc, k, algorithm, name or "gtopk", profile)
+    exchanged = exchange(acc, k, algorithm, name or "gtopk", profile,
+                         plan_digest_tensor(plan, [k]), nonfinite_flag([acc]))
+    finite = check_verdict(exchanged.verdict, plan, [k])
     start = time.perf_counter()
     dense = decompress(exchanged, numel, algorithm, size if op_name(op) == "Average" else 1)
+    new_residual = update_residual(acc, exchanged)
+    old_residual = tf.zeros([numel], tf.float32) if residual is None else residual
+    if tf.executing_eagerly() and not finite:  # the same NaN everywhere, the residual kept
+        dense, new_residual = tf.fill([numel], float("nan")), old_residual
+    elif not tf.executing_eagerly():
+        dense = tf.where(finite, dense, float("nan"))
+        new_residual = tf.cond(finite, lambda: new_residual, lambda: tf.identity(old_residual))
     output = tf.cast(tf.reshape(dense, tensor.shape), tensor.dtype)
     mid = time.perf_counter()
-    new_residual = update_residual(acc, exchanged)
     result = GTopkResult(output, new_residual, exchanged, k)
+    result.finite = finite
     if profile and tf.executing_eagerly():
         result.timings["decompress"] = mid - start
         result.timings["residual"] = time.perf_counter() - mid

@@ -21,9 +21,11 @@ import logging
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
+from gtopk_hvd.common.plan import make_plan
 from gtopk_hvd.common.validation import check_buffer_numel
-from gtopk_hvd.tensorflow.collective import (decompress, dense_allreduce_bytes, exchange,
-                                             op_name, update_residual)
+from gtopk_hvd.tensorflow.collective import (check_verdict, decompress, dense_allreduce_bytes,
+                                             exchange, nonfinite_flag, op_name,
+                                             plan_digest_tensor, update_residual)
 from gtopk_hvd.tensorflow.ops import op_name_safe
 
 __all__ = ["allreduce_gradients"]
@@ -70,30 +72,43 @@ def _unflatten(flat, like):
     return [tf.cast(tf.reshape(p, g.shape), g.dtype) for p, g in zip(parts, like)]
 
 
+def _when(finite, value, fallback):
+    """``value`` on a finite step, else ``fallback()`` (Python bool eagerly, tensor in a graph)."""
+    if isinstance(finite, bool):
+        return value if finite else fallback()
+    return tf.cond(finite, lambda: tf.identity(value), fallback)
+
+
 @tf.autograph.experimental.do_not_convert
 def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense=False,
                         name="gtopk"):
     """The gTop-k average (or sum) of ``grads`` over all ranks; call it on every rank.
 
+    Every rank issues the same Horovod operations: one exchange per buffer (``{name}.<i>``;
+    a header-only exchange when every tensor goes dense), then one dense allreduce.  A
+    variable without a gradient on this rank counts as zero (another rank may have one).  A
+    non-finite step (NaN or Inf in some rank's gradients) gives NaN gradients on every rank
+    and keeps every residual; set-ups that differ raise PlanMismatchError on every rank.
+
     Args:
         state: the :class:`~gtopk_hvd.tensorflow.state.GTopkState` (residuals, density).
-        grads: one gradient per variable, None for a variable without one (passed through).
+        grads: one gradient per variable, None for a variable without one here.
         variables: the tf.Variables the gradients belong to (they key the residuals).
         op: ``hvd.Average`` or ``hvd.Sum``.
         sparse_as_dense: densify tf.IndexedSlices gradients (otherwise they are refused).
         name: prefix of the Horovod op names.
 
     Returns:
-        The reduced gradients, in the order, shapes and dtypes of ``grads``.
+        The reduced gradients, in the order, shapes and dtypes of the variables.
     """
     size, rank = hvd.size(), hvd.rank()
     average_over = size if op_name(op) == "Average" else 1
-    out = list(grads)
     items = []
     for i, (grad, var) in enumerate(zip(grads, variables)):
-        if grad is not None:
-            _check_variable(var)
-            items.append(_Item(i, _dense_gradient(grad, var, sparse_as_dense), var))
+        _check_variable(var)
+        grad = tf.zeros(var.shape, var.dtype) if grad is None else grad
+        items.append(_Item(i, _dense_gradient(grad, var, sparse_as_dense), var))
+    out = [it.grad for it in items]
     threshold = max(1, state.dense_threshold)
     sparse = [it for it in items if it.numel >= threshold]
     dense = [it for it in items if it.numel < threshold]
@@ -106,30 +121,50 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     state.check_world(size, rank)
     numels = [sum(it.numel for it in members) for _, members in buffers]
     density, ks = state.densities(numels)
+    plan = make_plan(state.algorithm, op_name(op), state.granularity, state.dense_threshold,
+                     [(b, n, -1) for (b, _), n in zip(buffers, numels)],
+                     [(state.residual_name(it.variable), it.numel) for it in dense])
 
-    k_total, numel_total, sent = 0, 0, 0
-    for (buffer_name, members), numel, k in zip(buffers, numels, ks):
+    accs, eps_vars = [], []
+    for (buffer_name, members), numel in zip(buffers, numels):
         check_buffer_numel(numel, buffer_name)
-        eps_vars = [state.residual(it.variable) for it in members]
+        eps_vars.append([state.residual(it.variable) for it in members])
         # compensate: acc = grad + residual, in float32
-        acc = (_flatten([it.grad for it in members])
-               + _flatten([eps.read_value() for eps in eps_vars]))
-        result = exchange(acc, k, state.algorithm, name=op_name_safe(f"{name}.{buffer_name}"))
+        accs.append(_flatten([it.grad for it in members])
+                    + _flatten([eps.read_value() for eps in eps_vars[-1]]))
+    flags = nonfinite_flag(accs + [it.grad for it in dense])
+    digest = plan_digest_tensor(plan, ks)
+    carriers = list(zip(buffers, accs, ks, eps_vars)) or [(None, tf.zeros([0]), 0, [])]
+    finite, k_total, numel_total, sent = True, 0, 0, 0
+    for i, (buffer, acc, k, eps_list) in enumerate(carriers):
+        result = exchange(acc, k, state.algorithm, name=op_name_safe(f"{name}.{i}"),
+                          digest=digest, flags=flags)
+        if i == 0:
+            finite = check_verdict(result.verdict, plan, ks)
+            if finite is False:  # eager: every rank skips the rest alike
+                break
+        if buffer is None:
+            continue
+        numel = acc.shape[0]
         reduced = decompress(result, numel, state.algorithm, average_over)
+        members = buffer[1]
         for it, value in zip(members, _unflatten(reduced, [it.grad for it in members])):
             out[it.index] = value
         new_residual = update_residual(acc, result)
-        for eps, value in zip(eps_vars, _split(new_residual, [it.numel for it in members])):
-            eps.assign(value)
+        for eps, value in zip(eps_list, _split(new_residual, [it.numel for it in members])):
+            eps.assign(_when(finite, value, eps.read_value))
         k_total, numel_total, sent = k_total + k, numel_total + numel, sent + result.bytes_sent
 
     dense_numel = sum(it.numel for it in dense)
-    if dense:
+    if dense and finite is not False:
         flat = hvd.allreduce(_flatten([it.grad for it in dense]), name=f"{name}.dense", op=op)
         for it, value in zip(dense, _unflatten(flat, [it.grad for it in dense])):
             out[it.index] = value
         sent += dense_allreduce_bytes(dense_numel, size)
-    state.record(density=density, k=k_total, numel=numel_total, dense_numel=dense_numel,
+    out = [_when(finite, g, lambda g=g: tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)))
+           for g in out]
+    stats = dict(density=density, k=k_total, numel=numel_total, dense_numel=dense_numel,
                  bytes_sent=sent,
                  dense_bytes=dense_allreduce_bytes(numel_total + dense_numel, size))
+    state.record_step(finite, stats)
     return out

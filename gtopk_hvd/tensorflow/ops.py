@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from gtopk_hvd.common.collective import MISMATCH, NONFINITE
 
-__all__ = ["TFOps", "select_topk", "merge_truncate", "op_name_safe"]
+__all__ = ["TFOps", "select_topk", "merge_truncate", "op_name_safe", "all_finite"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,21 @@ def merge_truncate(low, high, k):
     return tf.gather(values, keep), tf.gather(indices, keep)
 
 
+def all_finite(tensors):
+    """Whether every entry of every tensor is finite (a bool tensor): one sum per tensor; on
+    the rare non-finite sum, max / min tell an overflow of finite entries apart."""
+    tensors = [tf.reshape(t, [-1]) for t in tensors]
+    if not tensors:
+        return tf.constant(True)
+    sums = tf.stack([tf.reduce_sum(tf.cast(t, tf.float32)) for t in tensors])
+
+    def exact():
+        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.cast(t, tf.float32)))
+                              for t in tensors])
+
+    return tf.cond(tf.reduce_all(tf.math.is_finite(sums)), lambda: tf.constant(True), exact)
+
+
 def isin(a, b):
     """Bool mask over ``a`` (int32, non-negative): True where the element is also in ``b``."""
     # a sentinel above every index keeps searchsorted's answer inside the sequence
@@ -181,8 +196,10 @@ class TFOps:
     def take_none(self, values, indices):
         return values[:0], indices[:0]
 
-    def meta(self, base, flags):
-        return tf.bitwise.bitwise_or(tf.constant(base, tf.int32), tf.cast(flags, tf.int32))
+    def meta(self, digest, flags):
+        """make_meta for a digest that may be an int32 tensor (computed in the graph)."""
+        digest = tf.bitwise.bitwise_and(tf.cast(digest, tf.int32), (1 << 30) - 1)
+        return tf.bitwise.bitwise_or(tf.bitwise.left_shift(digest, 2), tf.cast(flags, tf.int32))
 
     def pack(self, values, indices, meta):
         # one message per stage: a header row (n, meta), then float32 values bit-cast to

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 _FORMAT = 1
 _STATS = {"density": tf.float64, "k": tf.int64, "numel": tf.int64, "dense_numel": tf.int64,
-          "bytes_sent": tf.int64, "dense_bytes": tf.int64}
+          "bytes_sent": tf.int64, "dense_bytes": tf.int64, "finite": tf.bool,
+          "nonfinite_steps": tf.int64}
 
 
 class _Untracked:
@@ -180,8 +181,10 @@ class GTopkState(tf.Module):
 
     # statistics --------------------------------------------------------------------------
 
-    def record(self, **values):
-        """Store the statistics of the step just taken and count it (eagerly or in a graph)."""
+    def record_step(self, finite, values):
+        """Store the statistics of the step just taken (eagerly or in a graph).  A finite step
+        advances the schedule step; a non-finite one (``finite`` False) only counts as such,
+        so the density schedule and the residuals continue as if it had not happened."""
         for key, value in values.items():
             var = self._book.stats[key]
             if isinstance(value, (tf.Tensor, tf.Variable)):
@@ -189,7 +192,10 @@ class GTopkState(tf.Module):
             else:  # a Python number: no detour through float32
                 var.assign(tf.constant(value, var.dtype))
         self._book.written = True
-        return self._step.assign_add(1)
+        self._book.stats["finite"].assign(finite)
+        nonfinite = tf.cast(tf.logical_not(finite), tf.int64)
+        self._book.stats["nonfinite_steps"].assign_add(nonfinite)
+        return self._step.assign_add(1 - nonfinite)
 
     def gtopk_stats(self):
         """Statistics of the last synchronisation on this rank.
@@ -197,10 +203,15 @@ class GTopkState(tf.Module):
         density / k: of the last step (k summed over the buffers); numel: sparsified entries;
         dense_numel: entries reduced densely (below ``dense_threshold``); bytes_sent: bytes
         this rank sent; dense_bytes: what a dense ring allreduce of all gradients would send,
-        2(P-1)/P * 4d; step: synchronisations so far; residual_norm: L2 norm of the residuals.
+        2(P-1)/P * 4d; finite: whether the last step was finite on every rank; step: finite
+        synchronisations so far; nonfinite_steps: steps in which some rank's gradients were
+        not finite (NaN gradients everywhere, residuals kept); residual_norm: L2 norm of the
+        residuals.
         """
         with tf.init_scope():
             stats = {key: var.numpy().item() for key, var in self._book.stats.items()}
+            if not self._book.written:
+                stats["finite"] = True
             if not self._book.written and self.step == 0:
                 stats["density"] = self.density()
             stats["step"] = self.step

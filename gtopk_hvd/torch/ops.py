@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from gtopk_hvd.common.collective import MISMATCH, NONFINITE, merge_meta
+from gtopk_hvd.common.collective import MISMATCH, NONFINITE, make_meta, merge_meta
 
 __all__ = ["TorchOps", "select_topk", "merge_truncate", "all_finite"]
 
@@ -190,8 +190,8 @@ class TorchOps:
     def take_none(self, values, indices):
         return values[:0], indices[:0]
 
-    def meta(self, base, flags):
-        return base | int(flags)  # eager: the header's meta is a Python int
+    def meta(self, digest, flags):
+        return make_meta(digest, int(flags))  # eager: the header's meta is a Python int
 
     def pack(self, values, indices, meta):
         # one message per stage: a header row (n, meta), then float32 values bit-cast to

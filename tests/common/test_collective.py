@@ -49,8 +49,8 @@ class NumpyOps:
     def take_none(self, values, indices):
         return values[:0], indices[:0]
 
-    def meta(self, base, flags):
-        return base | int(flags)
+    def meta(self, digest, flags):
+        return make_meta(digest, flags)
 
     def pack(self, values, indices, meta):
         body = np.stack([values.astype(np.float32).view(np.int32), indices.astype(np.int32)], 1)
