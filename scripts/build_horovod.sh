@@ -43,6 +43,42 @@ sed -i 's/^#if TENSORFLOW_VERSION >= 2006000000$/#if TENSORFLOW_VERSION >= 20060
 # Under TF 2.21 `keras` is Keras 3; Horovod's Keras layer works with tf.keras (tf-keras).
 sed -i 's/^    from keras import backend as K$/    from tensorflow.keras import backend as K/' \
   "$src/horovod/tensorflow/keras/__init__.py" "$src/horovod/tensorflow/keras/callbacks.py"
+# A dead peer must not abort the survivors: with process sets besides the global one, the
+# shutdown negotiates their removal over the global Gloo context, which throws gloo::IoException
+# outside any handler (std::terminate).  Catch it and finalize the remaining sets locally, so
+# pending operations fail with HorovodInternalError, as without process sets.
+"$PY" - "$src/horovod/common/process_set.cc" <<'PATCH' || die "patch failed: process_set.cc"
+import sys
+path = sys.argv[1]
+src = open(path).read()
+old = """  for (auto id : ids_copy) {
+    if (id == 0) {"""
+tail = """        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+    }
+  }
+"""
+new_head = """  try {
+  for (auto id : ids_copy) {
+    if (id == 0) {"""
+new_tail = tail + """  } catch (const std::exception& ex) {
+    // gtopk_hvd patch: a peer is gone; finalize every remaining set here.
+    LOG(ERROR) << "Finalizing process sets without negotiation: " << ex.what();
+    for (auto other : std::vector<int32_t>(ids_.begin(), ids_.end())) {
+      if (other != 0) {
+        id_to_process_set_[other].Finalize(status);
+        DeregisterProcessSet(other);
+      }
+    }
+    id_to_be_removed_ = NO_PENDING_REMOVAL;
+  }
+"""
+assert src.count(old) == 1 and src.count(tail) == 1, "process_set.cc changed: update the patch"
+src = src.replace(old, new_head).replace(tail, new_tail)
+open(path, "w").write(src)
+PATCH
+grep -q 'gtopk_hvd patch: a peer is gone' "$src/horovod/common/process_set.cc" \
+  || die "patch failed: process_set.cc"
 grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" || die "patch failed: torch CMakeLists"
 grep -q '&& HAVE_GPU' "$src/horovod/tensorflow/xla_mpi_ops.cc" || die "patch failed: xla_mpi_ops.cc"
 grep -q 'from tensorflow.keras import backend' "$src/horovod/tensorflow/keras/callbacks.py" \

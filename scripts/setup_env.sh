@@ -46,13 +46,17 @@ step "installing pinned dependencies (torch $TORCH_VERSION CPU, tensorflow-cpu $
 # tf-keras declares `tensorflow`; we have tensorflow-cpu, so install it without deps.
 "${PIP[@]}" install -q --no-deps "tf-keras==$TF_KERAS_VERSION" || fail "tf-keras" "pip install --no-deps tf-keras"
 
-key="horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-tf$TF_VERSION-py$("$VENV/bin/python" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
+# bump HOROVOD_PATCH whenever scripts/build_horovod.sh patches the source differently
+HOROVOD_PATCH=2
+key="horovod-$HOROVOD_VERSION-p$HOROVOD_PATCH-torch$TORCH_VERSION-tf$TF_VERSION-py$("$VENV/bin/python" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
 cache=${GTOPK_HVD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gtopk_hvd}/wheels/$key
-if ! "$VENV/bin/python" -c "import horovod, sys; sys.exit(0 if horovod.__version__ == '$HOROVOD_VERSION' else 1)" 2>/dev/null; then
+if [ "$(cat "$VENV/.horovod_key" 2>/dev/null)" != "$key" ] \
+   || ! "$VENV/bin/python" -c "import horovod, sys; sys.exit(0 if horovod.__version__ == '$HOROVOD_VERSION' else 1)" 2>/dev/null; then
   step "Horovod $HOROVOD_VERSION wheel (cache: $cache)"
   wheel=$(HOROVOD_VERSION=$HOROVOD_VERSION scripts/build_horovod.sh "$VENV/bin/python" "$cache" | tail -n1) \
     || fail "horovod build" "see the compiler output above; needs gcc/g++ and cmake 3.x"
   "${PIP[@]}" install -q --no-deps --force-reinstall "$wheel" || fail "horovod install" "remove $cache and re-run"
+  echo "$key" > "$VENV/.horovod_key"
 fi
 
 step "verifying Horovod frameworks"

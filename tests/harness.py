@@ -24,17 +24,22 @@ OUT_ENV = "GTOPK_TEST_OUT"
 _TRANSIENT = ("gloo::IoException", "Connection refused", "Connection reset by peer")
 
 
-def horovodrun(np_, script, *args, timeout=600, env=None, attempts=2):
-    """Run ``horovodrun -np np_ python script args``; return the per-rank result dicts."""
+def horovodrun(np_, script, *args, timeout=600, env=None, attempts=2, survivors=False):
+    """Run ``horovodrun -np np_ python script args``; return the per-rank result dicts.
+
+    ``survivors``: each rank runs inside ``sh -c '...; exit 0'`` so that horovodrun does not
+    terminate the other ranks when one dies; ranks that wrote no result give None.
+    """
     for attempt in range(attempts):
         try:
-            return _horovodrun_once(np_, script, *args, timeout=timeout, env=env)
+            return _horovodrun_once(np_, script, *args, timeout=timeout, env=env,
+                                    survivors=survivors)
         except RuntimeError as err:
             if attempt + 1 == attempts or not any(t in str(err) for t in _TRANSIENT):
                 raise
 
 
-def _horovodrun_once(np_, script, *args, timeout=600, env=None):
+def _horovodrun_once(np_, script, *args, timeout=600, env=None, survivors=False):
     bindir = Path(sys.executable).parent
     horovodrun_bin = bindir / "horovodrun"
     with tempfile.TemporaryDirectory(prefix="gtopk_mp_") as out:
@@ -51,13 +56,15 @@ def _horovodrun_once(np_, script, *args, timeout=600, env=None):
         full_env.update(env or {})
         cmd = [str(horovodrun_bin), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo",
                sys.executable, str(ROOT / script), *map(str, args)]
+        if survivors:
+            cmd[6:] = ["sh", "-c", " ".join(cmd[6:]) + "; exit 0"]
         proc = subprocess.run(cmd, env=full_env, cwd=str(ROOT), capture_output=True, text=True,
                               timeout=timeout)
         results = []
         for r in range(np_):
             path = Path(out) / f"rank{r}.pkl"
             results.append(pickle.loads(path.read_bytes()) if path.exists() else None)
-        if proc.returncode != 0 or any(r is None for r in results):
+        if proc.returncode != 0 or (not survivors and any(r is None for r in results)):
             raise RuntimeError(
                 f"{' '.join(cmd)} failed with exit code {proc.returncode}\n"
                 f"--- stdout (tail) ---\n{proc.stdout[-6000:]}\n"

@@ -1,0 +1,36 @@
+"""gTop-k inside ordinary TensorFlow training programs under real ``horovodrun`` at P = 3 and 5
+(extra ranks): unnamed collectives between steps, NaN / Inf on one rank, a variable without a
+gradient on some ranks, set-ups that differ; eagerly and in tf.function
+(workers/robustness_worker.py, every rank against the reference).  The job ends with Horovod's
+own shutdown, no barrier.
+"""
+import pytest
+
+from tests.harness import check_scenario, horovodrun
+
+WORKER = "tests/tensorflow/workers/robustness_worker.py"
+SCENARIOS = [
+    *[f"tape_{m}_unnamed_collectives_after_every_step" for m in ("eager", "graph")],
+    *[f"tape_{m}_{g}_nan_on_one_rank_gives_nan_everywhere_residuals_kept"
+      for m in ("eager", "graph") for g in ("model", "layer")],
+    *[f"tape_{m}_variable_without_gradient_on_some_ranks_counts_as_zero"
+      for m in ("eager", "graph")],
+    *[f"tape_{m}_mismatched_{w}_raises_on_every_rank"
+      for m in ("eager", "graph") for w in ("density", "granularity")],
+    "training_goes_on_after_a_refused_step",
+]
+
+
+@pytest.fixture(scope="module", params=[3, 5], ids=lambda n: f"np{n}")
+def results(request):
+    return horovodrun(request.param, WORKER)
+
+
+def test_worker_ran_exactly_the_listed_scenarios(results):
+    for rank, res in enumerate(results):
+        assert sorted(res) == sorted(SCENARIOS), f"rank {rank}"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_robustness(results, scenario):
+    check_scenario(results, scenario)

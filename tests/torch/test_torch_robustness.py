@@ -1,0 +1,60 @@
+"""gTop-k inside ordinary PyTorch training programs, under real ``horovodrun`` (issue: safe in
+real training programs).
+
+- P = 3, 5, 6, 7 (extra ranks in every case): unnamed collectives between steps, NaN / Inf on
+  one rank, GradScaler, set-ups that differ (workers/robustness_worker.py; every rank checks
+  itself against the reference or against the other ranks);
+- P = 3: a plain ``hvd.shutdown()`` or a plain exit right after the last step, 10 runs each;
+- P = 3 and 4: a rank killed with SIGKILL; the survivors catch HorovodInternalError.
+"""
+import pytest
+
+from tests.harness import check_scenario, horovodrun
+
+WORKER = "tests/torch/workers/robustness_worker.py"
+SCENARIOS = [
+    "unnamed_collectives_after_every_step_model",
+    "unnamed_collectives_after_every_step_layer",
+    *[f"nonfinite_on_one_rank_skipped_everywhere_residuals_kept_{g}_{v}"
+      for g in ("model", "layer") for v in ("nan", "inf")],
+    "grad_scaler_bit_identical_to_the_unscaled_run_across_scale_growth",
+    "grad_scaler_overflow_on_one_rank_skips_one_step_everywhere",
+    "grad_scaler_unscaled_before_synchronize_is_refused",
+    *[f"mismatched_{w}_raises_on_every_rank"
+      for w in ("density", "granularity", "dense_threshold", "parameter_order", "shape")],
+    "training_goes_on_after_a_refused_step",
+]
+
+
+@pytest.fixture(scope="module", params=[3, 5, 6, 7], ids=lambda n: f"np{n}")
+def robustness_job(request):
+    return horovodrun(request.param, WORKER)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_robustness(robustness_job, scenario):
+    check_scenario(robustness_job, scenario)
+
+
+def test_job_ran_exactly_the_listed_scenarios(robustness_job):
+    for rank, res in enumerate(robustness_job):
+        assert sorted(res) == sorted(SCENARIOS), f"rank {rank}"
+
+
+@pytest.mark.parametrize("how", ["shutdown", "exit"])
+def test_plain_shutdown_or_exit_after_the_last_step_at_p3_ten_times(how):
+    for run in range(10):
+        results = horovodrun(3, "tests/torch/workers/shutdown_worker.py", how, attempts=1)
+        check_scenario(results, "train_then_exit")
+
+
+@pytest.mark.parametrize("size,victim", [(3, 2), (3, 0), (4, 1)])
+def test_killed_rank_makes_the_survivors_raise_horovod_internal_error(size, victim):
+    results = horovodrun(size, "tests/torch/workers/kill_worker.py", victim, attempts=1,
+                         survivors=True, env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "30"})
+    assert results[victim] is None
+    for rank, res in enumerate(results):
+        if rank != victim:
+            assert res is not None, f"survivor {rank} recorded nothing (aborted?)"
+            rec = check_scenario([res], "survivor_catches_horovod_internal_error")[0]
+            assert rec["seconds"] < 60, rec

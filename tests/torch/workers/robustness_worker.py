@@ -1,0 +1,234 @@
+"""Scenarios: gTop-k inside ordinary training programs, at world sizes 3, 5, 6 and 7.
+
+Run under ``horovodrun -np N`` by test_torch_robustness.py.  What a user's program does around
+the optimizer: unnamed Horovod collectives between steps, NaN / Inf in one rank's gradients,
+loss scaling with GradScaler, set-ups that differ across ranks.  Every rank checks its
+parameters against the simulated reference (reference_sgd.py) or against every other rank.
+The job ends with a plain ``hvd.shutdown()`` (no barrier): every rank issues the same
+operations, so none is left behind in an exchange.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+from _common import Recorder, assert_equal, same_on_every_rank
+from optimizer_worker import flat_params, loss_for, make_model, simulate, train
+from reference_sgd import ReferenceRun
+
+import horovod.torch as plain_hvd
+import gtopk_hvd.torch as hvd
+from gtopk_hvd.common import PlanMismatchError
+
+LR = 0.1
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=LR)
+
+
+def unnamed_collectives(rec, rank, size):
+    for granularity in ("model", "layer"):
+        with rec(f"unnamed_collectives_after_every_step_{granularity}"):
+            model = make_model(11)
+            opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(),
+                                           density=0.2, granularity=granularity)
+            ref = ReferenceRun(model, sgd, size, 0.2, granularity)
+            loss, ref_loss = loss_for(11), loss_for(11)
+            for step in range(3):
+                got = train(hvd, model, opt, loss, steps=1)[0]
+                want = simulate(ref, ref_loss, steps=1)[0]
+                assert_equal(got, want.numpy(), f"params after step {step + 1}")
+                # what users write between steps: no name= anywhere
+                total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum)
+                assert total.item() == size * (size - 1) / 2, total
+                ranks = hvd.allgather(torch.tensor([rank]))
+                assert ranks.tolist() == list(range(size)), ranks
+                root = hvd.broadcast(torch.tensor([rank * 10.0]), root_rank=size - 1)
+                assert root.item() == (size - 1) * 10.0
+                assert hvd.broadcast_object({"step": step}, root_rank=0) == {"step": step}
+                rows = hvd.allgather(flat_params(model).view(1, -1))
+                assert bool((rows == rows[0]).all()), "ranks hold different parameters"
+
+
+def _poison(model, rank, bad_rank, value):
+    if rank == bad_rank:
+        grad = list(model.parameters())[0].grad
+        grad.view(-1)[3] = value
+
+
+def nonfinite(rec, rank, size):
+    bad_rank = size - 1
+    for granularity in ("model", "layer"):
+        for value in (float("nan"), float("inf")):
+            tag = f"{granularity}_{'nan' if value != value else 'inf'}"
+            with rec(f"nonfinite_on_one_rank_skipped_everywhere_residuals_kept_{tag}"):
+                model = make_model(21)
+                opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                               named_parameters=model.named_parameters(),
+                                               density=0.2, granularity=granularity)
+                ref = ReferenceRun(model, sgd, size, 0.2, granularity)
+                loss, ref_loss = loss_for(21), loss_for(21)
+                for step in range(4):
+                    opt.zero_grad()
+                    loss(model, rank, 0).backward()
+                    if step == 1:
+                        _poison(model, rank, bad_rank, value)
+                        before = {n: e.clone() for n, e in opt.gtopk_state.residuals.items()}
+                    opt.synchronize()
+                    grads = [p.grad for p in model.parameters()]
+                    finite = all(bool(torch.isfinite(g).all()) for g in grads)
+                    if step == 1:
+                        # every rank: NaN in every gradient, residuals bit for bit as before
+                        assert all(bool(torch.isnan(g).all()) for g in grads), "not all NaN"
+                        for n, e in opt.gtopk_state.residuals.items():
+                            assert_equal(e, before[n].numpy(), f"residual {n}")
+                        stats = opt.gtopk_stats()
+                        assert stats["nonfinite_steps"] == 1 and not stats["finite"], stats
+                        assert stats["step"] == 1, stats
+                        loss.step += 1
+                        ref_loss.step += 1  # the reference never sees the bad step
+                        continue
+                    assert finite
+                    with opt.skip_synchronize():
+                        opt.step()
+                    loss.step += 1
+                    want = simulate(ref, ref_loss, steps=1)[0]
+                    assert_equal(flat_params(model), want.numpy(), f"params after step {step}")
+                assert same_on_every_rank(hvd, flat_params(model), f"nonfinite.{tag}")
+
+
+def _scaled_run(rank, size, steps, scaler=None, overflow_at=None):
+    """Train with or without GradScaler in Horovod's pattern; params and scales per step."""
+    model = make_model(31)
+    opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                   named_parameters=model.named_parameters(), density=0.1,
+                                   grad_scaler=scaler)
+    loss, history = loss_for(31), []
+    for step in range(steps):
+        opt.zero_grad()
+        out = loss(model, rank, 0)
+        (scaler.scale(out) if scaler else out).backward()
+        if step == overflow_at:
+            _poison(model, rank, size - 1, float("inf"))
+        if scaler is None:
+            opt.step()
+        else:
+            opt.synchronize()
+            scaler.unscale_(opt)
+            with opt.skip_synchronize():
+                scaler.step(opt)
+            scaler.update()
+        loss.step += 1
+        history.append((flat_params(model).clone(), scaler.get_scale() if scaler else 1.0,
+                        float(out)))
+    return history, opt
+
+
+def loss_scaling(rec, rank, size):
+    with rec("grad_scaler_bit_identical_to_the_unscaled_run_across_scale_growth"):
+        plain, _ = _scaled_run(rank, size, 6)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4, growth_interval=2)
+        scaled, opt = _scaled_run(rank, size, 6, scaler)
+        scales = [s for _, s, _ in scaled]
+        assert scales[-1] > scales[0], f"the scale never grew: {scales}"
+        for step, ((a, _, _), (b, _, _)) in enumerate(zip(plain, scaled)):
+            assert_equal(b, a.numpy(), f"params after step {step + 1} (scales {scales})")
+        assert opt.gtopk_stats()["nonfinite_steps"] == 0
+    with rec("grad_scaler_overflow_on_one_rank_skips_one_step_everywhere"):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1000)
+        history, opt = _scaled_run(rank, size, 5, scaler, overflow_at=2)
+        scales = [s for _, s, _ in history]
+        assert scales == [2.0 ** 8] * 2 + [2.0 ** 7] * 3, scales
+        assert torch.equal(history[2][0], history[1][0]), "the overflow step changed params"
+        assert not torch.equal(history[3][0], history[2][0])
+        assert all(np.isfinite(l) for _, _, l in history)
+        assert opt.gtopk_stats()["nonfinite_steps"] == 1
+        assert all(bool(torch.isfinite(e).all()) for e in opt.gtopk_state.residuals.values())
+        assert same_on_every_rank(hvd, history[-1][0], "scaler.overflow")
+    with rec("grad_scaler_unscaled_before_synchronize_is_refused"):
+        model = make_model(32)
+        scaler = torch.amp.GradScaler("cpu")
+        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(),
+                                       grad_scaler=scaler)
+        scaler.scale(loss_for(32)(model, rank, 0)).backward()
+        try:
+            scaler.step(opt)  # unscales first, then opt.step() synchronises: refused
+        except hvd.GTopkError as exc:
+            assert "optimizer.synchronize()" in str(exc), exc
+        else:
+            raise AssertionError("unscaled gradients were synchronised")
+
+
+def _expect_mismatch(build, rank, words):
+    model, opt = build()
+    try:
+        opt.zero_grad()
+        loss_for(41)(model, rank, 0).backward()
+        opt.step()
+    except PlanMismatchError as exc:
+        for w in words:
+            assert w in str(exc), exc
+        return str(exc)
+    raise AssertionError("a set-up that differs across ranks was not refused")
+
+
+def mismatches(rec, rank, size):
+    odd = rank == size - 1
+
+    def opt_for(model, **kw):
+        return hvd.DistributedOptimizer(sgd(model.parameters()),
+                                        named_parameters=model.named_parameters(), **kw)
+
+    cases = {
+        "density": (lambda m: opt_for(m, density=0.2 if odd else 0.1), ["buffers[0]"]),
+        "granularity": (lambda m: opt_for(m, density=0.1,
+                                          granularity="layer" if odd else "model"),
+                        ["granularity"]),
+        "dense_threshold": (lambda m: opt_for(m, density=0.1, granularity="layer",
+                                              dense_threshold=10 if odd else 0),
+                            ["dense_threshold"]),
+        "parameter_order": (lambda m: hvd.DistributedOptimizer(
+            sgd(list(m.parameters())[::-1] if odd else m.parameters()),
+            named_parameters=m.named_parameters(), density=0.1, granularity="layer"),
+            ["buffers[0]"]),
+    }
+    for what, (make, words) in cases.items():
+        with rec(f"mismatched_{what}_raises_on_every_rank"):
+            def build():
+                model = make_model(41)
+                return model, make(model)
+            _expect_mismatch(build, rank, words + [f"rank {size - 1}"])
+    with rec("mismatched_shape_raises_on_every_rank"):
+        def build():
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(8, 17 if odd else 16), torch.nn.Tanh(),
+                                        torch.nn.Linear(17 if odd else 16, 4))
+            return model, hvd.DistributedOptimizer(
+                sgd(model.parameters()), named_parameters=model.named_parameters(), density=0.1)
+        _expect_mismatch(build, rank, ["buffers[0]"])
+    with rec("training_goes_on_after_a_refused_step"):
+        model = make_model(42)
+        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(), density=0.1)
+        got = train(hvd, model, opt, loss_for(42), steps=2)[-1]
+        assert same_on_every_rank(hvd, got, "after.mismatch")
+
+
+def main():
+    torch.set_num_threads(1)
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    rec = Recorder(rank)
+    for scenario in (unnamed_collectives, nonfinite, loss_scaling, mismatches):
+        scenario(rec, rank, size)
+    rec.save()
+    if os.environ.get("GTOPK_TEST_EXIT") == "plain":
+        sys.exit(0)  # no shutdown at all: Horovod's atexit hook
+    plain_hvd.shutdown()  # Horovod's own, no barrier
+
+
+if __name__ == "__main__":
+    main()
