@@ -29,7 +29,7 @@ from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
 from gtopk_hvd.tensorflow.ops import TFOps, all_finite
 
 __all__ = ["GTopkResult", "gtopk_allreduce", "compensate", "exchange", "nonfinite_flag",
-           "plan_digest_tensor", "check_verdict", "decompress", "update_residual",
+           "plan_digest_tensor", "check_verdict", "after_verdict", "decompress", "update_residual",
            "exact_divide", "op_name", "dense_allreduce_bytes"]
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,16 @@ def check_verdict(verdict, plan, ks=(), name="gtopk.plan"):
     finite = tf.py_function(check, [verdict] + [tf.cast(k, tf.int32) for k in ks], tf.bool)
     finite.set_shape([])
     return finite
+
+
+def after_verdict(finite, tensor):
+    """``tensor``, computed only once the verdict ``finite`` is known (in a graph): a step
+    whose set-ups differ raises there, before any rank issues another operation or reads
+    indices that belong to another layout."""
+    if isinstance(finite, bool):
+        return tensor
+    with tf.control_dependencies([finite]):
+        return tf.identity(tensor)
 
 
 def decompress(result, numel, algorithm="gtopk", average_over=1):
@@ -212,6 +222,7 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
     exchanged = exchange(acc, k, algorithm, name or "gtopk", profile,
                          plan_digest_tensor(plan, [k]), nonfinite_flag([acc]))
     finite = check_verdict(exchanged.verdict, plan, [k])
+    exchanged.indices = after_verdict(finite, exchanged.indices)
     start = time.perf_counter()
     dense = decompress(exchanged, numel, algorithm, size if op_name(op) == "Average" else 1)
     new_residual = update_residual(acc, exchanged)

@@ -23,9 +23,9 @@ import tensorflow as tf
 
 from gtopk_hvd.common.plan import make_plan
 from gtopk_hvd.common.validation import check_buffer_numel
-from gtopk_hvd.tensorflow.collective import (check_verdict, decompress, dense_allreduce_bytes,
-                                             exchange, nonfinite_flag, op_name,
-                                             plan_digest_tensor, update_residual)
+from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, decompress,
+                                             dense_allreduce_bytes, exchange, nonfinite_flag,
+                                             op_name, plan_digest_tensor, update_residual)
 from gtopk_hvd.tensorflow.ops import op_name_safe
 
 __all__ = ["allreduce_gradients"]
@@ -137,6 +137,8 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     carriers = list(zip(buffers, accs, ks, eps_vars)) or [(None, tf.zeros([0]), 0, [])]
     finite, k_total, numel_total, sent = True, 0, 0, 0
     for i, (buffer, acc, k, eps_list) in enumerate(carriers):
+        if i > 0:  # in a graph, nothing more is issued before the verdict (set-up check)
+            acc = after_verdict(finite, acc)
         result = exchange(acc, k, state.algorithm, name=op_name_safe(f"{name}.{i}"),
                           digest=digest, flags=flags)
         if i == 0:
@@ -145,6 +147,9 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
                 break
         if buffer is None:
             continue
+        # a mismatch may have sent indices of another layout: only read them once checked
+        result.values = after_verdict(finite, result.values)
+        result.indices = after_verdict(finite, result.indices)
         numel = acc.shape[0]
         reduced = decompress(result, numel, state.algorithm, average_over)
         members = buffer[1]
@@ -157,7 +162,8 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
 
     dense_numel = sum(it.numel for it in dense)
     if dense and finite is not False:
-        flat = hvd.allreduce(_flatten([it.grad for it in dense]), name=f"{name}.dense", op=op)
+        flat = hvd.allreduce(after_verdict(finite, _flatten([it.grad for it in dense])),
+                             name=f"{name}.dense", op=op)
         for it, value in zip(dense, _unflatten(flat, [it.grad for it in dense])):
             out[it.index] = value
         sent += dense_allreduce_bytes(dense_numel, size)
