@@ -119,7 +119,8 @@ def exchange_sets(hvd):
     for group in missing:  # collective: every rank, same order
         sets[group] = hvd.add_process_set(list(group))
     if missing:
-        logger.debug("gtopk_hvd: registered %d exchange process sets for size %d", len(missing), size)
+        logger.debug("gtopk_hvd: registered %d exchange process sets for size %d",
+                     len(missing), size)
     _cache[id(hvd)] = (size, sets)
     return sets
 

@@ -207,7 +207,7 @@ def test_topk_allgather_driver_equals_its_reference(size):
     want = topk_allgather_step(accs, 6)
     group = tuple(range(size))
 
-    def body(rank, ops):  # noqa: F811
+    def body(rank, ops):
         return topk_allgather_exchange(ops, accs[rank], 6, group, size)
 
     for res in _run_ranks(size, body):

@@ -2,8 +2,8 @@
 
 gTop-k's exchange sets cannot be registered there: for P >= 4 the optimizer and
 gtopk_allreduce must raise ProcessSetError on every rank, naming the fix; for P = 2 and 3 the
-only group is the global set and both work; algorithm="topk" (global set only) always works.  The scenarios run first in
-the job of conftest.py (workers/plain_init_worker.py).  This module also checks that the job
+only group is the global set and both work; algorithm="topk" (global set only) always
+works.  The scenarios run first in the job of conftest.py (workers/plain_init_worker.py).  This module also checks that the job
 ran exactly the scenarios the three torch test modules expect.
 """
 import pytest
