@@ -66,13 +66,12 @@ def init(comm=None, process_sets=None):
 
 
 def shutdown():
-    """``hvd.shutdown()`` once every rank got here.
+    """``hvd.shutdown()`` once every rank got here (a barrier first: Horovod's TensorFlow API
+    has none, so an allreduce of a scalar).
 
-    With P not a power of two, the ranks outside the fold / unfold pairs finish a gTop-k step
-    before the extra ranks have their result; shutting Horovod down from such a rank at once
-    would abort the others' last exchange (they then fail with "process set does not exist").
-    A barrier first (Horovod's TensorFlow API has none: an allreduce of a scalar) makes the
-    shutdown safe.
+    Horovod's own ``hvd.shutdown()`` is safe too: every rank issues the same gTop-k
+    operations, so none is left inside an exchange.  The barrier only makes every rank leave
+    together.
     """
     if _hvd.is_initialized() and _hvd.size() > 1:
         with _tf.init_scope():

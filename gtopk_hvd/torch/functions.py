@@ -22,11 +22,11 @@ def init(comm=None, process_sets=None):
 
 
 def shutdown():
-    """``hvd.shutdown()`` once every rank got here.
+    """``hvd.shutdown()`` once every rank got here (a barrier first).
 
-    With P not a power of two, the ranks outside the fold / unfold pairs finish a gTop-k step
-    before the extra ranks have their result; shutting Horovod down from such a rank at once
-    would abort the others' last exchange.  A barrier first makes the shutdown safe.
+    Horovod's own ``hvd.shutdown()`` is safe too: every rank issues the same gTop-k
+    operations, so none is left inside an exchange.  The barrier only makes every rank leave
+    together.
     """
     if hvd.is_initialized() and hvd.size() > 1:
         hvd.barrier()
