@@ -24,6 +24,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from gtopk_hvd.common.collective import ring_bytes
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.schedule import stages_for, world_split
 
@@ -80,9 +81,8 @@ def gtopk_cost(k, size, rank=None):
     for r in ranks:
         messages = sent = 0
         for st in stages_for(r, p):
-            right = st.group[(st.group.index(r) + 1) % len(st.group)]
             messages += len(st.group) - 1
-            sent += (len(st.senders) - (right in st.senders)) * BYTES_PER_ENTRY * k
+            sent += ring_bytes(st.group, r, {m: k if st.sends(m) else 0 for m in st.group})
         c = Cost(messages, sent)
         if (c.messages, c.bytes) > (best.messages, best.bytes):
             best = c
