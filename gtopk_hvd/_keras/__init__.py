@@ -63,8 +63,8 @@ def create_distributed_optimizer(optimizer, name, sparse_as_dense, op,
     class _DistributedOptimizer(*optimizer.__class__.__bases__):
         _HAS_AGGREGATE_GRAD = True
 
-        def __init__(self, **kwargs):
-            super(self.__class__, self).__init__(**kwargs)
+        def __init__(self, *args, **kwargs):
+            super(self.__class__, self).__init__(*args, **kwargs)
             self._gtopk_name = name or "Distributed%s" % self.__class__.__base__.__name__
             self._gtopk = gtopk_state  # tracked: checkpoints hold the residuals
             self._local_vars = set()
@@ -95,6 +95,20 @@ def create_distributed_optimizer(optimizer, name, sparse_as_dense, op,
             else:
                 self._local_vars.add(var.ref())
 
+        @property
+        def _gtopk_deferred(self):
+            """Inside a LossScaleOptimizer (which ``mixed_float16`` compile adds), the
+            gradients are reduced where it aggregates them, after it unscaled them, so the
+            residuals stay in unscaled units and every rank sees the same verdict."""
+            if not getattr(self, "_is_wrapped_by_loss_scale_optimizer", False):
+                return False
+            if self._agg_helper:
+                raise GTopkError(
+                    "backward_passes_per_step > 1 cannot be combined with a LossScaleOptimizer "
+                    "around the gTop-k optimizer; wrap the other way round: "
+                    "DistributedOptimizer(LossScaleOptimizer(opt), backward_passes_per_step=...)")
+            return True
+
         @tf.autograph.experimental.do_not_convert
         def compute_gradients(self, loss, var_list, tape=None):
             return self._compute_gradients(loss, var_list, None, tape)
@@ -123,6 +137,12 @@ def create_distributed_optimizer(optimizer, name, sparse_as_dense, op,
 
         @tf.autograph.experimental.do_not_convert
         def _allreduce(self, grads, variables):
+            if self._gtopk_deferred:  # zeros, not None: the LossScaleOptimizer drops None
+                return [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+            return self._reduce_shared(grads, variables)
+
+        @tf.autograph.experimental.do_not_convert
+        def _reduce_shared(self, grads, variables):
             if self._agg_helper:
                 return self._agg_helper.compute_gradients(tuple(grads), tuple(variables))
             grads, variables = list(grads), list(variables)
@@ -137,11 +157,28 @@ def create_distributed_optimizer(optimizer, name, sparse_as_dense, op,
                         grads[i] = grads[i] / hvd.size()
             return grads
 
+        @tf.autograph.experimental.do_not_convert
+        def _reduce_deferred(self, grads_and_vars):
+            grads_and_vars = list(grads_and_vars)
+            if not self._gtopk_deferred or not grads_and_vars:
+                return None
+            grads, variables = zip(*grads_and_vars)
+            return list(zip(self._reduce_shared(grads, variables), variables))
+
         def _aggregate_gradients(self, grads_and_vars):
+            reduced = self._reduce_deferred(grads_and_vars)
+            if reduced is not None:
+                return reduced
             base_class = super(self.__class__, self)
             if hasattr(base_class, "_aggregate_gradients"):
                 return base_class._aggregate_gradients(grads_and_vars)
             return base_class.aggregate_gradients(grads_and_vars)
+
+        def aggregate_gradients(self, grads_and_vars):
+            reduced = self._reduce_deferred(grads_and_vars)
+            if reduced is not None:
+                return reduced
+            return super(self.__class__, self).aggregate_gradients(grads_and_vars)
 
         def apply_gradients(self, *args, **kwargs):
             if self._agg_helper:

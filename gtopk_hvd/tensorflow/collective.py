@@ -40,10 +40,13 @@ def op_name(op):
     return reduce_op_name(hvd, op)
 
 
-def compensate(tensor, residual=None):
-    """acc = tensor + residual as a flat float32 tensor."""
+def compensate(tensor, residual=None, scale=1.0):
+    """acc = tensor + scale * residual as a flat float32 tensor (``scale``: the loss scale
+    the gradients carry, a float or a float32 tensor)."""
     acc = tf.reshape(tf.cast(tensor, tf.float32), [-1])
-    return acc if residual is None else acc + residual
+    if residual is None:
+        return acc
+    return acc + (residual if isinstance(scale, float) and scale == 1.0 else scale * residual)
 
 
 @tf.autograph.experimental.do_not_convert
@@ -79,35 +82,44 @@ def nonfinite_flag(tensors):
     return tf.where(all_finite(tensors), 0, NONFINITE)
 
 
-def plan_digest_tensor(plan, ks):
+def plan_digest_tensor(plan, ks, loss_scale=None):
     """The plan digest with the step's k (Python ints or int32 tensors) folded in, so that a
-    ``tf.function`` whose density schedule moves k at run time still compares it."""
+    ``tf.function`` whose density schedule moves k at run time still compares it; with
+    ``loss_scale`` (a float32 tensor known only at run time) its bits are folded in too."""
+    values = list(ks)
+    if loss_scale is not None:
+        values.append(tf.bitcast(tf.cast(loss_scale, tf.float32), tf.int32))
     digest = plan_digest(plan)
-    if all(isinstance(k, int) for k in ks):  # the same arithmetic as below, in Python
-        for k in ks:
-            digest = (digest * 31 + k) & ((1 << 30) - 1)
+    if all(isinstance(v, int) for v in values):  # the same arithmetic as below, in Python
+        for v in values:
+            digest = (digest * 31 + v) & ((1 << 30) - 1)
         return digest
     digest = tf.constant(digest, tf.int32)
-    for k in ks:
-        digest = tf.bitwise.bitwise_and(digest * 31 + tf.cast(k, tf.int32), (1 << 30) - 1)
+    for v in values:
+        digest = tf.bitwise.bitwise_and(digest * 31 + tf.cast(v, tf.int32), (1 << 30) - 1)
     return digest
 
 
-def check_verdict(verdict, plan, ks=(), name="gtopk.plan"):
+def check_verdict(verdict, plan, ks=(), loss_scale=None, name="gtopk.plan"):
     """Raise :class:`~gtopk_hvd.common.plan.PlanMismatchError` on every rank when the
-    exchange found set-ups that disagree (one allgather of the plans, with the step's ``ks``,
-    to name the difference); return whether the step is finite (a Python bool eagerly, a
-    bool tensor in a graph, where the check runs as a py_function)."""
-    def check(verdict, *ks_now):
+    exchange found set-ups that disagree (one allgather of the plans, with the step's ``ks``
+    and run-time ``loss_scale``, to name the difference); return whether the step is finite
+    (a Python bool eagerly, a bool tensor in a graph, where the check runs as a
+    py_function)."""
+    def check(verdict, *runtime):
         verdict = int(verdict)
         if verdict & MISMATCH:
-            full = dict(plan, k=[int(k) for k in ks_now])
+            full = dict(plan, k=[int(k) for k in runtime[:len(ks)]])
+            if loss_scale is not None:
+                full["loss_scale"] = float(runtime[-1])
             raise mismatch_error(hvd.allgather_object(full, name=name), hvd.rank())
         return not verdict & NONFINITE
 
+    runtime = list(ks) + ([] if loss_scale is None else [loss_scale])
     if tf.executing_eagerly():
-        return check(verdict, *ks)
-    finite = tf.py_function(check, [verdict] + [tf.cast(k, tf.int32) for k in ks], tf.bool)
+        return check(verdict, *runtime)
+    finite = tf.py_function(check, [verdict] + [tf.cast(k, tf.int32) for k in ks]
+                            + [tf.cast(s, tf.float32) for s in runtime[len(ks):]], tf.bool)
     finite.set_shape([])
     return finite
 
@@ -147,14 +159,17 @@ def exact_divide(x, n):
     return x / divisor
 
 
-def update_residual(acc, result):
-    """eps = acc with the entries that made it into the result cleared.
+def update_residual(acc, result, scale=1.0):
+    """eps = acc with the entries that made it into the result cleared, divided by the loss
+    ``scale`` the gradients carry (a float or a float32 tensor; exact for a power of two), so
+    it stays in unscaled units.
 
     Entries that were sent but dropped at some stage stay: that is the paper's gMask.
     """
     cleared = tf.boolean_mask(result.local_indices, result.alive)
-    return tf.tensor_scatter_nd_update(acc, tf.expand_dims(cleared, 1),
+    rest = tf.tensor_scatter_nd_update(acc, tf.expand_dims(cleared, 1),
                                        tf.zeros(tf.shape(cleared), tf.float32))
+    return rest if isinstance(scale, float) and scale == 1.0 else rest / scale
 
 
 def _check_tensor(tensor, residual):

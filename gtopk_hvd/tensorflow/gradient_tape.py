@@ -51,6 +51,17 @@ def check_horovod_arguments(compression, op, gradient_predivide_factor, num_grou
     check_global_process_set(process_set)
 
 
+def check_loss_scale_optimizer(loss_scale_optimizer):
+    """None or something with the ``loss_scale`` of a Keras LossScaleOptimizer."""
+    if loss_scale_optimizer is not None and not (
+            hasattr(loss_scale_optimizer, "loss_scale")
+            and callable(getattr(loss_scale_optimizer, "get_scaled_loss", None))):
+        raise TypeError(
+            f"loss_scale_optimizer must be the tf.keras.mixed_precision.LossScaleOptimizer "
+            f"whose get_scaled_loss() scaled the loss, got "
+            f"{type(loss_scale_optimizer).__name__}")
+
+
 def prepare_state(gtopk_state, make_state, init_call, what):
     """The :class:`GTopkState` a tape or optimizer uses (``make_state()`` when None), after the
     checks that must fail on every rank before any collective; then registers the pair sets
@@ -72,7 +83,8 @@ class _DistributedGradientTape(tf.GradientTape):
     """Methods copied into a subclass of the user's tape class, as Horovod does."""
 
     def __init__(self, tape, op, sparse_as_dense, persistent=False,
-                 watch_accessed_variables=True, scale_local_gradients=True, gtopk_state=None):
+                 watch_accessed_variables=True, scale_local_gradients=True, gtopk_state=None,
+                 loss_scale_optimizer=None):
         if hasattr(tape, "_watch_accessed_variables"):
             super(self.__class__, self).__init__(persistent, watch_accessed_variables)
         else:
@@ -83,6 +95,7 @@ class _DistributedGradientTape(tf.GradientTape):
         self._scale_local_gradients = scale_local_gradients
         self._local_sources = set()
         self._gtopk = gtopk_state
+        self._loss_scale_optimizer = loss_scale_optimizer
 
     def register_local_source(self, source):
         """Registers a source/variable as worker local: its gradient is not communicated (and
@@ -97,7 +110,8 @@ class _DistributedGradientTape(tf.GradientTape):
         reduced = allreduce_gradients(self._gtopk, [gradients[i] for i in shared],
                                       [sources[i] for i in shared], op=self._op,
                                       sparse_as_dense=self._sparse_as_dense,
-                                      name="gtopk" if use_generic_names else "gtopk_tape")
+                                      name="gtopk" if use_generic_names else "gtopk_tape",
+                                      loss_scale=self._loss_scale())
         for i, grad in zip(shared, reduced):
             gradients[i] = grad
         if self._scale_local_gradients and self._local_sources:
@@ -105,6 +119,11 @@ class _DistributedGradientTape(tf.GradientTape):
                 if s.ref() in self._local_sources and gradients[i] is not None:
                     gradients[i] = _scale(gradients[i], 1.0 / hvd.size())
         return gradients
+
+    def _loss_scale(self):
+        """The scale the target was multiplied by (read at every call), None without one."""
+        lso = self._loss_scale_optimizer
+        return None if lso is None else lso.loss_scale
 
     @property
     def gtopk_state(self):
@@ -128,7 +147,8 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
                             op=hvd.Average, gradient_predivide_factor=1.0,
                             num_groups=0, groups=None, process_set=hvd.global_process_set,
                             scale_local_gradients=True, *, density=0.001, algorithm="gtopk",
-                            granularity="model", dense_threshold=0, gtopk_state=None):
+                            granularity="model", dense_threshold=0, gtopk_state=None,
+                            loss_scale_optimizer=None):
     """A tape that wraps another tf.GradientTape and returns the gTop-k sparse average of the
     gradients, the same on every rank.
 
@@ -148,6 +168,12 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
             default one shared by all tapes with the same hyperparameters.  Pass your own to
             checkpoint it (``tf.train.Checkpoint(model=..., gtopk=state)``); then density and
             friends come from it.
+        loss_scale_optimizer: the ``tf.keras.mixed_precision.LossScaleOptimizer`` whose
+            ``get_scaled_loss`` made the target, if any.  The gradients the tape returns stay
+            scaled (unscale them with its ``get_unscaled_gradients`` as usual) but the
+            residuals are kept in unscaled units, so a change of scale changes nothing, and an
+            overflow on any rank gives NaN gradients on every rank: every rank's
+            LossScaleOptimizer skips that step and halves its scale.
 
     ``compression`` must stay ``Compression.none``, ``op`` is Average or Sum, ``process_set``
     the global set, ``gradient_predivide_factor`` 1.0 and ``num_groups`` / ``groups`` unset
@@ -166,6 +192,8 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
     """
     check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups, groups,
                             process_set)
+    check_loss_scale_optimizer(loss_scale_optimizer)
+
     def make_state():
         check_algorithm(algorithm)
         check_granularity(granularity)
@@ -178,6 +206,7 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
     if hasattr(gradtape, "_watch_accessed_variables"):
         return cls(gradtape._tape, op, sparse_as_dense, gradtape._persistent,
                    gradtape._watch_accessed_variables, scale_local_gradients=scale_local_gradients,
-                   gtopk_state=gtopk_state)
+                   gtopk_state=gtopk_state, loss_scale_optimizer=loss_scale_optimizer)
     return cls(gradtape._tape, op, sparse_as_dense, gradtape._persistent,
-               scale_local_gradients=scale_local_gradients, gtopk_state=gtopk_state)
+               scale_local_gradients=scale_local_gradients, gtopk_state=gtopk_state,
+               loss_scale_optimizer=loss_scale_optimizer)

@@ -23,9 +23,10 @@ import tensorflow as tf
 
 from gtopk_hvd.common.plan import make_plan
 from gtopk_hvd.common.validation import check_buffer_numel
-from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, decompress,
-                                             dense_allreduce_bytes, exchange, nonfinite_flag,
-                                             op_name, plan_digest_tensor, update_residual)
+from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, compensate,
+                                             decompress, dense_allreduce_bytes, exchange,
+                                             nonfinite_flag, op_name, plan_digest_tensor,
+                                             update_residual)
 from gtopk_hvd.tensorflow.ops import op_name_safe
 
 __all__ = ["allreduce_gradients"]
@@ -79,9 +80,27 @@ def _when(finite, value, fallback):
     return tf.cond(finite, lambda: tf.identity(value), fallback)
 
 
+def _loss_scale(loss_scale):
+    """(scale, run-time scale): the scale as a Python float when it is known now (eagerly),
+    else as a float32 tensor, which is also returned second for the run-time set-up check."""
+    if loss_scale is None:
+        return 1.0, None
+    if isinstance(loss_scale, (int, float)):
+        scale = float(loss_scale)
+    else:
+        scale = tf.cast(tf.convert_to_tensor(loss_scale), tf.float32)
+        if tf.executing_eagerly():
+            scale = float(scale.numpy())
+    if isinstance(scale, float):
+        if not scale > 0 or scale == float("inf"):
+            raise ValueError(f"the loss scale must be a finite positive number, got {scale}")
+        return scale, None
+    return scale, scale
+
+
 @tf.autograph.experimental.do_not_convert
 def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense=False,
-                        name="gtopk"):
+                        name="gtopk", loss_scale=None):
     """The gTop-k average (or sum) of ``grads`` over all ranks; call it on every rank.
 
     Every rank issues the same Horovod operations: one exchange per buffer (``{name}.<i>``;
@@ -97,9 +116,14 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
         op: ``hvd.Average`` or ``hvd.Sum``.
         sparse_as_dense: densify tf.IndexedSlices gradients (otherwise they are refused).
         name: prefix of the Horovod op names.
+        loss_scale: the loss scale the gradients carry (a float or a scalar tensor, read at
+            every call), None for none.  Residuals stay in unscaled units: acc = g + S * eps,
+            eps = rest / S, so with power-of-two scales the result is the unscaled one times
+            S, bit for bit; the scale is part of what the ranks compare.
 
     Returns:
-        The reduced gradients, in the order, shapes and dtypes of the variables.
+        The reduced gradients, in the order, shapes and dtypes of the variables (times the
+        loss scale, as they came).
     """
     size, rank = hvd.size(), hvd.rank()
     average_over = size if op_name(op) == "Average" else 1
@@ -121,19 +145,21 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     state.check_world(size, rank)
     numels = [sum(it.numel for it in members) for _, members in buffers]
     density, ks = state.densities(numels)
+    scale, runtime_scale = _loss_scale(loss_scale)
     plan = make_plan(state.algorithm, op_name(op), state.granularity, state.dense_threshold,
                      [(b, n, -1) for (b, _), n in zip(buffers, numels)],
-                     [(state.residual_name(it.variable), it.numel) for it in dense])
+                     [(state.residual_name(it.variable), it.numel) for it in dense],
+                     scale if runtime_scale is None else 1.0)
 
     accs, eps_vars = [], []
     for (buffer_name, members), numel in zip(buffers, numels):
         check_buffer_numel(numel, buffer_name)
         eps_vars.append([state.residual(it.variable) for it in members])
-        # compensate: acc = grad + residual, in float32
-        accs.append(_flatten([it.grad for it in members])
-                    + _flatten([eps.read_value() for eps in eps_vars[-1]]))
+        # compensate: acc = grad + S * residual, in float32
+        accs.append(compensate(_flatten([it.grad for it in members]),
+                               _flatten([eps.read_value() for eps in eps_vars[-1]]), scale))
     flags = nonfinite_flag(accs + [it.grad for it in dense])
-    digest = plan_digest_tensor(plan, ks)
+    digest = plan_digest_tensor(plan, ks, runtime_scale)
     carriers = list(zip(buffers, accs, ks, eps_vars)) or [(None, tf.zeros([0]), 0, [])]
     finite, k_total, numel_total, sent = True, 0, 0, 0
     for i, (buffer, acc, k, eps_list) in enumerate(carriers):
@@ -142,7 +168,7 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
         result = exchange(acc, k, state.algorithm, name=op_name_safe(f"{name}.{i}"),
                           digest=digest, flags=flags)
         if i == 0:
-            finite = check_verdict(result.verdict, plan, ks)
+            finite = check_verdict(result.verdict, plan, ks, runtime_scale)
             if finite is False:  # eager: every rank skips the rest alike
                 break
         if buffer is None:
@@ -155,7 +181,7 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
         members = buffer[1]
         for it, value in zip(members, _unflatten(reduced, [it.grad for it in members])):
             out[it.index] = value
-        new_residual = update_residual(acc, result)
+        new_residual = update_residual(acc, result, scale)
         for eps, value in zip(eps_list, _split(new_residual, [it.numel for it in members])):
             eps.assign(_when(finite, value, eps.read_value))
         k_total, numel_total, sent = k_total + k, numel_total + numel, sent + result.bytes_sent
@@ -170,7 +196,7 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     out = [_when(finite, g, lambda g=g: tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)))
            for g in out]
     stats = dict(density=density, k=k_total, numel=numel_total, dense_numel=dense_numel,
-                 bytes_sent=sent,
+                 bytes_sent=sent, loss_scale=scale,
                  dense_bytes=dense_allreduce_bytes(numel_total + dense_numel, size))
     state.record_step(finite, stats)
     return out

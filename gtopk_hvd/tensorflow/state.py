@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 _FORMAT = 1
 _STATS = {"density": tf.float64, "k": tf.int64, "numel": tf.int64, "dense_numel": tf.int64,
           "bytes_sent": tf.int64, "dense_bytes": tf.int64, "finite": tf.bool,
-          "nonfinite_steps": tf.int64}
+          "nonfinite_steps": tf.int64, "loss_scale": tf.float64}
 
 
 class _Untracked:
@@ -74,7 +74,8 @@ class GTopkState(tf.Module):
             # (world size, rank) that wrote the residuals; (-1, -1) before the first step
             self._world = tf.Variable([-1, -1], dtype=tf.int32, trainable=False, name="world")
             for key, dtype in _STATS.items():
-                self._book.stats[key] = tf.Variable(tf.zeros([], dtype), trainable=False,
+                initial = tf.ones([], dtype) if key == "loss_scale" else tf.zeros([], dtype)
+                self._book.stats[key] = tf.Variable(initial, trainable=False,
                                                     name=f"last_{key}")
         self._slots = []  # tracked: the residuals, by position
 
@@ -205,8 +206,9 @@ class GTopkState(tf.Module):
         this rank sent; dense_bytes: what a dense ring allreduce of all gradients would send,
         2(P-1)/P * 4d; finite: whether the last step was finite on every rank; step: finite
         synchronisations so far; nonfinite_steps: steps in which some rank's gradients were
-        not finite (NaN gradients everywhere, residuals kept); residual_norm: L2 norm of the
-        residuals.
+        not finite (NaN gradients everywhere, residuals kept); loss_scale: the loss scale the
+        gradients carried (1.0 without loss scaling); residual_norm: L2 norm of the residuals
+        (unscaled units).
         """
         with tf.init_scope():
             stats = {key: var.numpy().item() for key, var in self._book.stats.items()}

@@ -1,6 +1,8 @@
 """gTop-k inside ordinary TensorFlow training programs under real ``horovodrun`` at P = 3 and 5
 (extra ranks): unnamed collectives between steps, NaN / Inf on one rank, a variable without a
-gradient on some ranks, set-ups that differ; eagerly and in tf.function
+gradient on some ranks, set-ups that differ, loss scaling (the tape with
+``loss_scale_optimizer=``, a LossScaleOptimizer around or inside DistributedOptimizer); eagerly
+and in tf.function
 (workers/robustness_worker.py, every rank against the reference).  The job ends with Horovod's
 own shutdown, no barrier.
 """
@@ -18,6 +20,11 @@ SCENARIOS = [
     *[f"tape_{m}_mismatched_{w}_raises_on_every_rank"
       for m in ("eager", "graph") for w in ("density", "granularity")],
     "training_goes_on_after_a_refused_step",
+    *[f"{how}_loss_scale_bit_identical_to_the_unscaled_run_across_scale_growth"
+      for how in ("tape", "keras_outside", "keras_inside", "keras_inside_legacy")],
+    *[f"{how}_overflow_on_one_rank_skips_one_step_everywhere"
+      for how in ("tape", "keras_outside", "keras_inside", "keras_inside_legacy")],
+    "keras_fit_mixed_float16_policy_wraps_the_gtopk_optimizer_and_trains",
 ]
 
 

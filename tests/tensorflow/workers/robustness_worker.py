@@ -124,10 +124,140 @@ def mismatches(tf, hvd, rec, rank, size):
         assert same_on_every_rank(tf, hvd, got, "after.mismatch")
 
 
+def _scaled_loss_fn(tf):
+    """sum(sin(w * G)) with a backward pass that multiplies the gradient by ``factor`` (inf to
+    overflow one rank without making its loss non-finite)."""
+    @tf.custom_gradient
+    def poison(x, factor):
+        return tf.identity(x), lambda dy: (dy * factor, tf.zeros_like(factor))
+
+    def loss(variables, grads, factor):
+        terms = [tf.reduce_sum(tf.sin(v * g)) for v, g in zip(variables, grads)]
+        return poison(tf.add_n(terms), factor)
+    return loss
+
+
+def _loss_scale_run(tf, hvd, rank, size, how, steps, lso=None, overflow_at=None, prefix=""):
+    """``steps`` steps of SGD(0.5) on the sine loss with gTop-k (density 0.1, graph mode) wired
+    as ``how``; ``lso``: the LossScaleOptimizer's (initial_scale, growth_steps) or None.
+    Returns [(variables, loss scale, loss)] after every step, and the gTop-k state."""
+    import gtopk_hvd.tensorflow.keras as hvd_keras
+    legacy = how.endswith("legacy")
+    sgd = (tf.keras.optimizers.legacy.SGD if legacy else tf.keras.optimizers.SGD)(0.5)
+    lso_cls = tf.keras.mixed_precision.LossScaleOptimizer
+
+    def wrap(opt):
+        if lso is None:
+            return opt
+        return lso_cls(opt, initial_scale=lso[0], dynamic_growth_steps=lso[1])
+    variables = make_variables(tf, prefix=f"ls{prefix}{how}{lso is not None}")
+    loss_fn = _scaled_loss_fn(tf)
+    state = hvd.GTopkState(0.1)
+    if how.startswith("tape"):
+        opt = wrap(sgd)
+
+        def step(grads, factor):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(variables, grads, factor)
+                target = opt.get_scaled_loss(loss) if lso else loss
+            tape = hvd.DistributedGradientTape(tape, gtopk_state=state,
+                                               loss_scale_optimizer=opt if lso else None)
+            got = tape.gradient(target, variables)
+            opt.apply_gradients(zip(opt.get_unscaled_gradients(got) if lso else got,
+                                    variables))
+            return loss
+    else:
+        if how.startswith("keras_outside"):  # DistributedOptimizer(LossScaleOptimizer(SGD))
+            opt = hvd_keras.DistributedOptimizer(wrap(sgd), gtopk_state=state)
+        else:  # LossScaleOptimizer(DistributedOptimizer(SGD)), as mixed_float16 compile does
+            opt = wrap(hvd_keras.DistributedOptimizer(sgd, gtopk_state=state))
+
+        def step(grads, factor):
+            holder = []
+
+            def compute():
+                holder.append(loss_fn(variables, grads, factor))
+                return holder[-1]
+            opt.minimize(compute, variables)
+            return holder[-1]
+    fn = tf.function(step)
+    history = []
+    for t in range(steps):
+        factor = float("inf") if t == overflow_at and rank == size - 1 else 1.0
+        loss = fn([tf.constant(g) for g in rank_grads(21, t, rank, SHAPES)], tf.constant(factor))
+        history.append(([v.numpy().copy() for v in variables],
+                        float(opt.loss_scale) if lso else 1.0, float(loss)))
+    return history, state
+
+
+LOSS_SCALE_WIRINGS = ("tape", "keras_outside", "keras_inside", "keras_inside_legacy")
+
+
+def loss_scaling(tf, hvd, rec, rank, size):
+    for how in LOSS_SCALE_WIRINGS:
+        with rec(f"{how}_loss_scale_bit_identical_to_the_unscaled_run_across_scale_growth"):
+            plain, _ = _loss_scale_run(tf, hvd, rank, size, how, 6)
+            scaled, state = _loss_scale_run(tf, hvd, rank, size, how, 6, lso=(16.0, 2))
+            scales = [s for _, s, _ in scaled]
+            assert scales[-1] > scales[0], f"the scale never grew: {scales}"
+            for t, ((a, _, _), (b, _, _)) in enumerate(zip(plain, scaled)):
+                for j in range(len(SHAPES)):
+                    assert_equal(b[j], a[j], f"variable {j} after step {t + 1} (scales {scales})")
+            stats = state.gtopk_stats()
+            assert stats["step"] == 6 and stats["nonfinite_steps"] == 0, stats
+            # the tape reduces scaled gradients (the scale of the last step: before its update),
+            # the optimizer the unscaled ones
+            assert stats["loss_scale"] == (scales[-2] if how == "tape" else 1.0), stats
+    for how in LOSS_SCALE_WIRINGS:
+        with rec(f"{how}_overflow_on_one_rank_skips_one_step_everywhere"):
+            history, state = _loss_scale_run(tf, hvd, rank, size, how, 5, lso=(2.0 ** 8, 1000),
+                                             overflow_at=2, prefix="o")
+            scales = [s for _, s, _ in history]
+            assert scales == [2.0 ** 8] * 2 + [2.0 ** 7] * 3, scales
+            for j in range(len(SHAPES)):
+                assert_equal(history[2][0][j], history[1][0][j], f"variable {j} at the skip")
+            assert any(not np.array_equal(a, b) for a, b in zip(history[3][0], history[2][0]))
+            assert all(np.isfinite(loss) for _, _, loss in history), history
+            stats = state.gtopk_stats()
+            assert stats["nonfinite_steps"] == 1 and stats["step"] == 4, stats
+            assert all(np.isfinite(e.numpy()).all() for e in state.residuals.values())
+            assert same_on_every_rank(tf, hvd, [tf.constant(w) for w in history[-1][0]],
+                                      f"overflow.{how}")
+
+
+def mixed_float16_fit(tf, hvd, rec, rank, size):
+    import gtopk_hvd.tensorflow.keras as hvd_keras
+    with rec("keras_fit_mixed_float16_policy_wraps_the_gtopk_optimizer_and_trains"):
+        tf.keras.mixed_precision.set_global_policy("mixed_float16")
+        try:
+            tf.keras.utils.set_random_seed(rank)
+            rng = np.random.default_rng([23, rank])
+            x = rng.standard_normal((64, 10)).astype(np.float32)
+            y = (x[:, 0] - x[:, 2] > 0).astype(np.int64)
+            model = tf.keras.Sequential([
+                tf.keras.layers.Dense(16, activation="relu", input_shape=(10,)),
+                tf.keras.layers.Dense(2), tf.keras.layers.Activation("linear", dtype="float32")])
+            opt = hvd_keras.DistributedOptimizer(tf.keras.optimizers.SGD(0.1), density=0.1)
+            model.compile(optimizer=opt,
+                          loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False,
+                                callbacks=[hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0)])
+        finally:
+            tf.keras.mixed_precision.set_global_policy("float32")
+        wrapper = model.optimizer
+        assert type(wrapper).__name__.startswith("LossScaleOptimizer"), type(wrapper)
+        assert wrapper.inner_optimizer is opt
+        assert all(np.isfinite(history.history["loss"])), history.history
+        stats = opt.gtopk_stats()
+        assert stats["step"] == 8 and stats["loss_scale"] == 1.0, stats
+        assert same_on_every_rank(tf, hvd, model.variables, "mixed.same")
+
+
 def main():
     tf, hvd, rec = start()
     rank, size = hvd.rank(), hvd.size()
-    for scenario in (unnamed_collectives, nonfinite, missing_gradient, mismatches):
+    for scenario in (unnamed_collectives, nonfinite, missing_gradient, mismatches,
+                     loss_scaling, mixed_float16_fit):
         scenario(tf, hvd, rec, rank, size)
     rec.save()
     plain_hvd.shutdown()  # Horovod's own, no barrier

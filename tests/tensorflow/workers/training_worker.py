@@ -403,6 +403,12 @@ def bad_arguments(tf, hvd, rec, rank, size):
             else:
                 raise AssertionError(f"{type(bad_opt).__name__} did not raise")
         try:
+            hvd.DistributedGradientTape(tf.GradientTape(), loss_scale_optimizer=1024.0)
+        except TypeError as exc:
+            assert "LossScaleOptimizer" in str(exc), exc
+        else:
+            raise AssertionError("a loss_scale_optimizer that is not one did not raise")
+        try:
             source = tf.ones([3])
             with tf.GradientTape() as tape:
                 tape.watch(source)
