@@ -8,6 +8,7 @@ and 1000 test sequences of length 40, 10 classes): nothing is downloaded.  Lines
 ``# gtopk_hvd:`` are what changes from a plain Horovod script; with ``--dense`` the same
 script runs horovod.torch's own DistributedOptimizer as the baseline.
 """
+import sys
 import time
 
 import horovod.torch as plain_hvd
@@ -103,8 +104,11 @@ def main():
     for epoch in range(args.epochs):
         train_sampler.set_epoch(epoch)
         loss_sum = torch.zeros(2, dtype=torch.float64)
+        # a bar on rank 0 at a terminal only: through horovodrun's pipes a bar arrives in
+        # prefixed fragments, and the epoch line below is the progress
         for x, y in tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}",
-                         disable=rank != 0, leave=False, mininterval=2):
+                         disable=rank != 0 or not sys.stderr.isatty(), leave=False,
+                         mininterval=2):
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()

@@ -77,6 +77,25 @@ assert src.count(old) == 1 and src.count(tail) == 1, "process_set.cc changed: up
 src = src.replace(old, new_head).replace(tail, new_tail)
 open(path, "w").write(src)
 PATCH
+# horovodrun checks which frameworks Horovod was built with by importing each extension in a
+# forked child that is meant to be silent but mutes Python's sys.stderr only: importing
+# TensorFlow there printed its C++ start-up banners (oneDNN, cpu_feature_guard) into every
+# launch, PyTorch jobs included.  Mute the child's file descriptors 1 and 2 as well.
+"$PY" - "$src/horovod/common/util.py" <<'PATCH' || die "patch failed: util.py"
+import sys
+path = sys.argv[1]
+src = open(path).read()
+old = """            sys.stderr = open(os.devnull, 'w')
+"""
+new = old + """            # gtopk_hvd patch: mute C++ output too (TensorFlow's start-up banners)
+            _null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(_null, 1)
+            os.dup2(_null, 2)
+"""
+assert src.count(old) == 1, "horovod/common/util.py changed: update the patch"
+open(path, "w").write(src.replace(old, new))
+PATCH
+grep -q 'gtopk_hvd patch: mute C++ output' "$src/horovod/common/util.py" || die "patch failed: util.py"
 grep -q 'gtopk_hvd patch: a peer is gone' "$src/horovod/common/process_set.cc" \
   || die "patch failed: process_set.cc"
 grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" || die "patch failed: torch CMakeLists"

@@ -34,15 +34,13 @@ def shutdown():
 
 
 def broadcast_optimizer_state(optimizer, root_rank, model=None):
-    """``hvd.broadcast_optimizer_state`` that also accepts a gTop-k DistributedOptimizer.
+    """``hvd.broadcast_optimizer_state``, for any optimizer, gTop-k or not (Horovod's own
+    function is just as safe on a gTop-k DistributedOptimizer).
 
-    Horovod initialises an empty optimizer state by calling ``optimizer.step()`` on zero
-    gradients; for a gTop-k optimizer that step is taken without synchronising, so it neither
-    communicates nor touches the residuals or the density schedule.  The residuals are not
-    broadcast: they belong to each rank.
+    Ranks whose optimizer has no state yet (the resume idiom: only rank 0 loaded a checkpoint)
+    initialise it with a local step of the wrapped optimizer on zero gradients, which never
+    communicates; the gTop-k schedule step travels from ``root_rank`` with the options of
+    ``param_groups[0]`` (``"gtopk_step"``).  The residuals are not broadcast: they belong to
+    each rank.
     """
-    skip = getattr(optimizer, "skip_synchronize", None)
-    if skip is None or not hasattr(optimizer, "gtopk_stats"):
-        return hvd.broadcast_optimizer_state(optimizer, root_rank, model=model)
-    with skip():
-        return hvd.broadcast_optimizer_state(optimizer, root_rank, model=model)
+    return hvd.broadcast_optimizer_state(optimizer, root_rank, model=model)

@@ -21,11 +21,13 @@ Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global T
 Sparsification for Low Bandwidth Networks", ICDCS 2019.
 """
 import logging
+import sys
 import warnings
 import weakref
 from contextlib import contextmanager
 
 import horovod.torch as hvd
+import horovod.torch.functions
 import torch
 
 from gtopk_hvd.common.collective import NONFINITE
@@ -62,6 +64,26 @@ class _Layout:
         self.key = tuple(id(p) for p in params)
 
 
+_STEP_KEY = "gtopk_step"
+# Horovod's broadcast_optimizer_state initialises an empty optimizer state by calling step()
+# on zero gradients on the ranks without state only (the resume idiom: rank 0 loaded a
+# checkpoint), so that step must not synchronise; it must not move the parameters either
+# (weight decay would, on those ranks only).
+_HOROVOD_STATE_INIT = horovod.torch.functions.broadcast_optimizer_state.__code__
+
+
+def _called_from(code, depth=6):
+    """Whether a caller up to ``depth`` frames above the caller runs ``code``."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _DistributedOptimizer(torch.optim.Optimizer):
     """Methods copied into a subclass of the user's optimizer class, as Horovod does."""
 
@@ -81,9 +103,21 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._passes = {}
         self._synchronized = False
         self._should_synchronize = True
+        self._published_step = None
+        self._sync_step()
         if gtopk_state.algorithm == "gtopk":
             exchange_sets(hvd)  # collective registration; every check above ran first
         self._register_hooks()
+
+    def _sync_step(self):
+        """Keep the schedule step also in ``param_groups[0]["gtopk_step"]``, the one place that
+        Horovod's own ``broadcast_optimizer_state`` (and torch's ``load_state_dict``) carries
+        from rank 0 to every rank: a value written there from outside is adopted."""
+        group = self.param_groups[0]
+        seen = group.get(_STEP_KEY)
+        if seen is not None and seen != self._published_step:
+            self._gtopk.step = int(seen)
+        group[_STEP_KEY] = self._published_step = self._gtopk.step
 
     def _register_hooks(self):
         this = weakref.ref(self)
@@ -232,6 +266,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                     f"example nn.Embedding(sparse=True)); gTop-k works on dense buffers: pass "
                     f"sparse_as_dense=True or use a dense embedding")
         layout = self._current_layout(params)
+        self._sync_step()
         st, size = self._gtopk, hvd.size()
         density, scale = st.density(), self._loss_scale()
         plan, digest = self._plan(layout, density, scale)
@@ -269,6 +304,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._set_grads(layout.dense, flat)
             sent += dense_allreduce_bytes(dense_numel, size)
         st.step += 1
+        self._sync_step()
         st.last = {"density": density, "k": k_total, "numel": numel, "dense_numel": dense_numel,
                    "bytes_sent": sent, "finite": True, "loss_scale": scale,
                    "dense_bytes": dense_allreduce_bytes(numel + dense_numel, size)}
@@ -307,6 +343,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._should_synchronize = True
 
     def step(self, closure=None):
+        if _called_from(_HOROVOD_STATE_INIT):
+            return self._state_init_step()
         if self._should_synchronize:
             if self._synchronized:
                 warnings.warn("optimizer.step() called after optimizer.synchronize() without "
@@ -316,6 +354,18 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 self.synchronize()
         self._synchronized = False
         return super(self.__class__, self).step(closure)
+
+    def _state_init_step(self):
+        """The wrapped optimizer's step on the zero gradients broadcast_optimizer_state set,
+        without synchronising and with the parameters left bit for bit as they were: it only
+        creates the optimizer state that the broadcast then overwrites."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved = [p.detach().clone() for p in params]
+        result = super(self.__class__, self).step()
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+        return result
 
     def zero_grad(self, set_to_none=True):
         self._passes.clear()
@@ -328,9 +378,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def gtopk_stats(self):
         """Statistics of the last synchronisation on this rank (see GTopkState.gtopk_stats)."""
+        self._sync_step()
         return self._gtopk.gtopk_stats()
 
     def state_dict(self):
+        self._sync_step()
         state = super(self.__class__, self).state_dict()
         state["gtopk"] = self._gtopk.state_dict(hvd.size(), hvd.rank())
         return state
@@ -345,6 +397,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         super(self.__class__, self).load_state_dict(state_dict)
         if gtopk_state is not None:
             self._gtopk.load_state_dict(gtopk_state, hvd.size(), hvd.rank())
+            self.param_groups[0].pop(_STEP_KEY, None)  # the gTop-k state's own step wins
+        self._published_step = None
+        self._sync_step()
         self._passes.clear()
         self._synchronized = False
         self._should_synchronize = True

@@ -27,6 +27,9 @@ SCENARIOS = [
     "density_schedule_and_statistics",
     "synchronize_then_skip_synchronize_equals_plain_step",
     "broadcast_optimizer_state_does_not_take_a_gtopk_step",
+    "horovod_broadcast_optimizer_state_resume_idiom_no_deadlock_same_schedule_step",
+    "gtopk_hvd_broadcast_optimizer_state_resume_idiom_no_deadlock_same_schedule_step",
+    "horovod_broadcast_optimizer_state_on_a_stateless_optimizer_takes_no_gtopk_step",
     "bad_arguments_raise_on_every_rank_then_training_works",
 ]
 

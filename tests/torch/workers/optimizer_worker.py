@@ -391,6 +391,52 @@ def synchronize_api(hvd, rec, rank, size):
         assert len(opt.state_dict()["state"]) == len(list(model.parameters()))
 
 
+def resume_idioms(hvd, rec, rank, size):
+    """Horovod's resume idiom with Horovod's own functions (the import swap keeps
+    ``import horovod.torch``): rank 0 loads the checkpoint, then broadcast_parameters and
+    broadcast_optimizer_state."""
+    import horovod.torch as plain_hvd
+    gtopk = {"density": StepwiseDensity([0.1, 0.01], steps_per_epoch=2)}
+    for how in ("horovod", "gtopk_hvd"):
+        broadcast_state = (plain_hvd if how == "horovod" else hvd).broadcast_optimizer_state
+        with rec(f"{how}_broadcast_optimizer_state_resume_idiom_no_deadlock_same_schedule_step"):
+            model = make_model(1300)
+            opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(), **gtopk)
+            loss = loss_for(1300)
+            train(hvd, model, opt, loss, steps=3)
+            saved = {"model": model.state_dict(), "opt": opt.state_dict()}
+            model = make_model(1301 + rank)  # other weights on every rank
+            opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(), **gtopk)
+            if rank == 0:
+                model.load_state_dict(saved["model"])
+                opt.load_state_dict(saved["opt"])
+            plain_hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+            broadcast_state(opt, root_rank=0)  # the others have no state: no gTop-k step
+            resumed = opt.gtopk_stats()
+            has_residuals = opt.gtopk_state.residuals != {}
+            history = train(hvd, model, opt, loss, steps=2)
+            same = same_on_every_rank(hvd, history[-1], f"resume.{how}")
+            stats = opt.gtopk_stats()
+            assert resumed["step"] == 3, resumed  # the schedule step came from rank 0
+            assert has_residuals == (rank == 0)
+            assert stats["step"] == 5 and stats["density"] == 0.01, stats
+            assert same, "ranks differ after the resume"
+    with rec("horovod_broadcast_optimizer_state_on_a_stateless_optimizer_takes_no_gtopk_step"):
+        model = make_model(1400)
+        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(), density=0.1)
+        loss = loss_for(1400)
+        train(hvd, model, opt, loss, steps=1)
+        before = flat_params(model)
+        plain_hvd.broadcast_optimizer_state(opt, root_rank=0)  # every rank calls step()
+        after, step = flat_params(model), opt.gtopk_stats()["step"]
+        same = same_on_every_rank(hvd, train(hvd, model, opt, loss, steps=1)[-1], "stateless")
+        assert_equal(after, before.numpy(), "params")
+        assert step == 1 and same
+
+
 def bad_input(hvd, rec, rank, size):
     with rec("bad_arguments_raise_on_every_rank_then_training_works"):
         model = make_model(1300)
@@ -409,4 +455,4 @@ def bad_input(hvd, rec, rank, size):
 
 SCENARIOS = (trajectories, identical_across_ranks, density_one, accumulation, checkpoint,
              world_size_policy, missing_gradients, half_precision, sparse_gradients,
-             dense_threshold, schedule_and_stats, synchronize_api, bad_input)
+             dense_threshold, schedule_and_stats, synchronize_api, resume_idioms, bad_input)
