@@ -19,7 +19,8 @@ from horovod.tensorflow.gradient_aggregation_eager import LocalGradientAggregati
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.tensorflow.gradients import allreduce_gradients
 
-__all__ = ["create_distributed_optimizer", "check_tf_keras_optimizer", "find_gtopk_state"]
+__all__ = ["create_distributed_optimizer", "check_tf_keras_optimizer", "find_gtopk_state",
+           "load_model_with"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,3 +195,43 @@ def create_distributed_optimizer(optimizer, name, sparse_as_dense, op,
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                dict(_DistributedOptimizer.__dict__))
     return cls.from_config(optimizer.get_config())
+
+
+class _Rewrap:
+    """Stands for an optimizer class while a model loads: builds the optimizer from its saved
+    config, then wraps it (``wrap(optimizer)``)."""
+
+    def __init__(self, cls, wrap):
+        self.cls, self.wrap = cls, wrap
+        self.__name__ = cls.__name__
+
+    def __call__(self, *args, **kwargs):
+        return self.wrap(self.cls(*args, **kwargs))
+
+    def from_config(self, config, custom_objects=None):
+        return self.wrap(self.cls.from_config(config))
+
+
+def _optimizer_classes(base):
+    found, todo = {}, list(base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        if cls.__module__.startswith("tf_keras.") and "mixed_precision" not in cls.__module__:
+            found.setdefault(cls.__name__, cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def load_model_with(wrap, filepath, custom_optimizers, custom_objects, legacy_opts=False):
+    """``tf.keras.models.load_model`` with every tf.keras optimizer class (and
+    ``custom_optimizers``) standing for itself wrapped by ``wrap``: under its name and in lower
+    case, as the .keras, .h5 and SavedModel formats look them up."""
+    optimizers = tf.keras.optimizers
+    classes = dict(_optimizer_classes(optimizers.legacy.Optimizer if legacy_opts
+                                      else optimizers.Optimizer))
+    classes.update({cls.__name__: cls for cls in custom_optimizers or ()})
+    objects = {}
+    for name, cls in classes.items():
+        objects[name] = objects[name.lower()] = _Rewrap(cls, wrap)
+    objects.update(custom_objects or {})
+    return tf.keras.models.load_model(filepath, custom_objects=objects)

@@ -23,14 +23,15 @@ from horovod.tensorflow import (Average, Compression, ProcessSet, Sum, add_proce
                                 rocm_built, size, start_timeline, stop_timeline)
 from horovod.tensorflow.keras import allgather, allreduce, broadcast, reducescatter
 
-from gtopk_hvd._keras import check_tf_keras_optimizer, create_distributed_optimizer
+from gtopk_hvd._keras import (check_tf_keras_optimizer, create_distributed_optimizer,
+                              load_model_with)
 from gtopk_hvd.common.validation import check_positive_int
 from gtopk_hvd.tensorflow import GTopkState, init, shutdown
 from gtopk_hvd.tensorflow.gradient_tape import check_horovod_arguments, prepare_state
 from gtopk_hvd.tensorflow.keras import callbacks
 
 __all__ = [
-    "init", "DistributedOptimizer", "GTopkState", "callbacks",
+    "init", "DistributedOptimizer", "load_model", "GTopkState", "callbacks",
     "Average", "Compression", "ProcessSet", "Sum", "add_process_set", "allgather", "allreduce",
     "broadcast", "reducescatter", "ccl_built", "cross_rank", "cross_size", "cuda_built",
     "ddl_built", "gloo_built", "gloo_enabled", "global_process_set", "is_initialized",
@@ -111,3 +112,24 @@ def DistributedOptimizer(optimizer, name=None,
         backward_passes_per_step=backward_passes_per_step,
         average_aggregated_gradients=average_aggregated_gradients,
         scale_local_gradients=scale_local_gradients, gtopk_state=gtopk_state)
+
+
+def load_model(filepath, custom_optimizers=None, custom_objects=None,
+               compression=Compression.none, legacy_opts=False, *, density=0.001,
+               algorithm="gtopk", granularity="model", dense_threshold=0, gtopk_state=None):
+    """Load a saved tf.keras model (``.keras``, ``.h5`` or SavedModel) with its optimizer
+    wrapped again by the gTop-k :func:`DistributedOptimizer`, as ``hvd.load_model`` does with
+    Horovod's; the optimizer's own state (slots, iterations) is restored.
+
+    Arguments as ``horovod.tensorflow.keras.load_model`` plus the gTop-k keyword arguments of
+    :func:`DistributedOptimizer`.  Every tf.keras optimizer class (also the ``legacy`` ones)
+    is found without ``custom_optimizers``.  The residuals are not part of these formats: they
+    start from zero (``model.save_weights`` / ``tf.train.Checkpoint`` keep them).
+    """
+    check_horovod_arguments(compression, Average, 1.0, 0, None, global_process_set)
+
+    def wrap(optimizer):
+        return DistributedOptimizer(optimizer, density=density, algorithm=algorithm,
+                                    granularity=granularity, dense_threshold=dense_threshold,
+                                    gtopk_state=gtopk_state)
+    return load_model_with(wrap, filepath, custom_optimizers, custom_objects, legacy_opts)

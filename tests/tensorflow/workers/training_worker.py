@@ -368,6 +368,40 @@ def keras_checkpoint_restore(tf, hvd, rec, rank, size):
         assert state2.step == 8 and float(state.residual_norm()) > 0
 
 
+def keras_load_model(tf, hvd, rec, rank, size):
+    import gtopk_hvd.tensorflow.keras as hvd_keras
+    with rec("keras_load_model_rewraps_gtopk_in_keras_h5_and_savedmodel_formats") as data:
+        rng = np.random.default_rng([33, rank])
+        x = rng.standard_normal((32, 6)).astype(np.float32)
+        y = rng.standard_normal((32, 2)).astype(np.float32)
+        tf.keras.utils.set_random_seed(9)
+        model = tf.keras.Sequential([tf.keras.layers.Dense(8, activation="tanh",
+                                                           input_shape=(6,)),
+                                     tf.keras.layers.Dense(2)])
+        model.compile(optimizer=hvd_keras.DistributedOptimizer(
+            tf.keras.optimizers.SGD(0.05, momentum=0.9), density=0.1), loss="mse")
+        fit = dict(batch_size=16, verbose=0, shuffle=False)
+        model.fit(x, y, epochs=1, **fit)
+        found = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for fmt in ("model.keras", "model.h5", "savedmodel"):
+                path = os.path.join(tmp, fmt)
+                model.save(path)
+                loaded = hvd_keras.load_model(path, density=0.2)
+                opt = loaded.optimizer
+                iterations = int(opt.iterations)
+                loaded.fit(x, y, epochs=1, **fit)
+                found[fmt] = (hasattr(opt, "gtopk_state") and opt.gtopk_state.density(),
+                              iterations, opt.gtopk_stats()["step"],
+                              same_on_every_rank(tf, hvd, loaded.variables, f"load.{fmt}"))
+        data["found"] = {k: list(map(str, v)) for k, v in found.items()}
+        for fmt, (density, iterations, steps, same) in found.items():
+            assert density == 0.2, (fmt, density)  # a gTop-k optimizer, with the new density
+            assert steps == 2 and same, (fmt, steps, same)  # it synchronised: ranks agree
+        # the optimizer's own state came with the file (the .keras and SavedModel formats)
+        assert found["model.keras"][1] == 2, found
+
+
 def bad_arguments(tf, hvd, rec, rank, size):
     import gtopk_hvd.tensorflow.keras as hvd_keras
     with rec("bad_arguments_raise_on_every_rank_then_training_works"):
@@ -431,7 +465,8 @@ def main():
                      tape_schedule_in_graph, tape_mlp_identical_across_ranks,
                      tape_checkpoint_restore, tape_world_size_change, tape_sparse_gradients,
                      keras_minimize_equals_reference, keras_backward_passes,
-                     keras_fit_with_callbacks, keras_checkpoint_restore, bad_arguments):
+                     keras_fit_with_callbacks, keras_checkpoint_restore, keras_load_model,
+                     bad_arguments):
         scenario(tf, hvd, rec, rank, size)
     finish(tf, hvd, rec)
 
