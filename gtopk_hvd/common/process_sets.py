@@ -21,13 +21,18 @@ import os
 from gtopk_hvd.common.errors import ProcessSetError
 from gtopk_hvd.common.schedule import exchange_groups
 
-__all__ = ["init_with_exchange_sets", "exchange_sets", "process_set_for_stage",
-           "world_size_before_init"]
+__all__ = ["init_with_exchange_sets", "exchange_sets", "prepare_exchange_sets",
+           "process_set_for_stage", "world_size_before_init", "is_elastic"]
 
 logger = logging.getLogger(__name__)
 
 _DYNAMIC_ENV = "HOROVOD_DYNAMIC_PROCESS_SETS"
 _cache = {}  # id(hvd module) -> (size, {group: ProcessSet})
+
+
+def is_elastic():
+    """Whether this process runs under Horovod Elastic (horovodrun sets HOROVOD_ELASTIC=1)."""
+    return os.environ.get("HOROVOD_ELASTIC", "0") not in ("", "0")
 
 
 def init_with_exchange_sets(hvd, comm=None, process_sets=None):
@@ -45,12 +50,14 @@ def init_with_exchange_sets(hvd, comm=None, process_sets=None):
                      or os.environ.get(_DYNAMIC_ENV, "0") not in ("", "0"))
     size = None if wants_dynamic else world_size_before_init(comm)
     if size is None:
+        if is_elastic():  # Horovod's elastic reset calls a plain hvd.init(): allow our sets
+            os.environ[_DYNAMIC_ENV] = "1"
         if process_sets is None:
             process_sets = "dynamic"
         elif process_sets != "dynamic":
             os.environ[_DYNAMIC_ENV] = "1"  # keep the user's static sets and allow ours
         hvd.init(comm=comm, process_sets=process_sets)
-        return exchange_sets(hvd)
+        return prepare_exchange_sets(hvd)
     user = list(process_sets or [])
     taken = {tuple(sorted(ps.ranks)) for ps in user if ps.ranks is not None}
     ours = [hvd.ProcessSet(list(group)) for group in exchange_groups(size)
@@ -88,6 +95,22 @@ def world_size_before_init(comm=None):
     return None
 
 
+def prepare_exchange_sets(hvd):
+    """Register the exchange sets now (collective), except under Horovod Elastic, where a
+    worker that joins runs this while the others synchronise their state: there they are
+    registered at the first gTop-k exchange after each (re)start, where every rank is."""
+    if is_elastic():
+        return None
+    return exchange_sets(hvd)
+
+
+def _registered(hvd):
+    """{ranks tuple: process set id} of the sets Horovod holds now."""
+    from horovod.common.process_sets import _basics
+    return {tuple(ranks): ps_id
+            for ps_id, ranks in _basics._get_process_set_ids_and_ranks().items()}
+
+
 def exchange_sets(hvd):
     """Return {group: ProcessSet} for every group of the schedule, registering as needed."""
     if not hvd.is_initialized():
@@ -96,11 +119,11 @@ def exchange_sets(hvd):
             "gtopk_hvd.tensorflow.init()) on every rank before building a gTop-k optimizer")
     size = hvd.size()
     cached = _cache.get(id(hvd))
-    if cached is not None and cached[0] == size:
+    if cached is not None and cached[0] == size and not (is_elastic() and _stale(hvd, cached)):
         return cached[1]
-    from horovod.common.process_sets import _basics, _temp_process_set_object
+    from horovod.common.process_sets import _temp_process_set_object
 
-    existing = {tuple(ranks): ps_id for ps_id, ranks in _basics._get_process_set_ids_and_ranks().items()}
+    existing = _registered(hvd)
     sets = {}
     missing = []
     for group in exchange_groups(size):
@@ -123,6 +146,15 @@ def exchange_sets(hvd):
                      len(missing), size)
     _cache[id(hvd)] = (size, sets)
     return sets
+
+
+def _stale(hvd, cached):
+    """Whether Horovod was re-initialised (an elastic reset) since ``cached`` was built: its
+    sets are gone or hold other ranks."""
+    registered = _registered(hvd)
+    return any(ps.process_set_id is not None and ps is not hvd.global_process_set
+               and registered.get(group) != ps.process_set_id
+               for group, ps in cached[1].items())
 
 
 def process_set_for_stage(sets, stage):

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from gtopk_hvd.common.density import as_schedule
 from gtopk_hvd.common.errors import GTopkError
-from gtopk_hvd.common.process_sets import exchange_sets
+from gtopk_hvd.common.process_sets import prepare_exchange_sets
 from gtopk_hvd.common.validation import (check_algorithm, check_gradient_predivide_factor,
                                          check_global_process_set, check_granularity,
                                          check_no_compression, check_no_groups,
@@ -75,7 +75,7 @@ def prepare_state(gtopk_state, make_state, init_call, what):
         raise GTopkError(f"Horovod is not initialised: call {init_call} on every rank before "
                          f"building a gTop-k {what}")
     if gtopk_state.algorithm == "gtopk":
-        exchange_sets(hvd)  # collective registration; every check above ran first
+        prepare_exchange_sets(hvd)  # collective registration; every check above ran first
     return gtopk_state
 
 

@@ -23,6 +23,7 @@ from horovod.torch import (Adasum, Average, Compression, HorovodInternalError, M
 from gtopk_hvd.common.density import (ConstantDensity, DensitySchedule,
                                       ExponentialWarmupDensity, StepwiseDensity)
 from gtopk_hvd.common.errors import GTopkError, ProcessSetError
+from gtopk_hvd.torch import elastic
 from gtopk_hvd.torch.collective import GTopkResult, gtopk_allreduce, gtopk_allreduce_
 from gtopk_hvd.torch.functions import broadcast_optimizer_state, init, shutdown
 from gtopk_hvd.torch.ops import TorchOps
@@ -32,7 +33,7 @@ from gtopk_hvd.torch.state import GTopkState
 __all__ = [
     # gTop-k
     "init", "DistributedOptimizer", "gtopk_allreduce", "gtopk_allreduce_", "GTopkResult",
-    "GTopkState", "TorchOps",
+    "GTopkState", "TorchOps", "elastic",
     "broadcast_optimizer_state", "shutdown", "GTopkError", "ProcessSetError",
     "ConstantDensity", "DensitySchedule", "ExponentialWarmupDensity", "StepwiseDensity",
     # re-exported from horovod.torch

@@ -34,7 +34,7 @@ from gtopk_hvd.common.collective import NONFINITE
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.plan import make_plan, plan_digest
-from gtopk_hvd.common.process_sets import exchange_sets
+from gtopk_hvd.common.process_sets import prepare_exchange_sets
 from gtopk_hvd.common.validation import (check_buffer_numel, check_global_process_set,
                                          check_gradient_predivide_factor, check_no_compression,
                                          check_no_groups, check_op, check_parameter_names,
@@ -106,7 +106,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._published_step = None
         self._sync_step()
         if gtopk_state.algorithm == "gtopk":
-            exchange_sets(hvd)  # collective registration; every check above ran first
+            prepare_exchange_sets(hvd)  # collective registration; every check above ran first
         self._register_hooks()
 
     def _sync_step(self):
