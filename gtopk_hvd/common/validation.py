@@ -133,11 +133,19 @@ def check_no_compression(compression, none):
             f"compression=hvd.Compression.none")
 
 
-def check_gradient_predivide_factor(factor):
-    if factor != 1.0:
-        raise ValueError(
-            f"gradient_predivide_factor={factor} is not supported: gTop-k "
-            f"sums float32 values, so there is no overflow to guard against; leave it at 1.0")
+def check_gradient_predivide_factor(factor, op="Average"):
+    """Horovod's ``gradient_predivide_factor`` f: gradients are multiplied by 1/f before the
+    reduction and the average by f after it.  A finite positive number, and only with
+    ``op=Average`` (as in Horovod).  Returns it as a float."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
+            0 < float(factor) < float("inf")):
+        raise ValueError(f"gradient_predivide_factor must be a finite positive number, got "
+                         f"{factor!r}")
+    factor = float(factor)
+    if factor != 1.0 and op != "Average":
+        raise ValueError(f"gradient_predivide_factor={factor} is only supported with "
+                         f"op=Average (got op={op}), as in Horovod; leave it at 1.0")
+    return factor
 
 
 def check_no_groups(num_groups, groups):

@@ -134,16 +134,18 @@ def after_verdict(finite, tensor):
         return tf.identity(tensor)
 
 
-def decompress(result, numel, algorithm="gtopk", average_over=1):
+def decompress(result, numel, algorithm="gtopk", average_over=1, postscale=1.0):
     """Dense float32 tensor of ``numel`` entries from the global set, divided by
-    ``average_over``.  Top-k's gathered entries are added in rank order (0 + v_0 + v_1 ...)."""
+    ``average_over``, then times ``postscale`` (Horovod's gradient_predivide_factor).  Top-k's
+    gathered entries are added in rank order (0 + v_0 + v_1 ...)."""
     if algorithm == "topk":
         # the CPU kernel adds the rows in order: the reference's summation order
         dense = tf.math.unsorted_segment_sum(result.values, result.indices, numel)
     else:
         dense = tf.tensor_scatter_nd_update(tf.zeros([numel], tf.float32),
                                             tf.expand_dims(result.indices, 1), result.values)
-    return exact_divide(dense, average_over) if average_over != 1 else dense
+    dense = exact_divide(dense, average_over) if average_over != 1 else dense
+    return dense * postscale if postscale != 1.0 else dense
 
 
 def exact_divide(x, n):

@@ -43,12 +43,14 @@ def shared_state(density, algorithm="gtopk", granularity="model", dense_threshol
 
 def check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups, groups,
                             process_set):
-    """The Horovod arguments gTop-k keeps in its signatures but cannot honour, refused early."""
+    """The Horovod arguments gTop-k keeps in its signatures but cannot honour, refused early;
+    returns ``gradient_predivide_factor`` as a float."""
     check_no_compression(compression, hvd.Compression.none)
     check_op(op_name(op))
-    check_gradient_predivide_factor(gradient_predivide_factor)
+    factor = check_gradient_predivide_factor(gradient_predivide_factor, op_name(op))
     check_no_groups(num_groups, groups)
     check_global_process_set(process_set)
+    return factor
 
 
 def check_loss_scale_optimizer(loss_scale_optimizer):
@@ -84,7 +86,7 @@ class _DistributedGradientTape(tf.GradientTape):
 
     def __init__(self, tape, op, sparse_as_dense, persistent=False,
                  watch_accessed_variables=True, scale_local_gradients=True, gtopk_state=None,
-                 loss_scale_optimizer=None):
+                 loss_scale_optimizer=None, gradient_predivide_factor=1.0):
         if hasattr(tape, "_watch_accessed_variables"):
             super(self.__class__, self).__init__(persistent, watch_accessed_variables)
         else:
@@ -96,6 +98,7 @@ class _DistributedGradientTape(tf.GradientTape):
         self._local_sources = set()
         self._gtopk = gtopk_state
         self._loss_scale_optimizer = loss_scale_optimizer
+        self._predivide = gradient_predivide_factor
 
     def register_local_source(self, source):
         """Registers a source/variable as worker local: its gradient is not communicated (and
@@ -111,7 +114,8 @@ class _DistributedGradientTape(tf.GradientTape):
                                       [sources[i] for i in shared], op=self._op,
                                       sparse_as_dense=self._sparse_as_dense,
                                       name="gtopk" if use_generic_names else "gtopk_tape",
-                                      loss_scale=self._loss_scale())
+                                      loss_scale=self._loss_scale(),
+                                      gradient_predivide_factor=self._predivide)
         for i, grad in zip(shared, reduced):
             gradients[i] = grad
         if self._scale_local_gradients and self._local_sources:
@@ -176,10 +180,10 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
             LossScaleOptimizer skips that step and halves its scale.
 
     ``compression`` must stay ``Compression.none``, ``op`` is Average or Sum, ``process_set``
-    the global set, ``gradient_predivide_factor`` 1.0 and ``num_groups`` / ``groups`` unset
-    (use ``granularity``).  ``device_dense`` / ``device_sparse`` are accepted and unused.
-    Sources must be tf.Variables (they key the residuals); sparse gradients need
-    ``sparse_as_dense=True``.
+    the global set and ``num_groups`` / ``groups`` unset (use ``granularity``);
+    ``gradient_predivide_factor`` works as in Horovod (with Average).  ``device_dense`` /
+    ``device_sparse`` are accepted and unused.  Sources must be tf.Variables (they key the
+    residuals); sparse gradients need ``sparse_as_dense=True``.
 
     Example::
 
@@ -190,8 +194,8 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
         tape = hvd.DistributedGradientTape(tape, density=0.01)
         grads = tape.gradient(loss, model.trainable_variables)
     """
-    check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups, groups,
-                            process_set)
+    predivide = check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups,
+                                        groups, process_set)
     check_loss_scale_optimizer(loss_scale_optimizer)
 
     def make_state():
@@ -206,7 +210,8 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
     if hasattr(gradtape, "_watch_accessed_variables"):
         return cls(gradtape._tape, op, sparse_as_dense, gradtape._persistent,
                    gradtape._watch_accessed_variables, scale_local_gradients=scale_local_gradients,
-                   gtopk_state=gtopk_state, loss_scale_optimizer=loss_scale_optimizer)
+                   gtopk_state=gtopk_state, loss_scale_optimizer=loss_scale_optimizer,
+                   gradient_predivide_factor=predivide)
     return cls(gradtape._tape, op, sparse_as_dense, gradtape._persistent,
                scale_local_gradients=scale_local_gradients, gtopk_state=gtopk_state,
-               loss_scale_optimizer=loss_scale_optimizer)
+               loss_scale_optimizer=loss_scale_optimizer, gradient_predivide_factor=predivide)

@@ -100,7 +100,7 @@ def _loss_scale(loss_scale):
 
 @tf.autograph.experimental.do_not_convert
 def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense=False,
-                        name="gtopk", loss_scale=None):
+                        name="gtopk", loss_scale=None, gradient_predivide_factor=1.0):
     """The gTop-k average (or sum) of ``grads`` over all ranks; call it on every rank.
 
     Every rank issues the same Horovod operations: one exchange per buffer (``{name}.<i>``;
@@ -120,6 +120,9 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
             every call), None for none.  Residuals stay in unscaled units: acc = g + S * eps,
             eps = rest / S, so with power-of-two scales the result is the unscaled one times
             S, bit for bit; the scale is part of what the ranks compare.
+        gradient_predivide_factor: f, as in Horovod (with Average): the gradients are
+            multiplied by 1/f before the reduction and the average by f after it; the
+            residuals stay in the gradients' units.
 
     Returns:
         The reduced gradients, in the order, shapes and dtypes of the variables (times the
@@ -149,15 +152,18 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     plan = make_plan(state.algorithm, op_name(op), state.granularity, state.dense_threshold,
                      [(b, n, -1) for (b, _), n in zip(buffers, numels)],
                      [(state.residual_name(it.variable), it.numel) for it in dense],
-                     scale if runtime_scale is None else 1.0)
+                     scale if runtime_scale is None else 1.0, gradient_predivide_factor)
+    predivide = float(gradient_predivide_factor)
+    carried = scale / predivide if predivide != 1.0 else scale  # the scale acc carries
 
     accs, eps_vars = [], []
     for (buffer_name, members), numel in zip(buffers, numels):
         check_buffer_numel(numel, buffer_name)
         eps_vars.append([state.residual(it.variable) for it in members])
         # compensate: acc = grad + S * residual, in float32
-        accs.append(compensate(_flatten([it.grad for it in members]),
-                               _flatten([eps.read_value() for eps in eps_vars[-1]]), scale))
+        acc = compensate(_flatten([it.grad for it in members]),
+                         _flatten([eps.read_value() for eps in eps_vars[-1]]), scale)
+        accs.append(acc * (1.0 / predivide) if predivide != 1.0 else acc)
     flags = nonfinite_flag(accs + [it.grad for it in dense])
     digest = plan_digest_tensor(plan, ks, runtime_scale)
     carriers = list(zip(buffers, accs, ks, eps_vars)) or [(None, tf.zeros([0]), 0, [])]
@@ -177,11 +183,11 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
         result.values = after_verdict(finite, result.values)
         result.indices = after_verdict(finite, result.indices)
         numel = acc.shape[0]
-        reduced = decompress(result, numel, state.algorithm, average_over)
+        reduced = decompress(result, numel, state.algorithm, average_over, predivide)
         members = buffer[1]
         for it, value in zip(members, _unflatten(reduced, [it.grad for it in members])):
             out[it.index] = value
-        new_residual = update_residual(acc, result, scale)
+        new_residual = update_residual(acc, result, carried)
         for eps, value in zip(eps_list, _split(new_residual, [it.numel for it in members])):
             eps.assign(_when(finite, value, eps.read_value))
         k_total, numel_total, sent = k_total + k, numel_total + numel, sent + result.bytes_sent
@@ -189,7 +195,8 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     dense_numel = sum(it.numel for it in dense)
     if dense and finite is not False:
         flat = hvd.allreduce(after_verdict(finite, _flatten([it.grad for it in dense])),
-                             name=f"{name}.dense", op=op)
+                             name=f"{name}.dense", op=op, prescale_factor=1.0 / predivide,
+                             postscale_factor=predivide)
         for it, value in zip(dense, _unflatten(flat, [it.grad for it in dense])):
             out[it.index] = value
         sent += dense_allreduce_bytes(dense_numel, size)

@@ -82,9 +82,10 @@ def check_verdict(verdict, plan, name="gtopk.plan"):
     return not verdict & NONFINITE
 
 
-def decompress(result, numel, algorithm="gtopk", average_over=1, out=None):
+def decompress(result, numel, algorithm="gtopk", average_over=1, out=None, postscale=1.0):
     """Dense float32 tensor of ``numel`` entries from the global set, divided by
-    ``average_over``.  Top-k's gathered entries are added in rank order (0 + v_0 + v_1 ...).
+    ``average_over``, then times ``postscale`` (Horovod's gradient_predivide_factor).  Top-k's
+    gathered entries are added in rank order (0 + v_0 + v_1 ...).
 
     ``out``: a flat float32 tensor of ``numel`` entries to write into (zeroed first) instead of
     a new one.  On a 25M-element gradient a fresh 100 MB tensor costs several times a pass
@@ -98,9 +99,11 @@ def decompress(result, numel, algorithm="gtopk", average_over=1, out=None):
         dense.index_add_(0, result.indices.long(), result.values)
         if average_over != 1:
             dense /= average_over
-    else:  # unique indices: dividing the k values first gives the same bits as after
+        if postscale != 1.0:
+            dense *= postscale
+    else:  # unique indices: scaling the k values first gives the same bits as after
         values = result.values / average_over if average_over != 1 else result.values
-        dense[result.indices.long()] = values
+        dense[result.indices.long()] = values * postscale if postscale != 1.0 else values
     return dense
 
 

@@ -88,7 +88,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     """Methods copied into a subclass of the user's optimizer class, as Horovod does."""
 
     def __init__(self, optimizer, named_parameters, backward_passes_per_step, op,
-                 sparse_as_dense, gtopk_state, grad_scaler=None):
+                 sparse_as_dense, gtopk_state, grad_scaler=None, gradient_predivide_factor=1.0):
         super(self.__class__, self).__init__(optimizer.param_groups)
         self.defaults = dict(optimizer.defaults)
         self._parameter_names = {p: name for name, p in named_parameters}
@@ -98,6 +98,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self.sparse_as_dense = sparse_as_dense
         self._gtopk = gtopk_state
         self._grad_scaler = grad_scaler
+        self._predivide = gradient_predivide_factor
         self._layout = None
         self._plan_cache = None
         self._passes = {}
@@ -194,8 +195,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             else:
                 p.grad.copy_(chunk)
 
-    def _scatter_grads(self, params, result, numel, average_over):
-        """p.grad = the global set divided by P, written straight into the gradients.
+    def _scatter_grads(self, params, result, numel, average_over, postscale=1.0):
+        """p.grad = the global set divided by P (times ``postscale``), written straight into
+        the gradients.
 
         Same values as ``_set_grads(decompress(...))`` without a buffer of the whole model:
         the gTop-k indices are sorted and unique, so each parameter gets a slice of them.
@@ -204,9 +206,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 p.grad is not None and (p.grad.is_sparse or not p.grad.is_contiguous())
                 for p in params):
             self._set_grads(params, decompress(result, numel, self._gtopk.algorithm,
-                                               average_over))
+                                               average_over, postscale=postscale))
             return
         values = result.values / average_over if average_over != 1 else result.values
+        values = values * postscale if postscale != 1.0 else values
         indices = result.indices.long()
         starts = [0]
         for p in params:
@@ -236,7 +239,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return float(scaler.get_scale())
 
     def _plan(self, layout, density, scale):
-        key = (layout.key, density, scale)
+        key = (layout.key, density, scale, self._predivide)
         if self._plan_cache is None or self._plan_cache[0] != key:
             buffers = [(name, sum(p.numel() for p in ps),
                         k_for(sum(p.numel() for p in ps), density))
@@ -244,7 +247,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             plan = make_plan(self._gtopk.algorithm, self._op_name, self._gtopk.granularity,
                              self._gtopk.dense_threshold, buffers,
                              [(self._parameter_names[p], p.numel()) for p in layout.dense],
-                             scale)
+                             scale, self._predivide)
             self._plan_cache = (key, plan, plan_digest(plan))
         return self._plan_cache[1], self._plan_cache[2]
 
@@ -272,10 +275,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         plan, digest = self._plan(layout, density, scale)
         average_over = size if self._op_name == "Average" else 1
         accs = []
+        # with gradient_predivide_factor f the buffers carry (g + S * eps) / f: the loss scale
+        # S over f, which the residual update takes back out
+        carried = scale / self._predivide
         for name, ps in layout.buffers:  # compensate all buffers, then one finiteness check
             numel, device = sum(p.numel() for p in ps), ps[0].device
-            accs.append(self._compensate(ps, st.residual(name, numel, device),
-                                         st.spare(name, numel, device), scale))
+            acc = self._compensate(ps, st.residual(name, numel, device),
+                                   st.spare(name, numel, device), scale)
+            accs.append(acc.mul_(1.0 / self._predivide) if self._predivide != 1.0 else acc)
         dense_grads = [p.grad for p in layout.dense if p.grad is not None]
         flags = 0 if all_finite(accs + [g.to_dense() if g.is_sparse else g
                                         for g in dense_grads]) else NONFINITE
@@ -295,12 +302,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             if buffer is None:
                 continue
             name, ps = buffer
-            self._scatter_grads(ps, result, acc.numel(), average_over)
-            st.commit(name, update_residual(acc, result, scale))
+            self._scatter_grads(ps, result, acc.numel(), average_over, self._predivide)
+            st.commit(name, update_residual(acc, result, carried))
             k_total, numel = k_total + k, numel + acc.numel()
         dense_numel = sum(p.numel() for p in layout.dense)
         if layout.dense:
-            flat = hvd.allreduce(self._flat_grads(layout.dense), name="gtopk.dense", op=self.op)
+            flat = hvd.allreduce(self._flat_grads(layout.dense), name="gtopk.dense", op=self.op,
+                                 prescale_factor=1.0 / self._predivide,
+                                 postscale_factor=self._predivide)
             self._set_grads(layout.dense, flat)
             sent += dense_allreduce_bytes(dense_numel, size)
         st.step += 1
@@ -456,8 +465,11 @@ def DistributedOptimizer(optimizer, named_parameters=None,
             ``scaler.unscale_``, ``skip_synchronize()``, ``scaler.step``, README).
 
     ``compression`` must stay ``Compression.none``, ``op`` is Average or Sum, ``process_set``
-    the global set, ``gradient_predivide_factor`` 1.0 and ``num_groups`` / ``groups`` unset
-    (use ``granularity``).  The residuals (float32, per rank) are part of ``state_dict()``.
+    the global set and ``num_groups`` / ``groups`` unset (use ``granularity``).
+    ``gradient_predivide_factor`` f (with Average) works as in Horovod: the gradients are
+    multiplied by 1/f before the reduction and the average by f after it; the residuals stay
+    in the gradients' units (with a power-of-two f the result is bit for bit that of f = 1).
+    The residuals (float32, per rank) are part of ``state_dict()``.
 
     Example::
 
@@ -478,7 +490,8 @@ def DistributedOptimizer(optimizer, named_parameters=None,
     backward_passes_per_step = check_positive_int(backward_passes_per_step,
                                                   "backward_passes_per_step")
     check_op(op_name(op))
-    check_gradient_predivide_factor(gradient_predivide_factor)
+    gradient_predivide_factor = check_gradient_predivide_factor(gradient_predivide_factor,
+                                                                op_name(op))
     check_no_groups(num_groups, groups)
     check_global_process_set(process_set)
     state = GTopkState(density, algorithm, granularity, dense_threshold)
@@ -492,4 +505,4 @@ def DistributedOptimizer(optimizer, named_parameters=None,
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
                         f"{type(grad_scaler).__name__}")
     return cls(optimizer, named, backward_passes_per_step, op, sparse_as_dense, state,
-               grad_scaler)
+               grad_scaler, gradient_predivide_factor)

@@ -31,6 +31,7 @@ SCENARIOS = [
     "keras_fit_broadcast_metric_average_stats_and_schedule_callbacks",
     "keras_save_weights_load_weights_continues_the_uninterrupted_trajectory",
     "keras_load_model_rewraps_gtopk_in_keras_h5_and_savedmodel_formats",
+    "gradient_predivide_factor_4_bit_identical_to_1_and_3_close",
     "bad_arguments_raise_on_every_rank_then_training_works",
 ]
 

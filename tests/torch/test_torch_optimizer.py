@@ -30,6 +30,7 @@ SCENARIOS = [
     "horovod_broadcast_optimizer_state_resume_idiom_no_deadlock_same_schedule_step",
     "gtopk_hvd_broadcast_optimizer_state_resume_idiom_no_deadlock_same_schedule_step",
     "horovod_broadcast_optimizer_state_on_a_stateless_optimizer_takes_no_gtopk_step",
+    "gradient_predivide_factor_4_bit_identical_to_1_and_3_close",
     "bad_arguments_raise_on_every_rank_then_training_works",
 ]
 

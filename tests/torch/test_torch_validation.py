@@ -88,7 +88,10 @@ def test_optimizer_rejects_compression(model, compression):
 
 @pytest.mark.parametrize("kwargs,text", [
     ({"backward_passes_per_step": 0}, "backward_passes_per_step must be a positive integer"),
-    ({"gradient_predivide_factor": 2.0}, "gradient_predivide_factor=2.0 is not supported"),
+    ({"gradient_predivide_factor": 2.0, "op": hvd.Sum},
+     "gradient_predivide_factor=2.0 is only supported with op=Average"),
+    ({"gradient_predivide_factor": 0.0}, "gradient_predivide_factor must be a finite positive"),
+    ({"gradient_predivide_factor": float("nan")}, "gradient_predivide_factor must be a finite"),
     ({"num_groups": 2}, "granularity"),
     ({"groups": 2}, "granularity"),
     ({"algorithm": "allreduce"}, "algorithm must be one of"),

@@ -83,8 +83,8 @@ def DistributedOptimizer(optimizer, name=None,
     returns this rank's statistics of the last step.
 
     ``compression`` must stay ``Compression.none``, ``op`` is Average or Sum, ``process_set``
-    the global set, ``gradient_predivide_factor`` 1.0 and ``num_groups`` / ``groups`` unset
-    (use ``granularity``).  ``device_dense`` / ``device_sparse`` are accepted and unused.
+    the global set and ``num_groups`` / ``groups`` unset (use ``granularity``);
+    ``gradient_predivide_factor`` works as in Horovod (with Average).  ``device_dense`` / ``device_sparse`` are accepted and unused.
 
     Example::
 
@@ -100,8 +100,8 @@ def DistributedOptimizer(optimizer, name=None,
         raise ValueError(f"optimizer is already a distributed optimizer "
                          f"({type(optimizer).__name__}); wrap the plain tf.keras optimizer once")
     check_tf_keras_optimizer(optimizer)
-    check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups, groups,
-                            process_set)
+    predivide = check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups,
+                                        groups, process_set)
     backward_passes_per_step = check_positive_int(backward_passes_per_step,
                                                   "backward_passes_per_step")
     gtopk_state = prepare_state(
@@ -111,7 +111,8 @@ def DistributedOptimizer(optimizer, name=None,
         optimizer=optimizer, name=name, sparse_as_dense=sparse_as_dense, op=op,
         backward_passes_per_step=backward_passes_per_step,
         average_aggregated_gradients=average_aggregated_gradients,
-        scale_local_gradients=scale_local_gradients, gtopk_state=gtopk_state)
+        scale_local_gradients=scale_local_gradients, gtopk_state=gtopk_state,
+        gradient_predivide_factor=predivide)
 
 
 def load_model(filepath, custom_optimizers=None, custom_objects=None,

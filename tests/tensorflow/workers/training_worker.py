@@ -402,6 +402,39 @@ def keras_load_model(tf, hvd, rec, rank, size):
         assert found["model.keras"][1] == 2, found
 
 
+def predivide(tf, hvd, rec, rank, size):
+    import gtopk_hvd.tensorflow.keras as hvd_keras
+    with rec("gradient_predivide_factor_4_bit_identical_to_1_and_3_close"):
+        def tape_run(factor, mode, **gtopk):
+            variables = make_variables(tf, prefix=f"pd{factor}{mode}{len(gtopk)}")
+            step = tape_step_fn(tf, hvd, variables, mode, gtopk_state=hvd.GTopkState(0.1, **gtopk),
+                                gradient_predivide_factor=factor)
+            return [[g.numpy() for g in step([tf.constant(g) for g in
+                                              rank_grads(27, t, rank, SHAPES)])]
+                    for t in range(3)]
+
+        def keras_run(factor):
+            variables = make_variables(tf, prefix=f"pdk{factor}")
+            opt = hvd_keras.DistributedOptimizer(tf.keras.optimizers.SGD(0.5), density=0.1,
+                                                 gradient_predivide_factor=factor)
+
+            @tf.function
+            def train_step(grads):
+                opt.minimize(lambda: linear_loss(tf, variables, grads), variables)
+            for t in range(3):
+                train_step([tf.constant(g) for g in rank_grads(28, t, rank, SHAPES)])
+            return [[v.numpy() for v in variables]]
+        runs = [lambda f: tape_run(f, "eager"), lambda f: tape_run(f, "graph"),
+                lambda f: tape_run(f, "graph", granularity="layer", dense_threshold=20),
+                keras_run]
+        results = [[run(f) for f in (1.0, 4.0, 3.0)] for run in runs]
+        for i, (plain, by4, by3) in enumerate(results):
+            for t, (a, b, c) in enumerate(zip(plain, by4, by3)):
+                for j in range(len(a)):
+                    assert_equal(b[j], a[j], f"run {i} step {t} tensor {j}, f = 4")
+                    assert np.allclose(c[j], a[j], rtol=1e-4, atol=1e-6), (i, t, j)
+
+
 def bad_arguments(tf, hvd, rec, rank, size):
     import gtopk_hvd.tensorflow.keras as hvd_keras
     with rec("bad_arguments_raise_on_every_rank_then_training_works"):
@@ -413,7 +446,9 @@ def bad_arguments(tf, hvd, rec, rank, size):
                  ({"dense_threshold": -1}, ValueError, "dense_threshold"),
                  ({"op": hvd.Adasum}, ValueError, "Adasum"),
                  ({"compression": hvd.Compression.fp16}, ValueError, "compression"),
-                 ({"gradient_predivide_factor": 2.0}, ValueError, "gradient_predivide_factor"),
+                 ({"gradient_predivide_factor": 2.0, "op": hvd.Sum}, ValueError,
+                  "only supported with op=Average"),
+                 ({"gradient_predivide_factor": -1.0}, ValueError, "gradient_predivide_factor"),
                  ({"groups": 2}, ValueError, "groups"),
                  ({"process_set": hvd.ProcessSet([0])}, ValueError, "process_set"),
                  ({"gtopk_state": object()}, TypeError, "GTopkState")]
@@ -466,7 +501,7 @@ def main():
                      tape_checkpoint_restore, tape_world_size_change, tape_sparse_gradients,
                      keras_minimize_equals_reference, keras_backward_passes,
                      keras_fit_with_callbacks, keras_checkpoint_restore, keras_load_model,
-                     bad_arguments):
+                     predivide, bad_arguments):
         scenario(tf, hvd, rec, rank, size)
     finish(tf, hvd, rec)
 

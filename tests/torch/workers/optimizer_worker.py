@@ -437,6 +437,28 @@ def resume_idioms(hvd, rec, rank, size):
         assert step == 1 and same
 
 
+def predivide(hvd, rec, rank, size):
+    with rec("gradient_predivide_factor_4_bit_identical_to_1_and_3_close") as data:
+        def run(factor, **gtopk):
+            model = make_model(1500)
+            opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(),
+                                           gradient_predivide_factor=factor, **gtopk)
+            return train(hvd, model, opt, loss_for(1500), steps=4)
+        results = {}
+        for name, gtopk in {"model": {"density": 0.1},
+                            "layer_dense": {"density": 0.1, "granularity": "layer",
+                                            "dense_threshold": 20}}.items():
+            results[name] = [run(f, **gtopk) for f in (1.0, 4.0, 3.0)]
+        same = same_on_every_rank(hvd, results["model"][2][-1], "predivide.3")
+        for name, (plain, by4, by3) in results.items():
+            for t, (a, b, c) in enumerate(zip(plain, by4, by3)):
+                assert_equal(b, a.numpy(), f"{name}: params after step {t + 1}, f = 4")
+                assert torch.allclose(c, a, rtol=1e-4, atol=1e-6), f"{name}: f = 3, step {t}"
+            data[f"{name}_f3_differs"] = not torch.equal(by3[-1], plain[-1])
+        assert same
+
+
 def bad_input(hvd, rec, rank, size):
     with rec("bad_arguments_raise_on_every_rank_then_training_works"):
         model = make_model(1300)
@@ -455,4 +477,5 @@ def bad_input(hvd, rec, rank, size):
 
 SCENARIOS = (trajectories, identical_across_ranks, density_one, accumulation, checkpoint,
              world_size_policy, missing_gradients, half_precision, sparse_gradients,
-             dense_threshold, schedule_and_stats, synchronize_api, resume_idioms, bad_input)
+             dense_threshold, schedule_and_stats, synchronize_api, resume_idioms, predivide,
+             bad_input)
