@@ -60,7 +60,7 @@ def find_gtopk_state(optimizer):
 
 def create_distributed_optimizer(optimizer, name, sparse_as_dense, op,
                                  backward_passes_per_step, average_aggregated_gradients,
-                                 scale_local_gradients, gtopk_state, gradient_predivide_factor=1.0):
+                                 scale_local_gradients, gtopk_state, reduction=None):
     class _DistributedOptimizer(*optimizer.__class__.__bases__):
         _HAS_AGGREGATE_GRAD = True
 
@@ -135,7 +135,7 @@ def create_distributed_optimizer(optimizer, name, sparse_as_dense, op,
         def _gtopk_reduce(self, grads, variables):
             return allreduce_gradients(self._gtopk, list(grads), list(variables), op=op,
                                        sparse_as_dense=sparse_as_dense, name=self._gtopk_name,
-                                       gradient_predivide_factor=gradient_predivide_factor)
+                                       **(reduction or {}))
 
         @tf.autograph.experimental.do_not_convert
         def _allreduce(self, grads, variables):

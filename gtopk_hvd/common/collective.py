@@ -27,7 +27,8 @@ from gtopk_hvd.common.schedule import stages_for, virtual_rank
 
 __all__ = ["TensorOps", "gtopk_exchange", "topk_allgather_exchange", "ExchangeResult",
            "GTopkResult", "reduce_op_name", "dense_allreduce_bytes", "NONFINITE", "MISMATCH",
-           "make_meta", "merge_meta", "ring_bytes", "gtopk_wire_bytes", "topk_wire_bytes"]
+           "make_meta", "merge_meta", "ring_bytes", "gtopk_wire_bytes", "topk_wire_bytes",
+           "message_bytes", "WIRES"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +61,17 @@ class TensorOps:
     take(x, indices): x[indices].
     meta(digest, flags): this rank's header meta, as :func:`make_meta`.
     take_none(values, indices): the empty set a header-only message carries.
-    pack(values, indices, meta): the (n + 1, 2) int32 message, header row (n, meta) first.
+    pack(values, indices, meta, wire): the int32 message, header (n, meta) first: with wire
+        "float32" an (n + 1, 2) array of rows (value bits, index); with "float16" a 1-D array
+        (n, meta, the n indices, the n float16 values two to an int32, padded to even).
     allgather(message, process_set, name): Horovod's allgather inside ``process_set``.
-    unpack(gathered, members): the ``members`` messages of an allgather, in rank order, as a
-        list of (values, indices, meta), read header by header.
+    unpack(gathered, members, wire): the ``members`` messages of an allgather, in rank
+        order, as a list of (values, indices, meta) with float32 values, read header by
+        header.
+    round_to_wire(values, wire): the float32 values a message of ``wire`` carries (float16:
+        rounded to nearest, to +-inf beyond 65504).
+    or_nonfinite(flags, values): ``flags`` with NONFINITE added when ``values`` holds NaN or
+        Inf (a float16 wire's overflow).
     merge_meta(mine, theirs): as :func:`merge_meta`.  flags_of(meta): its flag bits.
     concat_sets(sets): the (values, indices) of several sets laid end to end.
     merge_truncate(low, high, k): union of two (values, indices) sets, values added (low + high)
@@ -77,13 +85,18 @@ class TensorOps:
 class ExchangeResult:
     """values / indices: the global set (sorted by index), identical on every rank.
     local_indices / alive: this rank's local top-k and which of it survived.
+    local_values: this rank's local top-k values as they went on the wire (float16 wire:
+    rounded; what the rounding took off stays in the residual).
     verdict: the flags every rank agrees on after the exchange (NONFINITE, MISMATCH), an int32
     scalar of the adapter.  bytes_sent: bytes this rank put on the wire (ring allgather).
     timings: seconds per phase (eager only).
     """
 
-    def __init__(self, values, indices, local_indices, alive, verdict, bytes_sent, timings):
+    def __init__(self, values, indices, local_indices, alive, verdict, bytes_sent, timings,
+                 local_values=None, wire="float32"):
         self.values = values
+        self.local_values = local_values
+        self.wire = wire
         self.indices = indices
         self.local_indices = local_indices
         self.alive = alive
@@ -93,6 +106,7 @@ class ExchangeResult:
 
 
 BYTES_PER_ENTRY = 8  # float32 value + int32 index
+WIRES = ("float32", "float16")  # how values travel: float16 is Horovod's Compression.fp16
 
 _REDUCE_OPS = ("Average", "Sum", "Adasum", "Min", "Max", "Product")
 
@@ -162,27 +176,38 @@ class _Timer:
             self._t = now
 
 
-def ring_bytes(group, rank, rows):
+def message_bytes(entries, wire="float32", header=True):
+    """Bytes of one message of ``entries`` entries: an 8-byte header (unless not
+    ``header``), then 8 bytes per entry (float32 wire) or 6 (float16: the values two to an
+    int32, padded to even)."""
+    head = 8 if header else 0
+    if wire == "float16":
+        return head + 4 * entries + 4 * ((entries + 1) // 2)
+    return head + BYTES_PER_ENTRY * entries
+
+
+def ring_bytes(group, rank, rows, wire="float32", header=True):
     """Bytes ``rank`` sends in a ring allgather (gloo's) of ``group`` whose members send
-    ``rows[member]`` rows of 8 bytes: every block but its right neighbour's passes through it."""
+    messages of ``rows[member]`` entries: every block but its right neighbour's passes
+    through it."""
     right = group[(group.index(rank) + 1) % len(group)]
-    return (sum(rows[m] for m in group) - rows[right]) * BYTES_PER_ENTRY
+    return sum(message_bytes(rows[m], wire, header) for m in group if m != right)
 
 
-def gtopk_wire_bytes(k, rank, size):
-    """Bytes ``rank`` sends in one gTop-k exchange with ``k`` entries per set: a header row
-    and k entries per sending member of each stage's group, through a ring allgather."""
-    return sum(ring_bytes(st.group, rank, {m: 1 + (k if st.sends(m) else 0) for m in st.group})
+def gtopk_wire_bytes(k, rank, size, wire="float32"):
+    """Bytes ``rank`` sends in one gTop-k exchange with ``k`` entries per set: a header and k
+    entries per sending member of each stage's group, through a ring allgather."""
+    return sum(ring_bytes(st.group, rank, {m: k if st.sends(m) else 0 for m in st.group}, wire)
                for st in stages_for(rank, size))
 
 
-def topk_wire_bytes(k, size):
+def topk_wire_bytes(k, size, wire="float32"):
     """Bytes one rank sends in a Top-k allgather of ``k`` entries (+ header) per rank."""
-    return (size - 1) * (k + 1) * BYTES_PER_ENTRY
+    return (size - 1) * message_bytes(k, wire)
 
 
 def gtopk_exchange(ops, acc, k, rank, size, process_set_for, name="gtopk", digest=0,
-                   flags=0, profile=False, sync=None):
+                   flags=0, profile=False, sync=None, wire="float32"):
     """Run gTop-k on this rank's compensated gradient ``acc`` (1-D float32).
 
     Args:
@@ -196,22 +221,28 @@ def gtopk_exchange(ops, acc, k, rank, size, process_set_for, name="gtopk", diges
         flags: this rank's flags (NONFINITE when its acc is not finite), int or int32 scalar.
         profile: record per-phase wall times ('selection', 'exchange', 'merge') in eager mode.
         sync: with ``profile``, a function that waits for a tensor (for asynchronous devices).
+        wire: how values travel, "float32" or "float16" (every merge reads the values as they
+            travelled, also its own, so every rank still computes the same sums in float32).
 
     Returns:
         :class:`ExchangeResult`.
     """
     timer = _Timer(profile, sync)
     local = ops.select_topk(acc, k)
-    values, indices = ops.take(acc, local), local
+    values, indices = ops.round_to_wire(ops.take(acc, local), wire), local
+    local_values = values
+    if wire == "float16":  # beyond float16's range: a non-finite step for every rank
+        flags = ops.or_nonfinite(flags, values)
     timer.lap("selection", values)
     alive = ops.full_mask(k)
     meta = ops.meta(digest, flags)
     v = virtual_rank(rank, size)
     for st in stages_for(rank, size):
         mine = (values, indices) if st.sends(rank) else ops.take_none(values, indices)
-        gathered = ops.allgather(ops.pack(*mine, meta), process_set_for(st), f"{name}.s{st.index}")
+        gathered = ops.allgather(ops.pack(*mine, meta, wire), process_set_for(st),
+                                 f"{name}.s{st.index}")
         timer.lap("exchange", gathered)
-        blocks = dict(zip(st.group, ops.unpack(gathered, len(st.group))))
+        blocks = dict(zip(st.group, ops.unpack(gathered, len(st.group), wire)))
         for member, (_, _, their_meta) in blocks.items():
             if member != rank:
                 meta = ops.merge_meta(meta, their_meta)
@@ -229,11 +260,11 @@ def gtopk_exchange(ops, acc, k, rank, size, process_set_for, name="gtopk", diges
         alive = ops.logical_and(alive, ops.isin(local, indices))
         timer.lap("merge", values)
     return ExchangeResult(values, indices, local, alive, ops.flags_of(meta),
-                          gtopk_wire_bytes(k, rank, size), timer.timings)
+                          gtopk_wire_bytes(k, rank, size, wire), timer.timings, local_values, wire)
 
 
 def topk_allgather_exchange(ops, acc, k, global_set, size, name="topk", digest=0, flags=0,
-                            profile=False, sync=None):
+                            profile=False, sync=None, wire="float32"):
     """Top-k S-SGD: gather every rank's local top-k from all ranks (O(kP)) and sum them.
 
     Returns an :class:`ExchangeResult` whose (values, indices) hold all P*k gathered entries
@@ -242,14 +273,16 @@ def topk_allgather_exchange(ops, acc, k, global_set, size, name="topk", digest=0
     """
     timer = _Timer(profile, sync)
     local = ops.select_topk(acc, k)
-    values = ops.take(acc, local)
+    values = ops.round_to_wire(ops.take(acc, local), wire)
+    if wire == "float16":
+        flags = ops.or_nonfinite(flags, values)
     timer.lap("selection", values)
     meta = ops.meta(digest, flags)
-    gathered = ops.allgather(ops.pack(values, local, meta), global_set, name)
+    gathered = ops.allgather(ops.pack(values, local, meta, wire), global_set, name)
     timer.lap("exchange", gathered)
-    blocks = ops.unpack(gathered, size)
+    blocks = ops.unpack(gathered, size, wire)
     for _, _, their_meta in blocks:
         meta = ops.merge_meta(meta, their_meta)
     all_values, all_indices = ops.concat_sets([b[:2] for b in blocks])
     return ExchangeResult(all_values, all_indices, local, ops.full_mask(k), ops.flags_of(meta),
-                          topk_wire_bytes(k, size), timer.timings)
+                          topk_wire_bytes(k, size, wire), timer.timings, values, wire)

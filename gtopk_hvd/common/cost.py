@@ -82,7 +82,8 @@ def gtopk_cost(k, size, rank=None):
         messages = sent = 0
         for st in stages_for(r, p):
             messages += len(st.group) - 1
-            sent += ring_bytes(st.group, r, {m: k if st.sends(m) else 0 for m in st.group})
+            sent += ring_bytes(st.group, r, {m: k if st.sends(m) else 0 for m in st.group},
+                               header=False)
         c = Cost(messages, sent)
         if (c.messages, c.bytes) > (best.messages, best.bytes):
             best = c

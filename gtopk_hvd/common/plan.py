@@ -29,9 +29,9 @@ class PlanMismatchError(GTopkError):
 
 
 def make_plan(algorithm, op, granularity, dense_threshold, buffers, dense=(), loss_scale=1.0,
-              gradient_predivide_factor=1.0):
+              gradient_predivide_factor=1.0, wire="float32"):
     """The plan of one step: everything every rank must agree on."""
-    return {"algorithm": algorithm, "op": op, "granularity": granularity,
+    return {"algorithm": algorithm, "op": op, "granularity": granularity, "wire": wire,
             "dense_threshold": int(dense_threshold), "loss_scale": float(loss_scale),
             "gradient_predivide_factor": float(gradient_predivide_factor),
             "buffers": [(str(n), int(d), int(k)) for n, d, k in buffers],

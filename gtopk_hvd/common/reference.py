@@ -25,6 +25,7 @@ __all__ = [
     "truncate",
     "gtopk_step",
     "topk_allgather_step",
+    "to_wire",
 ]
 
 logger = logging.getLogger(__name__)
@@ -107,12 +108,38 @@ def _check_accs(accs, k):
     return accs, d
 
 
-def gtopk_step(accs, k):
+def to_wire(values, wire="float32"):
+    """The values as a message of ``wire`` carries them: float16 rounds to nearest (to +-inf
+    beyond 65504), float32 leaves them as they are."""
+    if wire == "float16":
+        return np.asarray(values).astype(np.float16).astype(np.asarray(values).dtype)
+    if wire != "float32":
+        raise ValueError(f"wire must be 'float32' or 'float16', got {wire!r}")
+    return values
+
+
+def _residuals(accs, local, alive, sent, wire):
+    """eps = acc with the applied entries cleared; with a float16 wire, what the rounding of
+    the entry took off stays (acc - the value sent)."""
+    residuals = []
+    for p, a in enumerate(accs):
+        eps = a.copy()
+        applied = local[p][alive[p]]
+        eps[applied] = 0 if wire == "float32" else a[applied] - sent[p][alive[p]]
+        residuals.append(eps)
+    return residuals
+
+
+def gtopk_step(accs, k, wire="float32"):
     """Simulate one gTop-k step of P = len(accs) workers on their compensated gradients.
 
     Args:
         accs: list of P 1-D arrays of equal size d, acc^p = G^p + eps^p.
         k: entries kept per set, 0 <= k <= d (see :func:`gtopk_hvd.common.k_for`).
+        wire: how values travel, "float32" or "float16" (Horovod's Compression.fp16): every
+            set is rounded where it is sent (each rank's own top-k; the merged sets of stage
+            1 on), merges add in float32; the rounding of a rank's own entries that were
+            applied stays in its residual.
 
     Returns:
         :class:`StepResult` with the global set, the summed values and the new residuals.
@@ -122,7 +149,8 @@ def gtopk_step(accs, k):
     m, base, extra = world_split(size)
 
     local = [select_topk(a, k) for a in accs]
-    sets = [SparseSet(idx, a[idx]) for idx, a in zip(local, accs)]
+    sent = [to_wire(a[idx], wire) for idx, a in zip(local, accs)]
+    sets = [SparseSet(idx, v) for idx, v in zip(local, sent)]
     alive = [np.ones(k, dtype=bool) for _ in range(size)]
 
     def survive(p, s):
@@ -139,22 +167,21 @@ def gtopk_step(accs, k):
         for p in range(base):
             q = p ^ (1 << s)
             if p < q:
-                sets[p] = sets[q] = truncate(merge(sets[p], sets[q]), k)
+                low, high = sets[p], sets[q]
+                if s > 0:  # sent as they stand (stage 0 holds own sets and folds of them)
+                    low = SparseSet(low.indices, to_wire(low.values, wire))
+                    high = SparseSet(high.indices, to_wire(high.values, wire))
+                sets[p] = sets[q] = truncate(merge(low, high), k)
                 for r in (p, q, p + base, q + base):
                     if r < size:
                         survive(r, sets[p])
     # unfold: the extra ranks get the final set (their alive flags are already tracked)
     final = sets[0]
-
-    residuals = []
-    for p in range(size):
-        eps = accs[p].copy()
-        eps[local[p][alive[p]]] = 0
-        residuals.append(eps)
-    return StepResult(final.indices, final.values, residuals, local, alive)
+    return StepResult(final.indices, final.values, _residuals(accs, local, alive, sent, wire),
+                      local, alive)
 
 
-def topk_allgather_step(accs, k):
+def topk_allgather_step(accs, k, wire="float32"):
     """Simulate one Top-k S-SGD step: every rank's local top-k gathered from all and summed.
 
     Values are added in rank order (0 + v_0 + v_1 + ...), as the backends do.  Every sent entry
@@ -162,14 +189,11 @@ def topk_allgather_step(accs, k):
     """
     accs, d = _check_accs(accs, k)
     local = [select_topk(a, k) for a in accs]
+    sent = [to_wire(a[idx], wire) for idx, a in zip(local, accs)]
     total = np.zeros(d, dtype=np.result_type(*accs))
-    for idx, a in zip(local, accs):
-        total[idx] += a[idx]
+    for idx, v in zip(local, sent):
+        total[idx] += v
     indices = np.unique(np.concatenate(local)).astype(np.int64)
-    residuals = []
-    for idx, a in zip(local, accs):
-        eps = a.copy()
-        eps[idx] = 0
-        residuals.append(eps)
     alive = [np.ones(k, dtype=bool) for _ in accs]
-    return StepResult(indices, total[indices], residuals, local, alive)
+    return StepResult(indices, total[indices], _residuals(accs, local, alive, sent, wire),
+                      local, alive)

@@ -21,7 +21,7 @@ __all__ = [
     "check_parameter_names",
     "check_world_size_on_load",
     "check_global_process_set",
-    "check_no_compression",
+    "check_compression",
     "check_gradient_predivide_factor",
     "check_no_groups",
 ]
@@ -124,13 +124,17 @@ def check_global_process_set(process_set):
         f"process set; leave process_set at its default (hvd.global_process_set)")
 
 
-def check_no_compression(compression, none):
-    """``compression`` must be Horovod's ``Compression.none`` (passed as ``none``)."""
-    if compression is not none:
-        raise ValueError(
-            f"compression={getattr(compression, '__name__', compression)} is not supported: "
-            f"gTop-k already compresses (it sends k of d entries); leave "
-            f"compression=hvd.Compression.none")
+def check_compression(compression, compressions):
+    """The wire ("float32" or "float16") for Horovod's ``compression``: ``Compression.none``
+    or ``Compression.fp16`` (``compressions`` is the framework's ``hvd.Compression``)."""
+    if compression is compressions.none:
+        return "float32"
+    if compression is compressions.fp16:
+        return "float16"
+    raise ValueError(
+        f"compression={getattr(compression, '__name__', compression)} is not supported: "
+        f"gTop-k sends k of d entries; pass hvd.Compression.none (float32 values) or "
+        f"hvd.Compression.fp16 (float16 values on the wire)")
 
 
 def check_gradient_predivide_factor(factor, op="Average"):

@@ -50,7 +50,8 @@ def compensate(tensor, residual=None, scale=1.0):
 
 
 @tf.autograph.experimental.do_not_convert
-def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False, digest=0, flags=0):
+def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False, digest=0, flags=0,
+             wire="float32"):
     """Select this rank's top-k of ``acc`` and run the collective; an ExchangeResult whose
     ``verdict`` (an int32 tensor) every rank shares.
 
@@ -63,12 +64,13 @@ def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False, digest=0, f
     profile = profile and tf.executing_eagerly()
     if algorithm == "topk":
         result = topk_allgather_exchange(ops, acc, k, hvd.global_process_set, size, name=name,
-                                         digest=digest, flags=flags, profile=profile)
+                                         digest=digest, flags=flags, profile=profile, wire=wire)
     else:
         sets = exchange_sets(hvd)
         result = gtopk_exchange(ops, acc, k, rank, size,
                                 lambda stage: process_set_for_stage(sets, stage),
-                                name=name, digest=digest, flags=flags, profile=profile)
+                                name=name, digest=digest, flags=flags, profile=profile,
+                                wire=wire)
     if size == 1:
         result.verdict = tf.cast(flags, tf.int32)
     (result.values, result.indices, result.local_indices, result.alive,
@@ -169,8 +171,12 @@ def update_residual(acc, result, scale=1.0):
     Entries that were sent but dropped at some stage stay: that is the paper's gMask.
     """
     cleared = tf.boolean_mask(result.local_indices, result.alive)
-    rest = tf.tensor_scatter_nd_update(acc, tf.expand_dims(cleared, 1),
-                                       tf.zeros(tf.shape(cleared), tf.float32))
+    if result.wire == "float16":  # an applied entry keeps what the rounding took off
+        sent = tf.boolean_mask(result.local_values, result.alive)
+        rest = tf.tensor_scatter_nd_sub(acc, tf.expand_dims(cleared, 1), sent)
+    else:
+        rest = tf.tensor_scatter_nd_update(acc, tf.expand_dims(cleared, 1),
+                                           tf.zeros(tf.shape(cleared), tf.float32))
     return rest if isinstance(scale, float) and scale == 1.0 else rest / scale
 
 

@@ -19,7 +19,7 @@ from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.process_sets import prepare_exchange_sets
 from gtopk_hvd.common.validation import (check_algorithm, check_gradient_predivide_factor,
                                          check_global_process_set, check_granularity,
-                                         check_no_compression, check_no_groups,
+                                         check_compression, check_no_groups,
                                          check_non_negative_int, check_op)
 from gtopk_hvd.tensorflow.collective import op_name
 from gtopk_hvd.tensorflow.gradients import allreduce_gradients
@@ -43,14 +43,15 @@ def shared_state(density, algorithm="gtopk", granularity="model", dense_threshol
 
 def check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups, groups,
                             process_set):
-    """The Horovod arguments gTop-k keeps in its signatures but cannot honour, refused early;
-    returns ``gradient_predivide_factor`` as a float."""
-    check_no_compression(compression, hvd.Compression.none)
+    """The Horovod arguments, checked before any collective; returns the keyword arguments of
+    :func:`~gtopk_hvd.tensorflow.gradients.allreduce_gradients` they select
+    (``gradient_predivide_factor`` and ``wire``)."""
+    wire = check_compression(compression, hvd.Compression)
     check_op(op_name(op))
     factor = check_gradient_predivide_factor(gradient_predivide_factor, op_name(op))
     check_no_groups(num_groups, groups)
     check_global_process_set(process_set)
-    return factor
+    return {"gradient_predivide_factor": factor, "wire": wire}
 
 
 def check_loss_scale_optimizer(loss_scale_optimizer):
@@ -86,7 +87,7 @@ class _DistributedGradientTape(tf.GradientTape):
 
     def __init__(self, tape, op, sparse_as_dense, persistent=False,
                  watch_accessed_variables=True, scale_local_gradients=True, gtopk_state=None,
-                 loss_scale_optimizer=None, gradient_predivide_factor=1.0):
+                 loss_scale_optimizer=None, reduction=None):
         if hasattr(tape, "_watch_accessed_variables"):
             super(self.__class__, self).__init__(persistent, watch_accessed_variables)
         else:
@@ -98,7 +99,7 @@ class _DistributedGradientTape(tf.GradientTape):
         self._local_sources = set()
         self._gtopk = gtopk_state
         self._loss_scale_optimizer = loss_scale_optimizer
-        self._predivide = gradient_predivide_factor
+        self._reduction = reduction or {}
 
     def register_local_source(self, source):
         """Registers a source/variable as worker local: its gradient is not communicated (and
@@ -114,8 +115,7 @@ class _DistributedGradientTape(tf.GradientTape):
                                       [sources[i] for i in shared], op=self._op,
                                       sparse_as_dense=self._sparse_as_dense,
                                       name="gtopk" if use_generic_names else "gtopk_tape",
-                                      loss_scale=self._loss_scale(),
-                                      gradient_predivide_factor=self._predivide)
+                                      loss_scale=self._loss_scale(), **self._reduction)
         for i, grad in zip(shared, reduced):
             gradients[i] = grad
         if self._scale_local_gradients and self._local_sources:
@@ -179,8 +179,9 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
             overflow on any rank gives NaN gradients on every rank: every rank's
             LossScaleOptimizer skips that step and halves its scale.
 
-    ``compression`` must stay ``Compression.none``, ``op`` is Average or Sum, ``process_set``
-    the global set and ``num_groups`` / ``groups`` unset (use ``granularity``);
+    ``compression`` is ``Compression.none`` or ``Compression.fp16`` (values travel as float16,
+    merges and residuals stay float32), ``op`` is Average or Sum, ``process_set`` the global
+    set and ``num_groups`` / ``groups`` unset (use ``granularity``);
     ``gradient_predivide_factor`` works as in Horovod (with Average).  ``device_dense`` /
     ``device_sparse`` are accepted and unused.  Sources must be tf.Variables (they key the
     residuals); sparse gradients need ``sparse_as_dense=True``.
@@ -194,7 +195,7 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
         tape = hvd.DistributedGradientTape(tape, density=0.01)
         grads = tape.gradient(loss, model.trainable_variables)
     """
-    predivide = check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups,
+    reduction = check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups,
                                         groups, process_set)
     check_loss_scale_optimizer(loss_scale_optimizer)
 
@@ -211,7 +212,7 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
         return cls(gradtape._tape, op, sparse_as_dense, gradtape._persistent,
                    gradtape._watch_accessed_variables, scale_local_gradients=scale_local_gradients,
                    gtopk_state=gtopk_state, loss_scale_optimizer=loss_scale_optimizer,
-                   gradient_predivide_factor=predivide)
+                   reduction=reduction)
     return cls(gradtape._tape, op, sparse_as_dense, gradtape._persistent,
                scale_local_gradients=scale_local_gradients, gtopk_state=gtopk_state,
-               loss_scale_optimizer=loss_scale_optimizer, gradient_predivide_factor=predivide)
+               loss_scale_optimizer=loss_scale_optimizer, reduction=reduction)

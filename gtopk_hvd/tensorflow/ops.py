@@ -201,7 +201,23 @@ class TFOps:
         digest = tf.bitwise.bitwise_and(tf.cast(digest, tf.int32), (1 << 30) - 1)
         return tf.bitwise.bitwise_or(tf.bitwise.left_shift(digest, 2), tf.cast(flags, tf.int32))
 
-    def pack(self, values, indices, meta):
+    def or_nonfinite(self, flags, values):
+        finite = tf.reduce_all(tf.math.is_finite(values))
+        return tf.bitwise.bitwise_or(tf.cast(flags, tf.int32), tf.where(finite, 0, NONFINITE))
+
+    def round_to_wire(self, values, wire):
+        if wire == "float16":
+            return tf.cast(tf.cast(values, tf.float16), tf.float32)
+        return values
+
+    def pack(self, values, indices, meta, wire="float32"):
+        if wire == "float16":  # (n, meta), the n indices, the float16 values two to an int32
+            n = tf.size(values, out_type=tf.int32)
+            halves = tf.concat([tf.cast(values, tf.float16),
+                                tf.zeros([tf.math.floormod(n, 2)], tf.float16)], 0)
+            words = tf.bitcast(tf.reshape(halves, [-1, 2]), tf.int32)
+            return tf.concat([tf.stack([n, meta]), tf.cast(indices, tf.int32),
+                              tf.reshape(words, [-1])], 0)
         # one message per stage: a header row (n, meta), then float32 values bit-cast to
         # int32 next to the int32 indices
         header = tf.reshape(tf.stack([tf.size(values, out_type=tf.int32), meta]), [1, 2])
@@ -214,8 +230,18 @@ class TFOps:
         self.issued.append(gathered)
         return gathered
 
-    def unpack(self, gathered, members):
+    def unpack(self, gathered, members, wire="float32"):
         blocks, pos = [], tf.constant(0, tf.int32)
+        if wire == "float16":
+            for _ in range(members):
+                count, meta = gathered[pos], gathered[pos + 1]
+                words = (count + 1) // 2
+                indices = gathered[pos + 2:pos + 2 + count]
+                halves = tf.reshape(tf.bitcast(gathered[pos + 2 + count:pos + 2 + count + words],
+                                               tf.float16), [-1])
+                blocks.append((tf.cast(halves[:count], tf.float32), indices, meta))
+                pos = pos + 2 + count + words
+            return blocks
         for _ in range(members):
             count, meta = gathered[pos, 0], gathered[pos, 1]
             body = gathered[pos + 1:pos + 1 + count]

@@ -58,19 +58,23 @@ def compensate(tensor, residual=None, scale=1.0, out=None):
     return torch.add(flat, residual, alpha=scale, out=out)
 
 
-def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False, digest=0, flags=0):
+def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False, digest=0, flags=0,
+             wire="float32"):
     """Select this rank's top-k of ``acc`` and run the collective; an ExchangeResult whose
-    ``verdict`` every rank shares (``flags`` and ``digest`` travel in the headers)."""
+    ``verdict`` every rank shares (``flags`` and ``digest`` travel in the headers).  ``wire``:
+    "float16" sends the values as float16 (Horovod's Compression.fp16)."""
     ops = TorchOps(hvd, device=acc.device)
     rank, size = hvd.rank(), hvd.size()
     sync = (lambda t: torch.cuda.synchronize(t.device)) if acc.is_cuda else None
     if algorithm == "topk":
         return topk_allgather_exchange(ops, acc, k, hvd.global_process_set, size, name=name,
-                                       digest=digest, flags=flags, profile=profile, sync=sync)
+                                       digest=digest, flags=flags, profile=profile, sync=sync,
+                                       wire=wire)
     sets = exchange_sets(hvd)
     return gtopk_exchange(ops, acc, k, rank, size,
                           lambda stage: process_set_for_stage(sets, stage),
-                          name=name, digest=digest, flags=flags, profile=profile, sync=sync)
+                          name=name, digest=digest, flags=flags, profile=profile, sync=sync,
+                          wire=wire)
 
 
 def check_verdict(verdict, plan, name="gtopk.plan"):
@@ -110,8 +114,13 @@ def decompress(result, numel, algorithm="gtopk", average_over=1, out=None, posts
 def update_residual(acc, result, scale=1.0):
     """eps = acc / scale with the entries that made it into the result cleared (in place on
     ``acc``).  Entries that were sent but dropped at some stage stay: that is the paper's
-    gMask.  With a power-of-two loss ``scale`` the division is exact."""
-    acc[result.local_indices[result.alive].long()] = 0
+    gMask.  With a power-of-two loss ``scale`` the division is exact.  With a float16 wire
+    an applied entry keeps what the rounding took off (acc - the value sent)."""
+    applied = result.local_indices[result.alive].long()
+    if result.wire == "float16":
+        acc[applied] -= result.local_values[result.alive]
+    else:
+        acc[applied] = 0
     if scale != 1.0:
         acc.mul_(1.0 / scale)
     return acc

@@ -193,7 +193,19 @@ class TorchOps:
     def meta(self, digest, flags):
         return make_meta(digest, int(flags))  # eager: the header's meta is a Python int
 
-    def pack(self, values, indices, meta):
+    def or_nonfinite(self, flags, values):
+        return flags | (0 if bool(torch.isfinite(values).all()) else NONFINITE)
+
+    def round_to_wire(self, values, wire):
+        return values.half().float() if wire == "float16" else values
+
+    def pack(self, values, indices, meta, wire="float32"):
+        if wire == "float16":  # (n, meta), the n indices, the float16 values two to an int32
+            n = values.numel()
+            halves = torch.zeros(n + n % 2, dtype=torch.float16, device=self.device)
+            halves[:n] = values
+            header = torch.tensor([n, meta], dtype=torch.int32, device=self.device)
+            return torch.cat([header, indices.to(torch.int32), halves.view(torch.int32)])
         # one message per stage: a header row (n, meta), then float32 values bit-cast to
         # int32 next to the int32 indices
         header = torch.tensor([[values.numel(), meta]], dtype=torch.int32, device=self.device)
@@ -204,8 +216,17 @@ class TorchOps:
     def allgather(self, message, process_set, name):
         return self.hvd.allgather(message, name=name, process_set=process_set)
 
-    def unpack(self, gathered, members):
+    def unpack(self, gathered, members, wire="float32"):
         blocks, pos = [], 0
+        if wire == "float16":
+            for _ in range(members):
+                count, meta = gathered[pos:pos + 2].tolist()
+                words = (count + 1) // 2
+                indices = gathered[pos + 2:pos + 2 + count]
+                halves = gathered[pos + 2 + count:pos + 2 + count + words].contiguous()
+                blocks.append((halves.view(torch.float16)[:count].float(), indices, meta))
+                pos += 2 + count + words
+            return blocks
         for _ in range(members):
             count, meta = gathered[pos].tolist()
             body = gathered[pos + 1:pos + 1 + count]

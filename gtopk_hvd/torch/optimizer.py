@@ -36,7 +36,7 @@ from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.plan import make_plan, plan_digest
 from gtopk_hvd.common.process_sets import prepare_exchange_sets
 from gtopk_hvd.common.validation import (check_buffer_numel, check_global_process_set,
-                                         check_gradient_predivide_factor, check_no_compression,
+                                         check_compression, check_gradient_predivide_factor,
                                          check_no_groups, check_op, check_parameter_names,
                                          check_positive_int)
 from gtopk_hvd.torch.collective import (check_verdict, decompress, dense_allreduce_bytes,
@@ -88,7 +88,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     """Methods copied into a subclass of the user's optimizer class, as Horovod does."""
 
     def __init__(self, optimizer, named_parameters, backward_passes_per_step, op,
-                 sparse_as_dense, gtopk_state, grad_scaler=None, gradient_predivide_factor=1.0):
+                 sparse_as_dense, gtopk_state, grad_scaler=None, gradient_predivide_factor=1.0,
+                 compression=hvd.Compression.none, wire="float32"):
         super(self.__class__, self).__init__(optimizer.param_groups)
         self.defaults = dict(optimizer.defaults)
         self._parameter_names = {p: name for name, p in named_parameters}
@@ -99,6 +100,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._gtopk = gtopk_state
         self._grad_scaler = grad_scaler
         self._predivide = gradient_predivide_factor
+        self._compression, self._wire = compression, wire
         self._layout = None
         self._plan_cache = None
         self._passes = {}
@@ -239,7 +241,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return float(scaler.get_scale())
 
     def _plan(self, layout, density, scale):
-        key = (layout.key, density, scale, self._predivide)
+        key = (layout.key, density, scale, self._predivide, self._wire)
         if self._plan_cache is None or self._plan_cache[0] != key:
             buffers = [(name, sum(p.numel() for p in ps),
                         k_for(sum(p.numel() for p in ps), density))
@@ -247,7 +249,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             plan = make_plan(self._gtopk.algorithm, self._op_name, self._gtopk.granularity,
                              self._gtopk.dense_threshold, buffers,
                              [(self._parameter_names[p], p.numel()) for p in layout.dense],
-                             scale, self._predivide)
+                             scale, self._predivide, self._wire)
             self._plan_cache = (key, plan, plan_digest(plan))
         return self._plan_cache[1], self._plan_cache[2]
 
@@ -294,7 +296,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         k_total, numel, sent = 0, 0, 0
         for i, (buffer, acc, k) in enumerate(accs_k):
             result = exchange(acc, k, st.algorithm, name=f"gtopk.{i}", digest=digest,
-                              flags=flags)
+                              flags=flags, wire=self._wire)
             if i == 0 and not check_verdict(result.verdict, plan):
                 self._nonfinite_step(params, plan)
                 return
@@ -308,6 +310,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         dense_numel = sum(p.numel() for p in layout.dense)
         if layout.dense:
             flat = hvd.allreduce(self._flat_grads(layout.dense), name="gtopk.dense", op=self.op,
+                                 compression=self._compression,
                                  prescale_factor=1.0 / self._predivide,
                                  postscale_factor=self._predivide)
             self._set_grads(layout.dense, flat)
@@ -486,7 +489,7 @@ def DistributedOptimizer(optimizer, named_parameters=None,
     if hasattr(optimizer, "gtopk_stats") or hasattr(optimizer, "_allreduce_delay"):
         raise ValueError(f"optimizer is already a distributed optimizer "
                          f"({type(optimizer).__name__}); wrap the plain torch optimizer once")
-    check_no_compression(compression, hvd.Compression.none)
+    wire = check_compression(compression, hvd.Compression)
     backward_passes_per_step = check_positive_int(backward_passes_per_step,
                                                   "backward_passes_per_step")
     check_op(op_name(op))
@@ -505,4 +508,4 @@ def DistributedOptimizer(optimizer, named_parameters=None,
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
                         f"{type(grad_scaler).__name__}")
     return cls(optimizer, named, backward_passes_per_step, op, sparse_as_dense, state,
-               grad_scaler, gradient_predivide_factor)
+               grad_scaler, gradient_predivide_factor, compression, wire)

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from gtopk_hvd.common import k_for
-from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, gtopk_exchange, make_meta,
-                                         merge_meta, ring_bytes, topk_allgather_exchange)
+from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, gtopk_exchange,
+                                         gtopk_wire_bytes, make_meta, merge_meta,
+                                         message_bytes, ring_bytes, topk_allgather_exchange,
+                                         topk_wire_bytes)
 from gtopk_hvd.common.schedule import stages_for
 from gtopk_hvd.common.reference import (SparseSet, gtopk_step, merge, select_topk,
                                         topk_allgather_step, truncate)
@@ -52,15 +54,36 @@ class NumpyOps:
     def meta(self, digest, flags):
         return make_meta(digest, flags)
 
-    def pack(self, values, indices, meta):
+    def or_nonfinite(self, flags, values):
+        return flags | (0 if np.isfinite(values).all() else NONFINITE)
+
+    def round_to_wire(self, values, wire):
+        return values.astype(np.float16).astype(np.float32) if wire == "float16" else values
+
+    def pack(self, values, indices, meta, wire="float32"):
+        if wire == "float16":
+            halves = np.zeros(len(values) + len(values) % 2, np.float16)
+            halves[:len(values)] = values
+            return np.concatenate([np.array([len(values), meta], np.int32),
+                                   indices.astype(np.int32), halves.view(np.int32)])
         body = np.stack([values.astype(np.float32).view(np.int32), indices.astype(np.int32)], 1)
         return np.concatenate([np.array([[len(values), meta]], np.int32), body.reshape(-1, 2)])
 
     def allgather(self, message, group, name):
         return self.mailbox.allgather(group, self.rank, message, name)
 
-    def unpack(self, gathered, members):
+    def unpack(self, gathered, members, wire="float32"):
         blocks, pos = [], 0
+        if wire == "float16":
+            for _ in range(members):
+                count, meta = (int(x) for x in gathered[pos:pos + 2])
+                indices = gathered[pos + 2:pos + 2 + count].copy()
+                words = (count + 1) // 2
+                halves = gathered[pos + 2 + count:pos + 2 + count + words].copy().view(np.float16)
+                blocks.append((halves[:count].astype(np.float32), indices, meta))
+                pos += 2 + count + words
+            assert pos == len(gathered)
+            return blocks
         for _ in range(members):
             count, meta = (int(x) for x in gathered[pos])
             body = gathered[pos + 1:pos + 1 + count]
@@ -140,6 +163,58 @@ def test_driver_on_every_rank_equals_the_reference(size, integer):
         assert res.verdict == 0
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 7, 8, 11])
+@pytest.mark.parametrize("algorithm", ["gtopk", "topk"])
+def test_float16_wire_on_every_rank_equals_the_reference(size, algorithm):
+    rng = np.random.default_rng(size + 7)
+    d = 257
+    k = k_for(d, 0.05)
+    # values with more mantissa than float16 holds, so the rounding shows
+    accs = [(rng.standard_normal(d) * 3 + 1e-3).astype(np.float32) for _ in range(size)]
+    step = gtopk_step if algorithm == "gtopk" else topk_allgather_step
+    want, exact = step(accs, k, wire="float16"), step(accs, k)
+
+    def body(rank, ops):
+        if algorithm == "topk":
+            return topk_allgather_exchange(ops, accs[rank], k, tuple(range(size)), size,
+                                           name="t", wire="float16")
+        return gtopk_exchange(ops, accs[rank], k, rank, size, _group, name="t", wire="float16")
+
+    kept_rounding = []
+    for rank, res in enumerate(_run_ranks(size, body)):
+        if algorithm == "gtopk":
+            np.testing.assert_array_equal(res.indices, want.indices, err_msg=f"rank {rank}")
+            np.testing.assert_array_equal(res.values, want.values, err_msg=f"rank {rank}")
+            assert res.bytes_sent == gtopk_wire_bytes(k, rank, size, "float16")
+        eps = accs[rank].copy()
+        applied = res.local_indices[res.alive]
+        eps[applied] = accs[rank][applied] - res.local_values[res.alive]
+        np.testing.assert_array_equal(eps, want.residuals[rank])
+        kept_rounding.append(np.any(eps != exact.residuals[rank]))
+    assert any(kept_rounding)  # what the rounding took off stays in the residuals
+    if algorithm == "gtopk" and size > 1:
+        assert not np.array_equal(want.values, exact.values)
+        np.testing.assert_allclose(want.values, exact.values, rtol=2e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("size", [2, 3, 5])
+def test_float16_overflow_on_one_rank_is_a_nonfinite_step_for_every_rank(size):
+    accs = [np.arange(16, dtype=np.float32) * (70000.0 if r == size - 1 else 1.0)
+            for r in range(size)]
+
+    def body(rank, ops):
+        return gtopk_exchange(ops, accs[rank], 4, rank, size, _group, wire="float16")
+
+    assert [res.verdict for res in _run_ranks(size, body)] == [NONFINITE] * size
+
+
+def test_float16_wire_messages_take_6_bytes_an_entry():
+    assert message_bytes(10, "float16") == 8 + 60
+    assert message_bytes(11, "float16") == 8 + 44 + 24  # padded to an even count
+    assert message_bytes(10) == 8 + 80
+    assert topk_wire_bytes(10, 4, "float16") == 3 * 68
+
+
 @pytest.mark.parametrize("size,rows", [
     (1, [0]), (2, [5, 5]), (4, [10, 10, 10, 10]),
     # P = 3: one ring allgather of the three sets (header + 4 rows each): 2 blocks leave each
@@ -197,7 +272,8 @@ def test_meta_keeps_digest_and_flags_apart():
     assert merge_meta(a, a) == a
     big = make_meta((1 << 30) - 1, MISMATCH)  # the top digest bit makes a negative int32
     assert -(1 << 31) <= big < 0 and big & MISMATCH
-    assert ring_bytes((0, 1, 4), 4, {0: 5, 1: 5, 4: 1}) == 8 * 6
+    assert ring_bytes((0, 1, 4), 4, {0: 4, 1: 4, 4: 0}) == 8 * 6
+    assert ring_bytes((0, 1, 4), 4, {0: 4, 1: 4, 4: 0}, "float16") == 8 + 4 * 4 + 2 * 4 + 8
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5])

@@ -32,6 +32,9 @@ SCENARIOS = [
     "keras_save_weights_load_weights_continues_the_uninterrupted_trajectory",
     "keras_load_model_rewraps_gtopk_in_keras_h5_and_savedmodel_formats",
     "gradient_predivide_factor_4_bit_identical_to_1_and_3_close",
+    *[f"tape_{m}_{g}_{a}_fp16_compression_equals_reference"
+      for m, g, a in [("eager", "model", "gtopk"), ("graph", "layer", "gtopk"),
+                      ("graph", "model", "topk")]],
     "bad_arguments_raise_on_every_rank_then_training_works",
 ]
 

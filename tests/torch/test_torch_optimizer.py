@@ -31,6 +31,8 @@ SCENARIOS = [
     "gtopk_hvd_broadcast_optimizer_state_resume_idiom_no_deadlock_same_schedule_step",
     "horovod_broadcast_optimizer_state_on_a_stateless_optimizer_takes_no_gtopk_step",
     "gradient_predivide_factor_4_bit_identical_to_1_and_3_close",
+    *[f"fp16_compression_{a}_{g}_params_equal_reference"
+      for a, g in (("gtopk", "model"), ("gtopk", "layer"), ("topk", "model"))],
     "bad_arguments_raise_on_every_rank_then_training_works",
 ]
 

@@ -82,8 +82,9 @@ def DistributedOptimizer(optimizer, name=None,
     so Horovod's BroadcastGlobalVariablesCallback leaves them alone.  ``optimizer.gtopk_stats()``
     returns this rank's statistics of the last step.
 
-    ``compression`` must stay ``Compression.none``, ``op`` is Average or Sum, ``process_set``
-    the global set and ``num_groups`` / ``groups`` unset (use ``granularity``);
+    ``compression`` is ``Compression.none`` or ``Compression.fp16`` (values travel as float16,
+    merges and residuals stay float32), ``op`` is Average or Sum, ``process_set`` the global
+    set and ``num_groups`` / ``groups`` unset (use ``granularity``);
     ``gradient_predivide_factor`` works as in Horovod (with Average).  ``device_dense`` / ``device_sparse`` are accepted and unused.
 
     Example::
@@ -100,7 +101,7 @@ def DistributedOptimizer(optimizer, name=None,
         raise ValueError(f"optimizer is already a distributed optimizer "
                          f"({type(optimizer).__name__}); wrap the plain tf.keras optimizer once")
     check_tf_keras_optimizer(optimizer)
-    predivide = check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups,
+    reduction = check_horovod_arguments(compression, op, gradient_predivide_factor, num_groups,
                                         groups, process_set)
     backward_passes_per_step = check_positive_int(backward_passes_per_step,
                                                   "backward_passes_per_step")
@@ -112,7 +113,7 @@ def DistributedOptimizer(optimizer, name=None,
         backward_passes_per_step=backward_passes_per_step,
         average_aggregated_gradients=average_aggregated_gradients,
         scale_local_gradients=scale_local_gradients, gtopk_state=gtopk_state,
-        gradient_predivide_factor=predivide)
+        reduction=reduction)
 
 
 def load_model(filepath, custom_optimizers=None, custom_objects=None,
@@ -130,7 +131,8 @@ def load_model(filepath, custom_optimizers=None, custom_objects=None,
     check_horovod_arguments(compression, Average, 1.0, 0, None, global_process_set)
 
     def wrap(optimizer):
-        return DistributedOptimizer(optimizer, density=density, algorithm=algorithm,
+        return DistributedOptimizer(optimizer, compression=compression, density=density,
+                                    algorithm=algorithm,
                                     granularity=granularity, dense_threshold=dense_threshold,
                                     gtopk_state=gtopk_state)
     return load_model_with(wrap, filepath, custom_optimizers, custom_objects, legacy_opts)

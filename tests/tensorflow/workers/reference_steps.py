@@ -31,10 +31,10 @@ class ReferenceModel:
     """
 
     def __init__(self, shapes, size, density, granularity="model", dense_threshold=0,
-                 algorithm="gtopk"):
+                 algorithm="gtopk", wire="float32"):
         self.shapes, self.size = [tuple(s) for s in shapes], size
         self.density = density if callable(density) else (lambda step: density)
-        self.granularity, self.algorithm = granularity, algorithm
+        self.granularity, self.algorithm, self.wire = granularity, algorithm, wire
         self.threshold = max(1, dense_threshold)
         self.numels = [int(np.prod(s)) for s in self.shapes]
         self.eps = [[np.zeros(n, np.float32) for n in self.numels] for _ in range(size)]
@@ -42,7 +42,7 @@ class ReferenceModel:
 
     def _exchange(self, accs, k):
         step = gtopk_step if self.algorithm == "gtopk" else topk_allgather_step
-        return step(accs, k)
+        return step(accs, k, wire=self.wire)
 
     def step(self, grads):
         """grads[p][j]: rank p's gradient of variable j.  Returns the averaged gradients

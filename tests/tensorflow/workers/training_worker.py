@@ -402,6 +402,32 @@ def keras_load_model(tf, hvd, rec, rank, size):
         assert found["model.keras"][1] == 2, found
 
 
+def fp16_compression(tf, hvd, rec, rank, size):
+    for mode, granularity, algorithm in [("eager", "model", "gtopk"), ("graph", "layer", "gtopk"),
+                                         ("graph", "model", "topk")]:
+        with rec(f"tape_{mode}_{granularity}_{algorithm}_fp16_compression_equals_reference"):
+            variables = make_variables(tf, prefix=f"fp16{mode}{granularity}{algorithm}")
+            state = hvd.GTopkState(0.05, algorithm=algorithm, granularity=granularity)
+            step = tape_step_fn(tf, hvd, variables, mode, gtopk_state=state,
+                                compression=hvd.Compression.fp16)
+            outputs = [[g.numpy() for g in step([tf.constant(g * 3.1) for g in
+                                                 rank_grads(29, t, rank, SHAPES)])]
+                       for t in range(3)]
+            ref = ReferenceModel(SHAPES, size, 0.05, granularity, algorithm=algorithm,
+                                 wire="float16")
+            exact = ReferenceModel(SHAPES, size, 0.05, granularity, algorithm=algorithm)
+            for t, got in enumerate(outputs):
+                grads = [[g * np.float32(3.1) for g in rank_grads(29, t, p, SHAPES)]
+                         for p in range(size)]
+                want, plain = ref.step(grads), exact.step(grads)
+                for j in range(len(SHAPES)):
+                    assert_equal(got[j], want[j], f"step {t} variable {j}")
+            assert any(not np.array_equal(a, b) for a, b in zip(want, plain))
+            for j, eps in enumerate(ref.residuals(rank)):
+                assert_equal(state.residuals[variables[j].name.split(":")[0]], eps,
+                             f"residual {j}")
+
+
 def predivide(tf, hvd, rec, rank, size):
     import gtopk_hvd.tensorflow.keras as hvd_keras
     with rec("gradient_predivide_factor_4_bit_identical_to_1_and_3_close"):
@@ -445,7 +471,7 @@ def bad_arguments(tf, hvd, rec, rank, size):
                  ({"granularity": "bucket"}, ValueError, "granularity"),
                  ({"dense_threshold": -1}, ValueError, "dense_threshold"),
                  ({"op": hvd.Adasum}, ValueError, "Adasum"),
-                 ({"compression": hvd.Compression.fp16}, ValueError, "compression"),
+                 ({"compression": "fp16"}, ValueError, "compression"),
                  ({"gradient_predivide_factor": 2.0, "op": hvd.Sum}, ValueError,
                   "only supported with op=Average"),
                  ({"gradient_predivide_factor": -1.0}, ValueError, "gradient_predivide_factor"),
@@ -501,7 +527,7 @@ def main():
                      tape_checkpoint_restore, tape_world_size_change, tape_sparse_gradients,
                      keras_minimize_equals_reference, keras_backward_passes,
                      keras_fit_with_callbacks, keras_checkpoint_restore, keras_load_model,
-                     predivide, bad_arguments):
+                     predivide, fp16_compression, bad_arguments):
         scenario(tf, hvd, rec, rank, size)
     finish(tf, hvd, rec)
 

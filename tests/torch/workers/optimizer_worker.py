@@ -459,11 +459,34 @@ def predivide(hvd, rec, rank, size):
         assert same
 
 
+def fp16_compression(hvd, rec, rank, size):
+    for algorithm, granularity in (("gtopk", "model"), ("gtopk", "layer"), ("topk", "model")):
+        with rec(f"fp16_compression_{algorithm}_{granularity}_params_equal_reference"):
+            model = make_model(1600)
+            opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(),
+                                           density=0.1, algorithm=algorithm,
+                                           granularity=granularity,
+                                           compression=hvd.Compression.fp16)
+            ref = ReferenceRun(model, sgd, size, 0.1, granularity, algorithm, wire="float16")
+            exact = ReferenceRun(model, sgd, size, 0.1, granularity, algorithm)
+            got = train(hvd, model, opt, loss_for(1600), steps=3)
+            bytes_sent = opt.gtopk_stats()["bytes_sent"]
+            want, plain = simulate(ref, loss_for(1600), steps=3), simulate(exact,
+                                                                          loss_for(1600), 3)
+            for t, (g, w) in enumerate(zip(got, want)):
+                assert_equal(g, w.numpy(), f"params after step {t + 1}")
+            assert not torch.equal(want[-1], plain[-1]), "float16 rounding had no effect"
+            if algorithm == "gtopk" and granularity == "model":
+                k = k_for(sum(p.numel() for p in model.parameters()), 0.1)
+                assert bytes_sent == gtopk_wire_bytes(k, rank, size, "float16"), bytes_sent
+
+
 def bad_input(hvd, rec, rank, size):
     with rec("bad_arguments_raise_on_every_rank_then_training_works"):
         model = make_model(1300)
         for kwargs, error in [({"density": 1.5}, ValueError), ({"op": hvd.Adasum}, ValueError),
-                              ({"compression": hvd.Compression.fp16}, ValueError),
+                              ({"compression": "fp16"}, ValueError),
                               ({"named_parameters": [("w", p) for p in model.parameters()]},
                                ValueError)]:
             try:
@@ -478,4 +501,4 @@ def bad_input(hvd, rec, rank, size):
 SCENARIOS = (trajectories, identical_across_ranks, density_one, accumulation, checkpoint,
              world_size_policy, missing_gradients, half_precision, sparse_gradients,
              dense_threshold, schedule_and_stats, synchronize_api, resume_idioms, predivide,
-             bad_input)
+             fp16_compression, bad_input)

@@ -25,11 +25,11 @@ class ReferenceRun:
     """Simulates P ranks; ``step(loss_for_rank)`` or ``apply(grads)`` advance it one step."""
 
     def __init__(self, model, make_optimizer, size, density, granularity="model",
-                 algorithm="gtopk", dense_threshold=0):
+                 algorithm="gtopk", dense_threshold=0, wire="float32"):
         self.model = copy.deepcopy(model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.model.parameters())
-        self.size, self.algorithm = size, algorithm
+        self.size, self.algorithm, self.wire = size, algorithm, wire
         self.schedule = as_schedule(density)
         sparse = [i for i, p in enumerate(self.params) if p.numel() >= max(1, dense_threshold)]
         self.dense = [i for i, p in enumerate(self.params) if p.numel() < max(1, dense_threshold)]
@@ -61,7 +61,7 @@ class ReferenceRun:
             accs = [np.concatenate([flat32(grads[r][i], n) for i, n in zip(buf, numels)])
                     + self.eps[b][r] for r in range(self.size)]
             k = k_for(int(sum(numels)), density)
-            res = combine(accs, k)
+            res = combine(accs, k, wire=self.wire)
             self.eps[b] = res.residuals
             self.last_k += k
             update = res.dense(int(sum(numels)), average_over=self.size)
