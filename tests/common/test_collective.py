@@ -58,7 +58,10 @@ class NumpyOps:
         return flags | (0 if np.isfinite(values).all() else NONFINITE)
 
     def round_to_wire(self, values, wire):
-        return values.astype(np.float16).astype(np.float32) if wire == "float16" else values
+        if wire != "float16":
+            return values
+        with np.errstate(over="ignore"):  # beyond float16's range: Inf, as on the wire
+            return values.astype(np.float16).astype(np.float32)
 
     def pack(self, values, indices, meta, wire="float32"):
         if wire == "float16":
