@@ -50,6 +50,11 @@ def unnamed_collectives(rec, rank, size):
                 assert hvd.broadcast_object({"step": step}, root_rank=0) == {"step": step}
                 rows = hvd.allgather(flat_params(model).view(1, -1))
                 assert bool((rows == rows[0]).all()), "ranks hold different parameters"
+            # the end of an epoch with uneven data: every rank joins, then training goes on
+            last = hvd.join()
+            assert 0 <= last < size, last
+            got = train(hvd, model, opt, loss, steps=1)[0]
+            assert_equal(got, simulate(ref, ref_loss, steps=1)[0].numpy(), "after hvd.join()")
 
 
 def _poison(model, rank, bad_rank, value):
