@@ -28,7 +28,7 @@ from gtopk_hvd.common.schedule import stages_for, virtual_rank
 __all__ = ["TensorOps", "gtopk_exchange", "topk_allgather_exchange", "ExchangeResult",
            "GTopkResult", "reduce_op_name", "dense_allreduce_bytes", "NONFINITE", "MISMATCH",
            "make_meta", "merge_meta", "ring_bytes", "gtopk_wire_bytes", "topk_wire_bytes",
-           "message_bytes", "WIRES"]
+           "message_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,6 @@ class ExchangeResult:
 
 
 BYTES_PER_ENTRY = 8  # float32 value + int32 index
-WIRES = ("float32", "float16")  # how values travel: float16 is Horovod's Compression.fp16
 
 _REDUCE_OPS = ("Average", "Sum", "Adasum", "Min", "Max", "Product")
 

@@ -71,8 +71,6 @@ def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False, digest=0, f
                                 lambda stage: process_set_for_stage(sets, stage),
                                 name=name, digest=digest, flags=flags, profile=profile,
                                 wire=wire)
-    if size == 1:
-        result.verdict = tf.cast(flags, tf.int32)
     (result.values, result.indices, result.local_indices, result.alive,
      result.verdict) = ops.finalize(result.values, result.indices, result.local_indices,
                                     result.alive, result.verdict)

@@ -89,7 +89,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer, named_parameters, backward_passes_per_step, op,
                  sparse_as_dense, gtopk_state, grad_scaler=None, gradient_predivide_factor=1.0,
-                 compression=hvd.Compression.none, wire="float32"):
+                 compression=hvd.Compression.none):
         super(self.__class__, self).__init__(optimizer.param_groups)
         self.defaults = dict(optimizer.defaults)
         self._parameter_names = {p: name for name, p in named_parameters}
@@ -100,7 +100,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._gtopk = gtopk_state
         self._grad_scaler = grad_scaler
         self._predivide = gradient_predivide_factor
-        self._compression, self._wire = compression, wire
+        self._compression = compression  # for the dense allreduce
+        self._wire = check_compression(compression, hvd.Compression)
         self._layout = None
         self._plan_cache = None
         self._passes = {}
@@ -355,7 +356,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._should_synchronize = True
 
     def step(self, closure=None):
-        if _called_from(_HOROVOD_STATE_INIT):
+        # Horovod calls it so only while the state is empty: no frame walk once it exists
+        if not self.state and _called_from(_HOROVOD_STATE_INIT):
             return self._state_init_step()
         if self._should_synchronize:
             if self._synchronized:
@@ -467,8 +469,9 @@ def DistributedOptimizer(optimizer, named_parameters=None,
             scale does not change what they mean; use Horovod's pattern (``synchronize()``,
             ``scaler.unscale_``, ``skip_synchronize()``, ``scaler.step``, README).
 
-    ``compression`` must stay ``Compression.none``, ``op`` is Average or Sum, ``process_set``
-    the global set and ``num_groups`` / ``groups`` unset (use ``granularity``).
+    ``compression`` is ``Compression.none`` or ``Compression.fp16`` (values travel as float16,
+    merges and residuals stay float32), ``op`` is Average or Sum, ``process_set`` the global
+    set and ``num_groups`` / ``groups`` unset (use ``granularity``).
     ``gradient_predivide_factor`` f (with Average) works as in Horovod: the gradients are
     multiplied by 1/f before the reduction and the average by f after it; the residuals stay
     in the gradients' units (with a power-of-two f the result is bit for bit that of f = 1).
@@ -489,7 +492,7 @@ def DistributedOptimizer(optimizer, named_parameters=None,
     if hasattr(optimizer, "gtopk_stats") or hasattr(optimizer, "_allreduce_delay"):
         raise ValueError(f"optimizer is already a distributed optimizer "
                          f"({type(optimizer).__name__}); wrap the plain torch optimizer once")
-    wire = check_compression(compression, hvd.Compression)
+    check_compression(compression, hvd.Compression)
     backward_passes_per_step = check_positive_int(backward_passes_per_step,
                                                   "backward_passes_per_step")
     check_op(op_name(op))
@@ -508,4 +511,4 @@ def DistributedOptimizer(optimizer, named_parameters=None,
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
                         f"{type(grad_scaler).__name__}")
     return cls(optimizer, named, backward_passes_per_step, op, sparse_as_dense, state,
-               grad_scaler, gradient_predivide_factor, compression, wire)
+               grad_scaler, gradient_predivide_factor, compression)
