@@ -131,6 +131,12 @@ def check_compression(compression, compressions):
         return "float32"
     if compression is compressions.fp16:
         return "float16"
+    if type(compression).__name__ == "GTopkCompressor":
+        raise ValueError(
+            "compression=Compression.gtopk(...) is for Horovod's own optimizers "
+            "(horovod.torch.DistributedOptimizer, horovod.tensorflow.DistributedGradientTape, "
+            "horovod.tensorflow.keras.DistributedOptimizer); gtopk_hvd's DistributedOptimizer "
+            "already runs gTop-k: pass density=... to it instead")
     raise ValueError(
         f"compression={getattr(compression, '__name__', compression)} is not supported: "
         f"gTop-k sends k of d entries; pass hvd.Compression.none (float32 values) or "

@@ -10,7 +10,7 @@ Sparsification for Low Bandwidth Networks", ICDCS 2019.
 """
 import logging
 
-from horovod.torch import (Adasum, Average, Compression, HorovodInternalError, Max, Min,
+from horovod.torch import (Adasum, Average, HorovodInternalError, Max, Min,
                            ProcessSet, Product, Sum, add_process_set, allgather,
                            allgather_object, allreduce, allreduce_, allreduce_async,
                            allreduce_async_, barrier, broadcast, broadcast_, broadcast_async,
@@ -24,6 +24,7 @@ from gtopk_hvd.common.density import (ConstantDensity, DensitySchedule,
                                       ExponentialWarmupDensity, StepwiseDensity)
 from gtopk_hvd.common.errors import GTopkError, ProcessSetError
 from gtopk_hvd.torch import elastic
+from gtopk_hvd.torch.compression import Compression, GTopkCompressor
 from gtopk_hvd.torch.collective import GTopkResult, gtopk_allreduce, gtopk_allreduce_
 from gtopk_hvd.torch.functions import broadcast_optimizer_state, init, shutdown
 from gtopk_hvd.torch.ops import TorchOps
@@ -33,11 +34,11 @@ from gtopk_hvd.torch.state import GTopkState
 __all__ = [
     # gTop-k
     "init", "DistributedOptimizer", "gtopk_allreduce", "gtopk_allreduce_", "GTopkResult",
-    "GTopkState", "TorchOps", "elastic",
+    "GTopkState", "TorchOps", "elastic", "Compression", "GTopkCompressor",
     "broadcast_optimizer_state", "shutdown", "GTopkError", "ProcessSetError",
     "ConstantDensity", "DensitySchedule", "ExponentialWarmupDensity", "StepwiseDensity",
     # re-exported from horovod.torch
-    "Adasum", "Average", "Compression", "HorovodInternalError", "Max", "Min", "ProcessSet",
+    "Adasum", "Average", "HorovodInternalError", "Max", "Min", "ProcessSet",
     "Product", "Sum", "add_process_set", "allgather", "allgather_object", "allreduce",
     "allreduce_", "allreduce_async", "allreduce_async_", "barrier", "broadcast", "broadcast_",
     "broadcast_async", "broadcast_async_", "broadcast_object", "broadcast_parameters",

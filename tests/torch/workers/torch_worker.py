@@ -8,6 +8,7 @@ per world size keeps the suite fast on 2 cores.
 import os
 
 import collective_worker
+import compressor_worker
 import horovod.torch as plain_hvd
 import optimizer_worker
 import plain_init_worker
@@ -28,7 +29,8 @@ def main():
     hvd.shutdown()
 
     hvd.init()
-    for scenario in collective_worker.SCENARIOS + optimizer_worker.SCENARIOS:
+    for scenario in (collective_worker.SCENARIOS + optimizer_worker.SCENARIOS
+                     + compressor_worker.SCENARIOS):
         scenario(hvd, rec, rank, size)
     rec.save()
     hvd.shutdown()  # after a barrier: the extra ranks' last unfold must not be cut short

@@ -1,0 +1,77 @@
+"""What the gTop-k Compressors for Horovod's own optimizers share, framework-free.
+
+Horovod's optimizers call ``compression.compress(tensor)`` and ``compression.decompress(
+tensor, ctx)`` around their allreduce and pass no name and no reduce op.  The compressor needs
+both: the name keys the per-tensor residual (and orders the exchanges the same way on every
+rank), the op says whether to divide by P.  :func:`horovod_call` reads them from Horovod's
+calling frame:
+
+- ``horovod.torch``'s ``_DistributedOptimizer`` (``self._parameter_names[p]``, ``self.op``);
+- ``allreduce`` / ``grouped_allreduce`` of ``horovod.torch`` and ``horovod.tensorflow``
+  (their ``name`` and ``op`` arguments), which Horovod's TensorFlow tape and Keras optimizer
+  call.
+
+Only Horovod's frames are read, and only these names; any other caller gets (None, None) and
+the adapter falls back to its own rule (documented there).
+"""
+import sys
+
+from gtopk_hvd.common.validation import check_algorithm
+
+__all__ = ["horovod_call", "check_compressor_op", "compressor_plan", "op_from_call",
+           "COMPRESSOR_PREFIX"]
+
+COMPRESSOR_PREFIX = "gtopk.compressor"
+_MAX_DEPTH = 8
+
+
+def horovod_call(compressor):
+    """(name, op) of the Horovod call that is running ``compressor.compress`` now.
+
+    ``name``: the parameter's name in Horovod's torch optimizer, or the ``name`` argument of
+    ``allreduce`` (None when not given); ``op``: the reduce op object Horovod will use (None
+    when the caller is not Horovod's, or when Horovod resolves it later from ``average``).
+    """
+    frame = sys._getframe(2)
+    for _ in range(_MAX_DEPTH):
+        if frame is None:
+            break
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("horovod."):
+            local = frame.f_locals
+            owner = local.get("self")
+            names = getattr(owner, "_parameter_names", None)
+            if isinstance(names, dict) and "p" in local:
+                return names.get(local["p"]), getattr(owner, "op", None)
+            if local.get("compression") is compressor and ("op" in local or "name" in local):
+                op = local.get("op")
+                if op is None and local.get("average") is False:
+                    op = "Sum"
+                return local.get("name"), op
+        frame = frame.f_back
+    return None, None
+
+
+def op_from_call(call_op, default_name, op_name):
+    """The reduce op name for a compressor step: Horovod's op from :func:`horovod_call`
+    (None: Horovod's default, Average), mapped by ``op_name``; checked."""
+    name = default_name if call_op is None else (call_op if isinstance(call_op, str)
+                                                 else op_name(call_op))
+    return check_compressor_op(name)
+
+
+def check_compressor_op(op):
+    """Average or Sum (what gTop-k computes); anything else is refused."""
+    if op not in ("Average", "Sum"):
+        raise ValueError(
+            f"the gTop-k compressor computes sums and averages, got op={op}; pass op=hvd.Average "
+            f"or op=hvd.Sum to Horovod's optimizer (Adasum, Min, Max and Product are not sparse "
+            f"reductions)")
+    return op
+
+
+def compressor_plan(algorithm, op, buffers):
+    """The plan every rank of one compressor flush must agree on: all (name, numel, k), so a
+    rank that holds other tensors is refused at the first exchange (not left waiting)."""
+    from gtopk_hvd.common.plan import make_plan
+    return make_plan(check_algorithm(algorithm), op, "compressor", 0, buffers)
