@@ -14,7 +14,7 @@ import logging
 
 import horovod.tensorflow as _hvd
 import tensorflow as _tf
-from horovod.tensorflow import (Adasum, Average, Compression, Max, Min, ProcessSet, Product,
+from horovod.tensorflow import (Adasum, Average, Max, Min, ProcessSet, Product,
                                 Sum, SyncBatchNormalization, add_process_set, allgather,
                                 allgather_object, allreduce, alltoall, broadcast, broadcast_,
                                 broadcast_object, broadcast_object_fn, broadcast_variables,
@@ -31,6 +31,7 @@ from gtopk_hvd.common.density import (ConstantDensity, DensitySchedule,
                                       ExponentialWarmupDensity, StepwiseDensity)
 from gtopk_hvd.common.errors import GTopkError, ProcessSetError
 from gtopk_hvd.common.process_sets import init_with_exchange_sets
+from gtopk_hvd.tensorflow.compression import Compression, GTopkCompressor
 from gtopk_hvd.tensorflow.collective import GTopkResult, gtopk_allreduce
 from gtopk_hvd.tensorflow.gradient_tape import DistributedGradientTape
 from gtopk_hvd.tensorflow.gradients import allreduce_gradients
@@ -40,10 +41,10 @@ from gtopk_hvd.tensorflow.state import GTopkState
 __all__ = [
     # gTop-k
     "init", "shutdown", "DistributedGradientTape", "gtopk_allreduce", "GTopkResult", "GTopkState",
-    "allreduce_gradients", "TFOps", "GTopkError", "ProcessSetError",
+    "allreduce_gradients", "TFOps", "GTopkError", "Compression", "GTopkCompressor", "ProcessSetError",
     "ConstantDensity", "DensitySchedule", "ExponentialWarmupDensity", "StepwiseDensity",
     # re-exported from horovod.tensorflow
-    "Adasum", "Average", "Compression", "Max", "Min", "ProcessSet", "Product", "Sum",
+    "Adasum", "Average", "Max", "Min", "ProcessSet", "Product", "Sum",
     "SyncBatchNormalization", "add_process_set", "allgather", "allgather_object", "allreduce",
     "alltoall", "broadcast", "broadcast_", "broadcast_object", "broadcast_object_fn",
     "broadcast_variables", "ccl_built", "cross_rank", "cross_size", "cuda_built", "ddl_built",

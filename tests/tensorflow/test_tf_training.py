@@ -36,6 +36,14 @@ SCENARIOS = [
       for m, g, a in [("eager", "model", "gtopk"), ("graph", "layer", "gtopk"),
                       ("graph", "model", "topk")]],
     "bad_arguments_raise_on_every_rank_then_training_works",
+    # horovod.tensorflow's own tape and Keras optimizer with Compression.gtopk
+    *[f"horovod_tape_{m}_{a}_compressor_equals_layer_reference"
+      for m, a in [("eager", "gtopk"), ("graph", "gtopk"), ("graph", "topk")]],
+    "horovod_keras_optimizer_compressor_equals_layer_reference",
+    "horovod_keras_legacy_optimizer_compressor_equals_layer_reference",
+    "horovod_keras_fit_with_compressor_trains_identically_on_every_rank",
+    "horovod_tape_compressor_nan_on_one_rank_gives_nan_everywhere_residuals_kept",
+    "tf_hvd_allreduce_with_gtopk_compression_equals_gtopk_allreduce",
 ]
 
 

@@ -165,7 +165,12 @@ def test_horovod_names_are_re_exported():
     import horovod.torch
 
     for name in ["rank", "size", "local_rank", "broadcast_parameters", "allreduce", "Average",
-                 "Sum", "Compression", "allgather", "broadcast_object", "global_process_set"]:
+                 "Sum", "allgather", "broadcast_object", "global_process_set"]:
         assert getattr(hvd, name) is getattr(horovod.torch, name), name
+    # Compression: Horovod's, plus gtopk
+    assert issubclass(hvd.Compression, horovod.torch.Compression)
+    assert hvd.Compression.none is horovod.torch.Compression.none
+    assert hvd.Compression.fp16 is horovod.torch.Compression.fp16
+    assert hvd.Compression.gtopk is hvd.GTopkCompressor
     assert hvd.DistributedOptimizer is not horovod.torch.DistributedOptimizer
     assert set(hvd.__all__) <= set(dir(hvd))

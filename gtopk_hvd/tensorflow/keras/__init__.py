@@ -15,7 +15,7 @@ Sparsification for Low Bandwidth Networks", ICDCS 2019.
 """
 import logging
 
-from horovod.tensorflow import (Average, Compression, ProcessSet, Sum, add_process_set,
+from horovod.tensorflow import (Average, ProcessSet, Sum, add_process_set,
                                 ccl_built, cross_rank, cross_size, cuda_built, ddl_built,
                                 gloo_built, gloo_enabled, global_process_set, is_initialized,
                                 local_rank, local_size, mpi_built, mpi_enabled,
@@ -26,7 +26,7 @@ from horovod.tensorflow.keras import allgather, allreduce, broadcast, reducescat
 from gtopk_hvd._keras import (check_tf_keras_optimizer, create_distributed_optimizer,
                               load_model_with)
 from gtopk_hvd.common.validation import check_positive_int
-from gtopk_hvd.tensorflow import GTopkState, init, shutdown
+from gtopk_hvd.tensorflow import Compression, GTopkState, init, shutdown
 from gtopk_hvd.tensorflow.gradient_tape import check_horovod_arguments, prepare_state
 from gtopk_hvd.tensorflow.keras import callbacks
 

@@ -10,6 +10,7 @@ and assert afterwards.
 import os
 import tempfile
 
+import compressor_worker
 import numpy as np
 from _common import LogCapture, assert_equal, finish, same_on_every_rank, start
 from reference_steps import ReferenceModel, rank_grads
@@ -527,7 +528,8 @@ def main():
                      tape_checkpoint_restore, tape_world_size_change, tape_sparse_gradients,
                      keras_minimize_equals_reference, keras_backward_passes,
                      keras_fit_with_callbacks, keras_checkpoint_restore, keras_load_model,
-                     predivide, fp16_compression, bad_arguments):
+                     predivide, fp16_compression, bad_arguments,
+                     *compressor_worker.SCENARIOS):
         scenario(tf, hvd, rec, rank, size)
     finish(tf, hvd, rec)
 

@@ -230,5 +230,5 @@ def refused(hvd, rec, rank, size):
         assert Compression.fp16 is horovod_hvd.Compression.fp16
 
 
-SCENARIOS = [trajectories, dynamic_forward, unnamed_collectives, nonfinite, mismatch,
-             direct_allreduce, checkpoint, refused]
+SCENARIOS = (trajectories, dynamic_forward, unnamed_collectives, nonfinite, mismatch,
+             direct_allreduce, checkpoint, refused)
