@@ -41,6 +41,7 @@ class _Untracked:
         self.pending = {}     # position -> values from load_state_dict, applied at creation
         self.stats = {}       # statistic name -> tf.Variable
         self.written = False  # whether a step has run since construction
+        self.world = None     # the (size, rank) this process last wrote into _world
 
 
 class GTopkState(tf.Module):
@@ -166,14 +167,18 @@ class GTopkState(tf.Module):
 
     def check_world(self, size, rank):
         """Apply the world-size policy to residuals restored from a checkpoint (Python; in a
-        ``tf.function`` it runs when the step is traced)."""
+        ``tf.function`` it runs when the step is traced).  Residuals this process wrote itself
+        are kept whatever the world became (a Horovod Elastic reset: they belong to the
+        process); only restored ones, whose (size, rank) record differs from what this
+        process last wrote, are checked."""
         with tf.init_scope():
-            saved_size, saved_rank = (int(v) for v in self._world.numpy())
-            if saved_size >= 0 and not check_world_size_on_load(saved_size, saved_rank, size,
-                                                                rank):
+            saved = tuple(int(v) for v in self._world.numpy())
+            own = saved == self._book.world
+            if saved[0] >= 0 and not own and not check_world_size_on_load(*saved, size, rank):
                 for eps in self._slots:
                     eps.assign(tf.zeros_like(eps))
             self._world.assign([size, rank])
+            self._book.world = (size, rank)
 
     def residual_norm(self):
         total = sum(float(tf.reduce_sum(tf.square(tf.cast(eps, tf.float64))))

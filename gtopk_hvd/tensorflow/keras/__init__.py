@@ -28,10 +28,10 @@ from gtopk_hvd._keras import (check_tf_keras_optimizer, create_distributed_optim
 from gtopk_hvd.common.validation import check_positive_int
 from gtopk_hvd.tensorflow import Compression, GTopkState, init, shutdown
 from gtopk_hvd.tensorflow.gradient_tape import check_horovod_arguments, prepare_state
-from gtopk_hvd.tensorflow.keras import callbacks
+from gtopk_hvd.tensorflow.keras import callbacks, elastic
 
 __all__ = [
-    "init", "DistributedOptimizer", "load_model", "GTopkState", "callbacks",
+    "init", "DistributedOptimizer", "load_model", "GTopkState", "callbacks", "elastic",
     "Average", "Compression", "ProcessSet", "Sum", "add_process_set", "allgather", "allreduce",
     "broadcast", "reducescatter", "ccl_built", "cross_rank", "cross_size", "cuda_built",
     "ddl_built", "gloo_built", "gloo_enabled", "global_process_set", "is_initialized",

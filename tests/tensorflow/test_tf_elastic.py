@@ -1,0 +1,19 @@
+"""gTop-k Keras training under Horovod Elastic, with Horovod's own elastic driver on this
+machine (tests/elastic_harness.py): 3 workers grow to 4, then the fourth is killed with
+SIGKILL and the job goes on with 3 (workers/elastic_worker.py: ``model.fit`` with
+``gtopk_hvd.tensorflow.keras.elastic``'s KerasState, run and callbacks).
+
+Checked from the workers' logs: training reaches the last step; after every step the
+variables are bitwise the same on every rank of that world; every (re)start shows every rank
+at the same schedule step; a worker that stays keeps its residuals across a reset and the new
+worker starts from zero.
+"""
+from tests.elastic_harness import ROOT, check_elastic_run
+
+WORKER = ROOT / "tests" / "tensorflow" / "workers" / "elastic_worker.py"
+STEPS = 30
+
+
+def test_keras_elastic_grow_then_kill_keeps_training_bit_identical():
+    check_elastic_run(WORKER, STEPS, "gtopk", {"TF_USE_LEGACY_KERAS": "1",
+                                                "TF_CPP_MIN_LOG_LEVEL": "3"})
