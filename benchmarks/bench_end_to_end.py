@@ -46,20 +46,25 @@ PHASES = ("compute", "selection", "communication", "merge", "other")
 def _instrument(record):
     """Have the gTop-k optimizer's collective record its per-phase timings into ``record``.
 
-    Wraps ``gtopk_hvd.torch.optimizer.exchange`` (the library's collective entry point) with
-    ``profile=True``; returns False if the library is organised differently.
+    Wraps ``gtopk_hvd.torch.optimizer.exchange_grouped`` (the library's collective entry
+    point; one call per step for all buffers) with ``profile=True``; returns False if the
+    library is organised differently.
     """
     import gtopk_hvd.torch.optimizer as gopt
-    orig = getattr(gopt, "exchange", None)
+    orig = getattr(gopt, "exchange_grouped", None)
     if orig is None:
         return False
 
-    def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False):
-        res = orig(acc, k, algorithm, name, True)
-        record.append(res.timings)
-        return res
+    def exchange_grouped(accs, ks, algorithm="gtopk", name="gtopk", profile=False, **kwargs):
+        results = orig(accs, ks, algorithm, name, True, **kwargs)
+        if algorithm == "gtopk" and len(results) > 1:
+            record.append(results[0].timings)  # one timer for the whole group
+        else:
+            for res in results:
+                record.append(res.timings)
+        return results
 
-    gopt.exchange = exchange
+    gopt.exchange_grouped = exchange_grouped
     return True
 
 

@@ -25,7 +25,7 @@ import time
 
 from gtopk_hvd.common.schedule import stages_for, virtual_rank
 
-__all__ = ["TensorOps", "gtopk_exchange", "topk_allgather_exchange", "ExchangeResult",
+__all__ = ["TensorOps", "gtopk_exchange", "gtopk_exchange_grouped", "topk_allgather_exchange", "ExchangeResult",
            "GTopkResult", "reduce_op_name", "dense_allreduce_bytes", "NONFINITE", "MISMATCH",
            "make_meta", "merge_meta", "ring_bytes", "gtopk_wire_bytes", "topk_wire_bytes",
            "message_bytes"]
@@ -72,6 +72,9 @@ class TensorOps:
         rounded to nearest, to +-inf beyond 65504).
     or_nonfinite(flags, values): ``flags`` with NONFINITE added when ``values`` holds NaN or
         Inf (a float16 wire's overflow).
+    count(values): the number of entries of a set (a Python int; eager adapters only).
+    split_set(values, indices, ks): a set laid end to end (concat_sets) cut back into pieces
+        of ks[0], ks[1], ... entries.
     merge_meta(mine, theirs): as :func:`merge_meta`.  flags_of(meta): its flag bits.
     concat_sets(sets): the (values, indices) of several sets laid end to end.
     merge_truncate(low, high, k): union of two (values, indices) sets, values added (low + high)
@@ -245,21 +248,88 @@ def gtopk_exchange(ops, acc, k, rank, size, process_set_for, name="gtopk", diges
         for member, (_, _, their_meta) in blocks.items():
             if member != rank:
                 meta = ops.merge_meta(meta, their_meta)
-        sets = {}
-        for x in (st.low, st.high):
-            members = [m for m in st.group if virtual_rank(m, size) == x and st.sends(m)]
-            merged = blocks[members[0]][:2]
-            if len(members) > 1:  # fold: the virtual rank's set merged with its mirror's
-                merged = ops.merge_truncate(merged, blocks[members[1]][:2], k)
-                if x == v:
-                    alive = ops.logical_and(alive, ops.isin(local, merged[1]))
-            sets[x] = merged
-        # stage s: the lower virtual rank's set first, keep the k largest
-        values, indices = ops.merge_truncate(sets[st.low], sets[st.high], k)
-        alive = ops.logical_and(alive, ops.isin(local, indices))
+        values, indices, alive = _merge_stage(
+            ops, st, {m: b[:2] for m, b in blocks.items() if st.sends(m)}, alive, local, k, v,
+            size)
         timer.lap("merge", values)
     return ExchangeResult(values, indices, local, alive, ops.flags_of(meta),
                           gtopk_wire_bytes(k, rank, size, wire), timer.timings, local_values, wire)
+
+
+def gtopk_exchange_grouped(ops, accs, ks, rank, size, process_set_for, name="gtopk", digest=0,
+                           flags=0, profile=False, sync=None, wire="float32"):
+    """gTop-k on several buffers at once, one allgather per stage for all of them.
+
+    Each buffer runs exactly the schedule of :func:`gtopk_exchange` (same sets, same merges,
+    same results); at every stage a sending rank's sets of all buffers travel end to end in
+    one message with one header, so a step of L buffers costs log2 P latency rounds instead of
+    L x log2 P.  Every set a rank sends has exactly k_b entries (a local top-k, or a merge
+    truncated to k_b), so the receiver splits the message by its own ``ks``; a sender whose
+    entry count differs (set-ups that disagree) raises the MISMATCH flag and its message is
+    not read.  One verdict for all buffers.  ``ks``: k per buffer.  Returns one
+    :class:`ExchangeResult` per buffer (with the same verdict).
+    """
+    n = len(accs)
+    if n == 1:
+        return [gtopk_exchange(ops, accs[0], ks[0], rank, size, process_set_for, name, digest,
+                               flags, profile, sync, wire)]
+    timer = _Timer(profile, sync)
+    total = sum(ks)
+    local = [ops.select_topk(acc, k) for acc, k in zip(accs, ks)]
+    values = [ops.round_to_wire(ops.take(acc, chosen), wire) for acc, chosen in zip(accs, local)]
+    if wire == "float16":  # beyond float16's range: a non-finite step for every rank
+        for vals in values:
+            flags = ops.or_nonfinite(flags, vals)
+    local_values, indices = list(values), list(local)
+    alive = [ops.full_mask(k) for k in ks]
+    timer.lap("selection", values[-1])
+    meta = ops.meta(digest, flags)
+    v = virtual_rank(rank, size)
+    for st in stages_for(rank, size):
+        mine = ops.concat_sets(list(zip(values, indices)))
+        if not st.sends(rank):
+            mine = ops.take_none(*mine)
+        gathered = ops.allgather(ops.pack(*mine, meta, wire), process_set_for(st),
+                                 f"{name}.s{st.index}")
+        timer.lap("exchange", gathered)
+        blocks = dict(zip(st.group, ops.unpack(gathered, len(st.group), wire)))
+        for member, (their_values, their_indices, their_meta) in blocks.items():
+            if member == rank:
+                continue
+            meta = ops.merge_meta(meta, their_meta)
+            if st.sends(member) and ops.count(their_values) != total:
+                meta = ops.merge_meta(meta, ops.meta(digest + 1, MISMATCH))
+                blocks[member] = (*ops.concat_sets(list(zip(values, indices))), their_meta)
+        split = {m: ops.split_set(b[0], b[1], ks) for m, b in blocks.items() if st.sends(m)}
+        for b in range(n):
+            values[b], indices[b], alive[b] = _merge_stage(
+                ops, st, {m: sets[b] for m, sets in split.items()}, alive[b], local[b], ks[b],
+                v, size)
+        timer.lap("merge", values[-1])
+    return [ExchangeResult(values[b], indices[b], local[b], alive[b], ops.flags_of(meta),
+                           gtopk_wire_bytes(total, rank, size, wire), timer.timings,
+                           local_values[b], wire) if b == 0 else
+            ExchangeResult(values[b], indices[b], local[b], alive[b], ops.flags_of(meta), 0,
+                           timer.timings, local_values[b], wire) for b in range(n)]
+
+
+def _merge_stage(ops, st, sets, alive, local, k, v, size):
+    """One buffer's merges at stage ``st``: ``sets`` {sending member: (values, indices)}; the
+    fold first (a virtual rank's set with its mirror's), then the lower virtual rank's set with
+    the higher one's, keeping k.  Returns (values, indices, alive)."""
+    merged_sets = {}
+    for x in (st.low, st.high):
+        members = [m for m in st.group if virtual_rank(m, size) == x and st.sends(m)]
+        merged = sets[members[0]]
+        if len(members) > 1:  # fold: the virtual rank's set merged with its mirror's
+            merged = ops.merge_truncate(merged, sets[members[1]], k)
+            if x == v:
+                alive = ops.logical_and(alive, ops.isin(local, merged[1]))
+        merged_sets[x] = merged
+    # stage s: the lower virtual rank's set first, keep the k largest
+    values, indices = ops.merge_truncate(merged_sets[st.low], merged_sets[st.high], k)
+    alive = ops.logical_and(alive, ops.isin(local, indices))
+    return values, indices, alive
 
 
 def topk_allgather_exchange(ops, acc, k, global_set, size, name="topk", digest=0, flags=0,

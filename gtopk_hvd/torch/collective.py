@@ -27,7 +27,8 @@ import horovod.torch as hvd
 import torch
 
 from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, GTopkResult,
-                                         dense_allreduce_bytes, gtopk_exchange, reduce_op_name,
+                                         dense_allreduce_bytes, gtopk_exchange,
+                                         gtopk_exchange_grouped, reduce_op_name,
                                          topk_allgather_exchange)
 from gtopk_hvd.common.density import check_density, k_for
 from gtopk_hvd.common.plan import make_plan, mismatch_error, plan_digest
@@ -37,6 +38,7 @@ from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
 from gtopk_hvd.torch.ops import TorchOps, all_finite
 
 __all__ = ["GTopkResult", "gtopk_allreduce", "gtopk_allreduce_", "compensate", "exchange",
+           "exchange_grouped", "exchange_each",
            "check_verdict", "decompress", "update_residual", "op_name", "dense_allreduce_bytes"]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,40 @@ def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False, digest=0, f
                           lambda stage: process_set_for_stage(sets, stage),
                           name=name, digest=digest, flags=flags, profile=profile, sync=sync,
                           wire=wire)
+
+
+def exchange_grouped(accs, ks, algorithm="gtopk", name="gtopk", profile=False, digest=0, flags=0,
+                     wire="float32"):
+    """:func:`exchange` of several buffers; one ExchangeResult each, sharing one verdict.
+    gTop-k sends all buffers' sets of a stage in one allgather (``{name}.0.s<stage>``: log2 P
+    rounds whatever the number of buffers); Top-k runs one allgather per buffer
+    (``{name}.{i}``)."""
+    if algorithm != "gtopk" or len(accs) < 2:
+        return exchange_each(accs, ks, algorithm, name, profile, digest, flags, wire)
+    ops = TorchOps(hvd, device=accs[0].device)
+    sets = exchange_sets(hvd)
+    sync = (lambda t: torch.cuda.synchronize(t.device)) if accs[0].is_cuda else None
+    # named as the first of exchange_each's: a rank with one buffer (another granularity)
+    # meets this exchange, and both see the set-ups differ
+    return gtopk_exchange_grouped(ops, accs, ks, hvd.rank(), hvd.size(),
+                                  lambda stage: process_set_for_stage(sets, stage),
+                                  name=f"{name}.0",
+                                  digest=digest, flags=flags, profile=profile, sync=sync,
+                                  wire=wire)
+
+
+def exchange_each(accs, ks, algorithm="gtopk", name="gtopk", profile=False, digest=0, flags=0,
+                  wire="float32"):
+    """One :func:`exchange` per buffer, one after the other (``{name}.{i}``), sharing one
+    verdict: L x log2 P rounds for gTop-k (what :func:`exchange_grouped` avoids)."""
+    results = [exchange(acc, k, algorithm, f"{name}.{i}", profile, digest, flags, wire)
+               for i, (acc, k) in enumerate(zip(accs, ks))]
+    verdict = 0
+    for result in results:
+        verdict |= int(result.verdict)
+    for result in results:
+        result.verdict = verdict
+    return results
 
 
 def check_verdict(verdict, plan, name="gtopk.plan"):

@@ -7,18 +7,19 @@ gtopk_hvd.torch.Compression.gtopk(density=0.01))`` runs per-tensor gTop-k (the
 - ``compress(tensor)``: acc = grad + residual (this rank's residual for that parameter, kept
   by the compressor) is put aside, and a one-element placeholder goes through Horovod's
   allreduce instead of the gradient;
-- ``decompress(placeholder, ctx)``: the first call of a synchronisation runs the exchanges of
+- ``decompress(placeholder, ctx)``: the first call of a synchronisation runs the exchange of
   every tensor compressed since the last one (Horovod compresses all of them before it
-  decompresses the first), in the order of their names, with explicit operation names
-  (``gtopk.compressor.<i>.s<stage>``), so every rank issues the same operations in the same
-  order whatever order its hooks fired in (parameters without a gradient are compressed in
-  set order, which differs across ranks).  It returns the dense result of its tensor (the
+  decompresses the first), in the order of their names, all tensors' sets of a stage in one
+  allgather with an explicit name (``gtopk.compressor.0.s<stage>``), so every rank issues the
+  same operations in the same order whatever order its hooks fired in (parameters without a
+  gradient are compressed in set order, which differs across ranks), and a step costs log2 P
+  latency rounds whatever the number of tensors.  It returns the dense result of its tensor (the
   global set, divided by P for Average); the residual keeps what was not applied.
 
 The first exchange of a flush carries the digest of the whole flush (names, sizes, k): ranks
-that disagree raise :class:`~gtopk_hvd.common.plan.PlanMismatchError` together.  A tensor
-whose acc is not finite on some rank comes back as NaN on every rank (as Horovod's dense
-allreduce would) with every residual kept; ``torch.cuda.amp`` / ``GradScaler`` then skips
+that disagree raise :class:`~gtopk_hvd.common.plan.PlanMismatchError` together.  When some
+rank's acc is not finite, every tensor of the step comes back as NaN on every rank (one
+verdict per step, as gtopk_hvd's optimizer) with every residual kept; ``torch.cuda.amp`` / ``GradScaler`` then skips
 the step.  Horovod's ``gradient_predivide_factor`` scales only the placeholder: the result is
 the plain average.
 """
@@ -35,8 +36,8 @@ from gtopk_hvd.common.compression import (COMPRESSOR_PREFIX, compressor_plan, ho
 from gtopk_hvd.common.density import check_density, k_for
 from gtopk_hvd.common.plan import plan_digest
 from gtopk_hvd.common.validation import check_algorithm, check_buffer_numel
-from gtopk_hvd.torch.collective import (check_verdict, compensate, decompress, exchange,
-                                        op_name, update_residual)
+from gtopk_hvd.torch.collective import (check_verdict, compensate, decompress,
+                                        exchange_grouped, op_name, update_residual)
 from gtopk_hvd.torch.ops import all_finite
 from gtopk_hvd.torch.state import GTopkState
 
@@ -112,19 +113,19 @@ class GTopkCompressor(Compressor):
         buffers = [(e.name, e.acc.numel(), k_for(e.acc.numel(), density)) for e in pending]
         plan = compressor_plan(state.algorithm, ",".join(e.op for e in pending), buffers)
         digest = plan_digest(plan)
-        stats = {"k": 0, "numel": 0, "bytes_sent": 0, "finite": True}
-        for i, (entry, (name, numel, k)) in enumerate(zip(pending, buffers)):
-            flags = 0 if all_finite([entry.acc]) else NONFINITE
-            result = exchange(entry.acc, k, state.algorithm, f"{COMPRESSOR_PREFIX}.{i}",
-                              digest=digest, flags=flags)
-            finite = check_verdict(result.verdict, plan, name=f"{COMPRESSOR_PREFIX}.plan")
+        flags = 0 if all_finite([e.acc for e in pending]) else NONFINITE
+        results = exchange_grouped([e.acc for e in pending], [k for _, _, k in buffers],
+                                   state.algorithm, COMPRESSOR_PREFIX, digest=digest,
+                                   flags=flags)
+        finite = check_verdict(results[0].verdict, plan, name=f"{COMPRESSOR_PREFIX}.plan")
+        stats = {"k": 0, "numel": 0, "bytes_sent": 0, "finite": finite}
+        for entry, result, (name, numel, k) in zip(pending, results, buffers):
             if finite:
                 average_over = size if entry.op == "Average" else 1
                 dense = decompress(result, numel, state.algorithm, average_over)
                 state.commit(name, update_residual(entry.acc, result))
-            else:  # NaN on every rank (as a dense allreduce would give), residual kept
+            else:  # NaN on every rank (as a dense allreduce would give), residuals kept
                 dense = torch.full((numel,), float("nan"), device=entry.acc.device)
-                stats["finite"] = False
             entry.output = dense.view(entry.shape).to(entry.dtype)
             stats["k"] += k
             stats["numel"] += numel

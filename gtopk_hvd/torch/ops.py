@@ -241,6 +241,12 @@ class TorchOps:
     def flags_of(self, meta):
         return meta & (NONFINITE | MISMATCH)
 
+    def count(self, values):
+        return values.numel()
+
+    def split_set(self, values, indices, ks):
+        return list(zip(torch.split(values, list(ks)), torch.split(indices, list(ks))))
+
     def concat_sets(self, sets):
         return torch.cat([v for v, _ in sets]), torch.cat([i for _, i in sets])
 

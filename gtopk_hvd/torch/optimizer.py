@@ -40,7 +40,7 @@ from gtopk_hvd.common.validation import (check_buffer_numel, check_global_proces
                                          check_no_groups, check_op, check_parameter_names,
                                          check_positive_int)
 from gtopk_hvd.torch.collective import (check_verdict, decompress, dense_allreduce_bytes,
-                                        exchange, op_name, update_residual)
+                                        exchange_grouped, op_name, update_residual)
 from gtopk_hvd.torch.ops import all_finite
 from gtopk_hvd.torch.state import GTopkState
 
@@ -257,8 +257,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def synchronize(self):
         """Run the gTop-k collective on every rank's gradients and write the result to p.grad.
 
-        Every rank issues the same Horovod operations: one exchange per buffer (named
-        ``gtopk.<i>.s<stage>``; a layout without sparse buffers sends a header-only exchange),
+        Every rank issues the same Horovod operations: one gTop-k exchange for all buffers
+        (one allgather per stage, ``gtopk.0.s<stage>``, whatever the number of buffers; Top-k:
+        one allgather per buffer; a layout without sparse buffers sends a header-only one),
         then one dense allreduce when ``dense_threshold`` sends tensors densely.  The first
         exchange tells every rank whether some rank's gradients were not finite (then every
         gradient is set to NaN on every rank, the residuals stay as they were and the rest is
@@ -295,12 +296,13 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             accs_k = [(b, acc, k) for b, acc, (_, _, k) in zip(layout.buffers, accs,
                                                                 plan["buffers"])]
         k_total, numel, sent = 0, 0, 0
-        for i, (buffer, acc, k) in enumerate(accs_k):
-            result = exchange(acc, k, st.algorithm, name=f"gtopk.{i}", digest=digest,
-                              flags=flags, wire=self._wire)
-            if i == 0 and not check_verdict(result.verdict, plan):
-                self._nonfinite_step(params, plan)
-                return
+        results = exchange_grouped([acc for _, acc, _ in accs_k], [k for _, _, k in accs_k],
+                                   st.algorithm, name="gtopk", digest=digest, flags=flags,
+                                   wire=self._wire)
+        if not check_verdict(results[0].verdict, plan):
+            self._nonfinite_step(params, plan)
+            return
+        for (buffer, acc, k), result in zip(accs_k, results):
             sent += result.bytes_sent
             if buffer is None:
                 continue

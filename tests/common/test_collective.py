@@ -12,6 +12,7 @@ import pytest
 
 from gtopk_hvd.common import k_for
 from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, gtopk_exchange,
+                                         gtopk_exchange_grouped,
                                          gtopk_wire_bytes, make_meta, merge_meta,
                                          message_bytes, ring_bytes, topk_allgather_exchange,
                                          topk_wire_bytes)
@@ -101,6 +102,13 @@ class NumpyOps:
     def flags_of(self, meta):
         return meta & (NONFINITE | MISMATCH)
 
+    def count(self, values):
+        return len(values)
+
+    def split_set(self, values, indices, ks):
+        cuts = np.cumsum(ks)[:-1]
+        return list(zip(np.split(values, cuts), np.split(indices, cuts)))
+
     def concat_sets(self, sets):
         return np.concatenate([v for v, _ in sets]), np.concatenate([i for _, i in sets])
 
@@ -164,6 +172,59 @@ def test_driver_on_every_rank_equals_the_reference(size, integer):
         eps[res.local_indices[res.alive]] = 0
         np.testing.assert_array_equal(eps, want.residuals[rank])
         assert res.verdict == 0
+
+
+def _grouped_run(size, numels, ks_of, flags_of, wire="float32", seed=900):
+    rng = np.random.default_rng(seed + size)
+    accs = [[rng.standard_normal(d).astype(np.float32) for _ in range(size)] for d in numels]
+    names = {}
+
+    def body(rank, ops):
+        calls = names.setdefault(rank, [])
+        original = ops.allgather
+
+        def counting(message, group, name):
+            calls.append(name)
+            return original(message, group, name)
+        ops.allgather = counting
+        return gtopk_exchange_grouped(ops, [a[rank] for a in accs], ks_of(rank), rank, size,
+                                      _group, name="g", flags=flags_of(rank), wire=wire)
+    return accs, _run_ranks(size, body), names
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 7, 8, 11])
+@pytest.mark.parametrize("wire", ["float32", "float16"])
+def test_grouped_driver_equals_the_reference_buffer_by_buffer_with_one_allgather_a_stage(
+        size, wire):
+    numels = [257, 3, 40, 1]
+    ks = [k_for(d, 0.05) for d in numels]
+    accs, results, names = _grouped_run(size, numels, lambda r: ks, lambda r: 0, wire)
+    stages = len(stages_for(0, size))
+    assert all(len(c) == stages for c in names.values()), names  # one allgather a stage
+    for b, k in enumerate(ks):
+        want = gtopk_step(accs[b], k, wire=wire)
+        for rank, res in enumerate(results):
+            got = res[b]
+            np.testing.assert_array_equal(got.indices, want.indices, err_msg=f"{b} {rank}")
+            np.testing.assert_array_equal(got.values, want.values, err_msg=f"{b} {rank}")
+            np.testing.assert_array_equal(got.alive, want.alive[rank], err_msg=f"{b} {rank}")
+            assert got.verdict == 0
+    for rank, res in enumerate(results):  # the same bytes as one exchange of sum(ks) entries
+        assert sum(r.bytes_sent for r in res) == gtopk_wire_bytes(sum(ks), rank, size, wire)
+
+
+@pytest.mark.parametrize("size", [2, 3, 5, 8])
+def test_grouped_driver_nonfinite_and_mismatch_reach_every_rank_without_extra_ops(size):
+    numels = [257, 40, 9]
+    ks = [k_for(d, 0.05) for d in numels]
+    _, results, names = _grouped_run(size, numels, lambda r: ks,
+                                     lambda r: NONFINITE if r == size - 1 else 0)
+    assert all(res[b].verdict == NONFINITE for res in results for b in range(3))
+    other = [ks[0] + 1] + ks[1:]  # one rank keeps another k: its messages do not fit
+    _, results, names = _grouped_run(size, numels, lambda r: other if r == 1 else ks,
+                                     lambda r: 0)
+    assert all(res[b].verdict & MISMATCH for res in results for b in range(3))
+    assert len({len(c) for c in names.values()}) == 1, names
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 7, 8, 11])
