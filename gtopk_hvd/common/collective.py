@@ -25,8 +25,8 @@ import time
 
 from gtopk_hvd.common.schedule import stages_for, virtual_rank
 
-__all__ = ["TensorOps", "gtopk_exchange", "gtopk_exchange_grouped", "topk_allgather_exchange", "ExchangeResult",
-           "GTopkResult", "reduce_op_name", "dense_allreduce_bytes", "NONFINITE", "MISMATCH",
+__all__ = ["TensorOps", "gtopk_exchange", "gtopk_exchange_grouped", "topk_allgather_exchange",
+           "ExchangeResult", "GTopkResult", "reduce_op_name", "dense_allreduce_bytes", "NONFINITE", "MISMATCH",
            "make_meta", "merge_meta", "ring_bytes", "gtopk_wire_bytes", "topk_wire_bytes",
            "message_bytes"]
 
@@ -287,30 +287,29 @@ def gtopk_exchange_grouped(ops, accs, ks, rank, size, process_set_for, name="gto
     v = virtual_rank(rank, size)
     for st in stages_for(rank, size):
         mine = ops.concat_sets(list(zip(values, indices)))
-        if not st.sends(rank):
-            mine = ops.take_none(*mine)
-        gathered = ops.allgather(ops.pack(*mine, meta, wire), process_set_for(st),
+        sent = mine if st.sends(rank) else ops.take_none(*mine)
+        gathered = ops.allgather(ops.pack(*sent, meta, wire), process_set_for(st),
                                  f"{name}.s{st.index}")
         timer.lap("exchange", gathered)
         blocks = dict(zip(st.group, ops.unpack(gathered, len(st.group), wire)))
-        for member, (their_values, their_indices, their_meta) in blocks.items():
+        for member, (their_values, _, their_meta) in blocks.items():
             if member == rank:
                 continue
             meta = ops.merge_meta(meta, their_meta)
-            if st.sends(member) and ops.count(their_values) != total:
+            if st.sends(member) and ops.count(their_values) != total:  # not readable: ours
                 meta = ops.merge_meta(meta, ops.meta(digest + 1, MISMATCH))
-                blocks[member] = (*ops.concat_sets(list(zip(values, indices))), their_meta)
+                blocks[member] = (*mine, their_meta)
         split = {m: ops.split_set(b[0], b[1], ks) for m, b in blocks.items() if st.sends(m)}
         for b in range(n):
             values[b], indices[b], alive[b] = _merge_stage(
                 ops, st, {m: sets[b] for m, sets in split.items()}, alive[b], local[b], ks[b],
                 v, size)
         timer.lap("merge", values[-1])
-    return [ExchangeResult(values[b], indices[b], local[b], alive[b], ops.flags_of(meta),
-                           gtopk_wire_bytes(total, rank, size, wire), timer.timings,
-                           local_values[b], wire) if b == 0 else
-            ExchangeResult(values[b], indices[b], local[b], alive[b], ops.flags_of(meta), 0,
-                           timer.timings, local_values[b], wire) for b in range(n)]
+    verdict, sent_bytes = ops.flags_of(meta), gtopk_wire_bytes(total, rank, size, wire)
+    # the group's bytes are counted once, on the first buffer
+    return [ExchangeResult(values[b], indices[b], local[b], alive[b], verdict,
+                           sent_bytes if b == 0 else 0, timer.timings, local_values[b], wire)
+            for b in range(n)]
 
 
 def _merge_stage(ops, st, sets, alive, local, k, v, size):

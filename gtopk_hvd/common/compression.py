@@ -19,7 +19,7 @@ import sys
 from gtopk_hvd.common.validation import check_algorithm
 
 __all__ = ["horovod_call", "check_compressor_op", "compressor_plan", "op_from_call",
-           "COMPRESSOR_PREFIX"]
+           "require_name", "COMPRESSOR_PREFIX"]
 
 COMPRESSOR_PREFIX = "gtopk.compressor"
 _MAX_DEPTH = 8
@@ -50,6 +50,16 @@ def horovod_call(compressor):
                 return local.get("name"), op
         frame = frame.f_back
     return None, None
+
+
+def require_name(name):
+    """The name of a direct ``hvd.allreduce(..., compression=Compression.gtopk(...))`` call:
+    it keys the tensor's residual, so it must be given (and be the same on every rank)."""
+    if name is None:
+        raise ValueError(
+            "hvd.allreduce(..., compression=Compression.gtopk(...)) needs name=...: the name "
+            "keys the tensor's residual; pass the same name on every rank")
+    return str(name)
 
 
 def op_from_call(call_op, default_name, op_name):

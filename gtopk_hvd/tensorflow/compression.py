@@ -32,7 +32,8 @@ from horovod.tensorflow.compression import Compression as _HorovodCompression
 from horovod.tensorflow.compression import Compressor
 from tensorflow.python.framework.func_graph import FuncGraph
 
-from gtopk_hvd.common.compression import COMPRESSOR_PREFIX, horovod_call, op_from_call
+from gtopk_hvd.common.compression import (COMPRESSOR_PREFIX, horovod_call, op_from_call,
+                                          require_name)
 from gtopk_hvd.common.density import check_density
 from gtopk_hvd.common.validation import check_algorithm, check_buffer_numel
 from gtopk_hvd.tensorflow.collective import gtopk_allreduce, op_name
@@ -79,13 +80,8 @@ class GTopkCompressor(Compressor):
 
     def _key(self, name):
         graph = _function_graph()
-        if graph is None:
-            if name is None:
-                raise ValueError(
-                    "an eager hvd.allreduce(..., compression=Compression.gtopk(...)) needs "
-                    "name=...: the name keys the tensor's residual; pass the same name on "
-                    "every rank")
-            return str(name)
+        if graph is None:  # eager: no trace to count positions in
+            return require_name(name)
         position = self._positions.get(graph, 0)
         self._positions[graph] = position + 1
         return str(position) if name is None else str(name)

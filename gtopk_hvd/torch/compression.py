@@ -32,7 +32,7 @@ from horovod.torch.compression import Compressor
 
 from gtopk_hvd.common.collective import NONFINITE, dense_allreduce_bytes
 from gtopk_hvd.common.compression import (COMPRESSOR_PREFIX, compressor_plan, horovod_call,
-                                          op_from_call)
+                                          op_from_call, require_name)
 from gtopk_hvd.common.density import check_density, k_for
 from gtopk_hvd.common.plan import plan_digest
 from gtopk_hvd.common.validation import check_algorithm, check_buffer_numel
@@ -70,7 +70,6 @@ class GTopkCompressor(Compressor):
         self.gtopk_state = GTopkState(check_density(density), check_algorithm(algorithm),
                                       granularity="layer")
         self._pending = {}
-        self._unnamed = 0
 
     def compress(self, tensor):
         """Put acc = tensor + residual aside; return a one-element placeholder and the ctx."""
@@ -81,8 +80,7 @@ class GTopkCompressor(Compressor):
         if tensor.is_sparse:
             raise ValueError("the gTop-k compressor needs dense gradients: pass "
                              "sparse_as_dense=True to hvd.DistributedOptimizer")
-        if name is None:  # a direct hvd.allreduce(..., compression=) without a name
-            name, self._unnamed = f"unnamed.{self._unnamed}", self._unnamed + 1
+        name = require_name(name)  # Horovod's optimizer always names its tensors
         op = op_from_call(op, "Average", op_name)
         numel = check_buffer_numel(tensor.numel(), name)
         state = self.gtopk_state
@@ -118,8 +116,7 @@ class GTopkCompressor(Compressor):
                                    state.algorithm, COMPRESSOR_PREFIX, digest=digest,
                                    flags=flags)
         finite = check_verdict(results[0].verdict, plan, name=f"{COMPRESSOR_PREFIX}.plan")
-        stats = {"k": 0, "numel": 0, "bytes_sent": 0, "finite": finite}
-        for entry, result, (name, numel, k) in zip(pending, results, buffers):
+        for entry, result, (name, numel, _) in zip(pending, results, buffers):
             if finite:
                 average_over = size if entry.op == "Average" else 1
                 dense = decompress(result, numel, state.algorithm, average_over)
@@ -127,15 +124,14 @@ class GTopkCompressor(Compressor):
             else:  # NaN on every rank (as a dense allreduce would give), residuals kept
                 dense = torch.full((numel,), float("nan"), device=entry.acc.device)
             entry.output = dense.view(entry.shape).to(entry.dtype)
-            stats["k"] += k
-            stats["numel"] += numel
-            stats["bytes_sent"] += result.bytes_sent
-        if stats["finite"]:
+        if finite:
             state.step += 1
         else:
             state.nonfinite_steps += 1
-        stats.update(density=density,
-                     dense_bytes=sum(dense_allreduce_bytes(n, size) for _, n, _ in buffers))
+        stats = {"density": density, "finite": finite, "k": sum(k for _, _, k in buffers),
+                 "numel": sum(n for _, n, _ in buffers),
+                 "bytes_sent": sum(r.bytes_sent for r in results),
+                 "dense_bytes": sum(dense_allreduce_bytes(n, size) for _, n, _ in buffers)}
         state.last = stats
 
     def gtopk_stats(self):

@@ -181,11 +181,17 @@ def direct_allreduce(hvd, rec, rank, size):
         summed = horovod_hvd.allreduce(x, name="cmp.sum", op=horovod_hvd.Sum,
                                        compression=Compression.gtopk(density=1.0))
         dense = horovod_hvd.allreduce(x, name="cmp.dense", op=horovod_hvd.Sum)
+        error = None
+        try:  # refused before any communication, on every rank: the name keys the residual
+            horovod_hvd.allreduce(x, compression=compressor)
+        except ValueError as exc:
+            error = str(exc)
         for t, (g, w) in enumerate(zip(got, want)):
             assert_equal(g, w.numpy(), f"call {t}")
         assert_equal(compressor.gtopk_state.residuals["cmp.direct"], residual.numpy(),
                      "residual")
         np.testing.assert_allclose(summed.numpy(), dense.numpy(), rtol=1e-5, atol=1e-5)
+        assert error is not None and "name=" in error, error
 
 
 def checkpoint(hvd, rec, rank, size):
