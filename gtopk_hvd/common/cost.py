@@ -22,14 +22,17 @@ Sparsification for Low Bandwidth Networks", ICDCS 2019, section IV (cost analysi
 import logging
 import math
 import numbers
+import statistics
+import time
 from dataclasses import dataclass
 
 from gtopk_hvd.common.collective import ring_bytes
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.schedule import stages_for, world_split
 
-__all__ = ["METHODS", "Cost", "dense_allreduce_cost", "topk_allgather_cost", "gtopk_cost",
-           "gtopk_stages", "cost_of", "fit_alpha_beta"]
+__all__ = ["METHODS", "Cost", "Link", "dense_allreduce_cost", "topk_allgather_cost",
+           "gtopk_cost", "gtopk_stages", "cost_of", "fit_alpha_beta", "as_link",
+           "method_costs", "choose_methods", "measure_link"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,3 +158,119 @@ def fit_alpha_beta(costs, times, relative=True):
     logger.debug("alpha-beta fit: alpha=%.3g s, beta=%.3g s/B over %d points", alpha, beta,
                  len(rows))
     return alpha, beta
+
+
+@dataclass(frozen=True)
+class Link:
+    """What ``algorithm="auto"`` knows of a job: ``alpha`` (s per message) and ``beta`` (s per
+    byte) of its network; ``select`` (s per gradient entry) and ``overhead`` (s per call) of
+    the local work a sparsified buffer costs beyond a dense one (compensation, top-k
+    selection, residual update; a buffer pays ``overhead`` once and once per stage merge)."""
+    alpha: float
+    beta: float
+    select: float = 0.0
+    overhead: float = 0.0
+
+    def __post_init__(self):
+        for name in ("alpha", "beta", "select", "overhead"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not math.isfinite(value) or value < 0):
+                raise ValueError(f"link {name} must be a finite number >= 0 (seconds), got "
+                                 f"{value!r}")
+
+
+def as_link(link):
+    """A :class:`Link` from a Link, an (alpha, beta) or (alpha, beta, select) tuple, or None."""
+    if link is None or isinstance(link, Link):
+        return link
+    if isinstance(link, (tuple, list)) and len(link) in (2, 3, 4):
+        return Link(*link)
+    raise ValueError(f"link must be a gtopk_hvd.common.cost.Link or a tuple (alpha_s, "
+                     f"beta_s_per_byte[, select_s_per_entry[, overhead_s]]), got {link!r}")
+
+
+def method_costs(d, density, size, link):
+    """Seconds each method adds to a step for a buffer of ``d`` entries: bytes times beta,
+    plus ``link.select`` per entry for the sparse methods.  The rounds are not in it: a step
+    always runs the gTop-k exchange (it carries the verdict), and the dense allreduce's
+    rounds are paid once for all dense buffers (:func:`choose_methods`)."""
+    k = k_for(d, density)
+    work = link.select * d + link.overhead * (1 + gtopk_stages(size))
+    return {"dense": dense_allreduce_cost(d, size).bytes * link.beta,
+            "gtopk": gtopk_cost(k, size).bytes * link.beta + work,
+            "topk": topk_allgather_cost(k, size).bytes * link.beta + work}
+
+
+# on a tie the first wins: dense is exact and keeps no residual; gTop-k sends no more than Top-k
+_PREFERENCE = ("dense", "gtopk", "topk")
+
+
+def choose_methods(numels, density, size, link, dense_paid=False, methods=METHODS):
+    """The cheapest method per buffer (a tuple of 'dense', 'gtopk', 'topk'), the same on every
+    rank for the same arguments.
+
+    Each buffer takes its cheapest method by :func:`method_costs`; the dense allreduce's
+    2(P-1) rounds (``alpha`` each) count once when some buffer goes dense, unless
+    ``dense_paid`` (tensors below dense_threshold are allreduced anyway); if sending no
+    buffer densely is cheaper in total, none is.  One rank (``size`` 1) sends nothing: every
+    buffer is 'dense' (exact, no residual).  ``methods``: the candidates ('dense' and at least
+    one sparse method).  Top-k never sends fewer bytes than gTop-k by the model
+    ((P - 1) 8k against about log2 P x 8k) and loses ties, so it is never chosen over gTop-k.
+    """
+    order = [m for m in _PREFERENCE if m in methods]
+    if "dense" not in order or len(order) < 2 or len(order) != len(set(methods)):
+        raise ValueError(f"methods must hold 'dense' and 'gtopk' or 'topk' (of {METHODS}), "
+                         f"got {methods!r}")
+    if size == 1:
+        return tuple("dense" for _ in numels)
+    costs = [method_costs(d, density, size, link) for d in numels]
+    best = [min(order, key=lambda m, c=c: (c[m], order.index(m))) for c in costs]
+    sparse = [min(order[1:], key=lambda m, c=c: (c[m], order.index(m))) for c in costs]
+    rounds = 0.0 if dense_paid else dense_allreduce_cost(1, size).messages * link.alpha
+    with_dense = sum(c[m] for c, m in zip(costs, best)) + (rounds if "dense" in best else 0.0)
+    without = sum(c[m] for c, m in zip(costs, sparse))
+    return tuple(best if with_dense <= without else sparse)
+
+
+def measure_link(allreduce, select, agree, size, n=1 << 18, repeats=5, clock=time.perf_counter):
+    """Measure a :class:`Link` on the running job, in tens of milliseconds; call it on every
+    rank at the same point: it issues the same Horovod operations everywhere.
+
+    Args:
+        allreduce: ``allreduce(numel)`` runs one dense allreduce of ``numel`` float32 values
+            on every rank (a collective) and returns when it is done.
+        select: ``select(numel)`` runs, locally, the work gTop-k adds on a buffer of
+            ``numel`` entries (compensate, select the top-k, update the residual).
+        agree: ``agree(values)`` returns the element-wise maximum over the ranks (one
+            allreduce), so that every rank derives the same Link, hence the same choices.
+        size: the number of ranks; n: entries of the large probe; repeats: medians of this
+            many runs; clock: seconds now.
+
+    Two allreduce sizes (1 and ``n`` entries) fit alpha and beta to the dense ring's cost
+    (:func:`dense_allreduce_cost`); ``select`` on 64 entries gives the fixed cost of a buffer
+    (``overhead``), on ``n`` entries the cost per entry beyond it.
+    """
+    def median_time(fn, *args):
+        times = []
+        for _ in range(repeats):
+            start = clock()
+            fn(*args)
+            times.append(clock() - start)
+        return statistics.median(times)
+
+    allreduce(1)  # warm-up: the first operation of a name negotiates longer
+    select(n)
+    small = median_time(allreduce, 1)
+    large = median_time(allreduce, n)
+    overhead = median_time(select, _SMALL)
+    per_entry = max(0.0, median_time(select, n) - overhead) / n
+    small, large, per_entry, overhead = agree([small, large, per_entry, overhead])
+    if size == 1:
+        return Link(0.0, 0.0, per_entry, overhead)
+    alpha, beta = fit_alpha_beta([dense_allreduce_cost(1, size), dense_allreduce_cost(n, size)],
+                                 [max(small, 1e-9), max(large, 1e-9)])
+    return Link(alpha, beta, per_entry, overhead)
+
+
+_SMALL = 64  # entries of the probe that times a sparse buffer's fixed cost

@@ -35,11 +35,22 @@ SUPPORTED_OPS = ("Average", "Sum")
 MAX_BUFFER_NUMEL = 2 ** 31 - 1
 
 
-def check_algorithm(algorithm):
-    if algorithm not in ALGORITHMS:
+def check_algorithm(algorithm, auto=False, where=None):
+    """``algorithm`` if valid.  ``auto``: whether ``"auto"`` (the cheapest method per buffer
+    by the cost model, gtopk_hvd.common.cost) is accepted; ``where`` names the API that
+    refuses it, so the message can point at the one that takes it."""
+    if algorithm == "auto" and not auto:
         raise ValueError(
-            f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}: 'gtopk' is the hypercube "
-            f"gTop-k (O(k log P)), 'topk' gathers every rank's top-k (O(kP))")
+            f"algorithm='auto' is not available in {where or 'this function'}: it needs a "
+            f"step-to-step plan, which the PyTorch DistributedOptimizer keeps; use "
+            f"gtopk_hvd.torch.DistributedOptimizer(..., algorithm='auto') or pick 'gtopk' / "
+            f"'topk' here")
+    if algorithm not in ALGORITHMS + (("auto",) if auto else ()):
+        raise ValueError(
+            f"algorithm must be one of {ALGORITHMS + (('auto',) if auto else ())}, got "
+            f"{algorithm!r}: 'gtopk' is the hypercube gTop-k (O(k log P)), 'topk' gathers every "
+            f"rank's top-k (O(kP))" + ("; 'auto' picks per buffer the cheapest of dense "
+                                      "allreduce, Top-k and gTop-k" if auto else ""))
     return algorithm
 
 

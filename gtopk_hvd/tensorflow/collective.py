@@ -232,7 +232,7 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
     _check_tensor(tensor, residual)
     density = check_density(density)
     check_op(op_name(op))
-    check_algorithm(algorithm)
+    check_algorithm(algorithm, where="gtopk_allreduce")
     check_global_process_set(process_set)
     numel = check_buffer_numel(tensor.shape.num_elements(), name or "tensor")
     k = k_for(numel, density)

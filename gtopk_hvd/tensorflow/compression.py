@@ -69,7 +69,7 @@ class GTopkCompressor(Compressor):
 
     def __init__(self, density=0.001, algorithm="gtopk"):
         self.density = check_density(density)
-        self.algorithm = check_algorithm(algorithm)
+        self.algorithm = check_algorithm(algorithm, where="Compression.gtopk")
         self._residuals = {}
         self._positions = weakref.WeakKeyDictionary()  # traced graph -> tensors seen
 

@@ -200,7 +200,7 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
     check_loss_scale_optimizer(loss_scale_optimizer)
 
     def make_state():
-        check_algorithm(algorithm)
+        check_algorithm(algorithm, where="TensorFlow (it is PyTorch-only for now)")
         check_granularity(granularity)
         check_non_negative_int(dense_threshold, "dense_threshold")
         return shared_state(density, algorithm, granularity, dense_threshold)

@@ -66,7 +66,7 @@ class GTopkState(tf.Module):
                  name="gtopk_state"):
         super().__init__(name=name)
         self.schedule = as_schedule(density)
-        self.algorithm = check_algorithm(algorithm)
+        self.algorithm = check_algorithm(algorithm, where="TensorFlow (it is PyTorch-only for now)")
         self.granularity = check_granularity(granularity)
         self.dense_threshold = check_non_negative_int(dense_threshold, "dense_threshold")
         self._book = _Untracked()

@@ -20,12 +20,14 @@ from horovod.torch import (Adasum, Average, HorovodInternalError, Max, Min,
                            local_rank, local_size, mpi_built, mpi_enabled, poll, rank,
                            remove_process_set, size, synchronize)
 
+from gtopk_hvd.common.cost import Link
 from gtopk_hvd.common.density import (ConstantDensity, DensitySchedule,
                                       ExponentialWarmupDensity, StepwiseDensity)
 from gtopk_hvd.common.errors import GTopkError, ProcessSetError
 from gtopk_hvd.torch import elastic
 from gtopk_hvd.torch.compression import Compression, GTopkCompressor
-from gtopk_hvd.torch.collective import GTopkResult, gtopk_allreduce, gtopk_allreduce_
+from gtopk_hvd.torch.collective import (GTopkResult, gtopk_allreduce, gtopk_allreduce_,
+                                        measure_link)
 from gtopk_hvd.torch.functions import broadcast_optimizer_state, init, shutdown
 from gtopk_hvd.torch.ops import TorchOps
 from gtopk_hvd.torch.optimizer import DistributedOptimizer
@@ -34,7 +36,8 @@ from gtopk_hvd.torch.state import GTopkState
 __all__ = [
     # gTop-k
     "init", "DistributedOptimizer", "gtopk_allreduce", "gtopk_allreduce_", "GTopkResult",
-    "GTopkState", "TorchOps", "elastic", "Compression", "GTopkCompressor",
+    "GTopkState", "TorchOps", "elastic", "Compression", "GTopkCompressor", "Link",
+    "measure_link",
     "broadcast_optimizer_state", "shutdown", "GTopkError", "ProcessSetError",
     "ConstantDensity", "DensitySchedule", "ExponentialWarmupDensity", "StepwiseDensity",
     # re-exported from horovod.torch

@@ -30,16 +30,18 @@ from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, GTopkResult,
                                          dense_allreduce_bytes, gtopk_exchange,
                                          gtopk_exchange_grouped, reduce_op_name,
                                          topk_allgather_exchange)
+from gtopk_hvd.common.cost import measure_link as _measure_link
 from gtopk_hvd.common.density import check_density, k_for
 from gtopk_hvd.common.plan import make_plan, mismatch_error, plan_digest
 from gtopk_hvd.common.process_sets import exchange_sets, process_set_for_stage
 from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
                                          check_global_process_set, check_op)
-from gtopk_hvd.torch.ops import TorchOps, all_finite
+from gtopk_hvd.torch.ops import TorchOps, all_finite, select_topk
 
 __all__ = ["GTopkResult", "gtopk_allreduce", "gtopk_allreduce_", "compensate", "exchange",
            "exchange_grouped", "exchange_each",
-           "check_verdict", "decompress", "update_residual", "op_name", "dense_allreduce_bytes"]
+           "check_verdict", "decompress", "update_residual", "op_name", "dense_allreduce_bytes",
+           "measure_link"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,28 @@ def exchange_each(accs, ks, algorithm="gtopk", name="gtopk", profile=False, dige
     for result in results:
         result.verdict = verdict
     return results
+
+
+def measure_link(name="gtopk.link", device="cpu"):
+    """This job's :class:`~gtopk_hvd.common.cost.Link` (alpha, beta, and the cost of gTop-k's
+    local work), measured now in tens of milliseconds and the same on every rank (the
+    slowest rank's figures); call it on every rank at the same point (Horovod operations
+    ``{name}.*``).  ``algorithm="auto"`` calls it once; pass the result as ``link=`` to skip
+    the measurement (Horovod Elastic needs that)."""
+    def allreduce(numel):
+        hvd.allreduce(torch.zeros(numel, dtype=torch.float32, device=device),
+                      name=f"{name}.{numel}", op=hvd.Sum)
+
+    def select(numel):
+        acc = compensate(torch.randn(numel, device=device),
+                         torch.zeros(numel, device=device))
+        acc[select_topk(acc, k_for(numel, 0.001)).long()] = 0
+
+    def agree(values):
+        return hvd.allreduce(torch.tensor(values, dtype=torch.float64), name=f"{name}.max",
+                             op=hvd.Max).tolist()
+
+    return _measure_link(allreduce, select, agree, hvd.size())
 
 
 def check_verdict(verdict, plan, name="gtopk.plan"):
@@ -230,7 +254,7 @@ def _gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set
     _check_tensor(tensor, residual)
     density = check_density(density)
     check_op(op_name(op))
-    check_algorithm(algorithm)
+    check_algorithm(algorithm, where="gtopk_allreduce")
     check_global_process_set(process_set)
     numel = check_buffer_numel(tensor.numel(), name or "tensor")
     k = k_for(numel, density)

@@ -67,7 +67,8 @@ class GTopkCompressor(Compressor):
     """
 
     def __init__(self, density=0.001, algorithm="gtopk"):
-        self.gtopk_state = GTopkState(check_density(density), check_algorithm(algorithm),
+        self.gtopk_state = GTopkState(check_density(density),
+                                      check_algorithm(algorithm, where="Compression.gtopk"),
                                       granularity="layer")
         self._pending = {}
 

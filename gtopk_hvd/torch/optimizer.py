@@ -31,16 +31,18 @@ import horovod.torch.functions
 import torch
 
 from gtopk_hvd.common.collective import NONFINITE
+from gtopk_hvd.common.cost import choose_methods
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.plan import make_plan, plan_digest
-from gtopk_hvd.common.process_sets import prepare_exchange_sets
+from gtopk_hvd.common.process_sets import is_elastic, prepare_exchange_sets
 from gtopk_hvd.common.validation import (check_buffer_numel, check_global_process_set,
                                          check_compression, check_gradient_predivide_factor,
                                          check_no_groups, check_op, check_parameter_names,
                                          check_positive_int)
 from gtopk_hvd.torch.collective import (check_verdict, decompress, dense_allreduce_bytes,
-                                        exchange_grouped, op_name, update_residual)
+                                        exchange_grouped, measure_link, op_name,
+                                        update_residual)
 from gtopk_hvd.torch.ops import all_finite
 from gtopk_hvd.torch.state import GTopkState
 
@@ -109,7 +111,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._should_synchronize = True
         self._published_step = None
         self._sync_step()
-        if gtopk_state.algorithm == "gtopk":
+        # algorithm="auto" sends its sparse buffers by gTop-k (Top-k never costs less)
+        self._sparse_algorithm = "gtopk" if gtopk_state.algorithm == "auto" else \
+            gtopk_state.algorithm
+        if self._sparse_algorithm == "gtopk":
             prepare_exchange_sets(hvd)  # collective registration; every check above ran first
         self._register_hooks()
 
@@ -205,10 +210,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         Same values as ``_set_grads(decompress(...))`` without a buffer of the whole model:
         the gTop-k indices are sorted and unique, so each parameter gets a slice of them.
         """
-        if self._gtopk.algorithm != "gtopk" or any(
+        if self._sparse_algorithm != "gtopk" or any(
                 p.grad is not None and (p.grad.is_sparse or not p.grad.is_contiguous())
                 for p in params):
-            self._set_grads(params, decompress(result, numel, self._gtopk.algorithm,
+            self._set_grads(params, decompress(result, numel, self._sparse_algorithm,
                                                average_over, postscale=postscale))
             return
         values = result.values / average_over if average_over != 1 else result.values
@@ -241,18 +246,48 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 "optimizer.skip_synchronize(): scaler.step(optimizer); scaler.update()")
         return float(scaler.get_scale())
 
-    def _plan(self, layout, density, scale):
-        key = (layout.key, density, scale, self._predivide, self._wire)
+    def _methods(self, layout, density):
+        """Per buffer of the layout: 'gtopk' / 'topk' (the algorithm), or with
+        ``algorithm="auto"`` the cheapest of 'dense' and 'gtopk' by the cost model (all
+        'gtopk' until the link is measured after the first step)."""
+        st = self._gtopk
+        if st.algorithm != "auto" or (st.link is None and hvd.size() > 1):
+            return tuple(self._sparse_algorithm for _ in layout.buffers)
+        numels = [sum(p.numel() for p in ps) for _, ps in layout.buffers]
+        return choose_methods(numels, density, hvd.size(), st.link,
+                              dense_paid=bool(layout.dense), methods=("dense", "gtopk"))
+
+    def _plan(self, layout, methods, density, scale):
+        key = (layout.key, methods, density, scale, self._predivide, self._wire)
         if self._plan_cache is None or self._plan_cache[0] != key:
             buffers = [(name, sum(p.numel() for p in ps),
                         k_for(sum(p.numel() for p in ps), density))
-                       for name, ps in layout.buffers]
+                       for (name, ps), m in zip(layout.buffers, methods) if m != "dense"]
+            dense = [(self._parameter_names[p], p.numel()) for p in layout.dense]
+            dense += [(name, sum(p.numel() for p in ps))
+                      for (name, ps), m in zip(layout.buffers, methods) if m == "dense"]
             plan = make_plan(self._gtopk.algorithm, self._op_name, self._gtopk.granularity,
-                             self._gtopk.dense_threshold, buffers,
-                             [(self._parameter_names[p], p.numel()) for p in layout.dense],
-                             scale, self._predivide, self._wire)
+                             self._gtopk.dense_threshold, buffers, dense, scale,
+                             self._predivide, self._wire)
             self._plan_cache = (key, plan, plan_digest(plan))
+            if self._gtopk.algorithm == "auto" and self._gtopk.link is not None:
+                self._log_methods(layout, methods, density)
         return self._plan_cache[1], self._plan_cache[2]
+
+    def _log_methods(self, layout, methods, density):
+        counts = {m: methods.count(m) for m in sorted(set(methods))}
+        if counts != getattr(self, "_logged_methods", None) and hvd.rank() == 0:
+            logger.info("gtopk_hvd: algorithm='auto' at density %g on %d ranks (%s): %s",
+                        density, hvd.size(), self._gtopk.link,
+                        ", ".join(f"{n} buffer(s) by {m}" for m, n in counts.items()))
+        self._logged_methods = counts
+
+    def _measure_link(self):
+        """algorithm='auto' without a link: measure it on every rank after the first step's
+        exchange (which every rank reaches only with the same plan)."""
+        st = self._gtopk
+        if st.algorithm == "auto" and st.link is None:
+            st.link = measure_link("gtopk.link")
 
     def synchronize(self):
         """Run the gTop-k collective on every rank's gradients and write the result to p.grad.
@@ -265,6 +300,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         gradient is set to NaN on every rank, the residuals stay as they were and the rest is
         skipped) and whether the set-ups differ (then every rank raises PlanMismatchError).
         """
+        self._synchronize()
+        self._measure_link()
+
+    def _synchronize(self):
         params = self._params()
         for p in params:  # before any communication
             if p.grad is not None and p.grad.is_sparse and not self.sparse_as_dense:
@@ -276,29 +315,39 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._sync_step()
         st, size = self._gtopk, hvd.size()
         density, scale = st.density(), self._loss_scale()
-        plan, digest = self._plan(layout, density, scale)
+        methods = self._methods(layout, density)
+        plan, digest = self._plan(layout, methods, density, scale)
+        sparse = [b for b, m in zip(layout.buffers, methods) if m != "dense"]
+        by_dense = [b for b, m in zip(layout.buffers, methods) if m == "dense"]
         average_over = size if self._op_name == "Average" else 1
         accs = []
         # with gradient_predivide_factor f the buffers carry (g + S * eps) / f: the loss scale
         # S over f, which the residual update takes back out
         carried = scale / self._predivide
-        for name, ps in layout.buffers:  # compensate all buffers, then one finiteness check
+        for name, ps in sparse:  # compensate all buffers, then one finiteness check
             numel, device = sum(p.numel() for p in ps), ps[0].device
             acc = self._compensate(ps, st.residual(name, numel, device),
                                    st.spare(name, numel, device), scale)
             accs.append(acc.mul_(1.0 / self._predivide) if self._predivide != 1.0 else acc)
+        # buffers 'auto' sends densely: the gradients plus what their residual still holds
+        dense_accs = [self._compensate(ps, st.residuals[name], st.spare(name, numel, ps[0].device),
+                                       scale) if name in st.residuals else None
+                      for name, ps in by_dense
+                      for numel in [sum(p.numel() for p in ps)]]
         dense_grads = [p.grad for p in layout.dense if p.grad is not None]
-        flags = 0 if all_finite(accs + [g.to_dense() if g.is_sparse else g
-                                        for g in dense_grads]) else NONFINITE
+        dense_grads += [p.grad for (_, ps), acc in zip(by_dense, dense_accs) if acc is None
+                        for p in ps if p.grad is not None]
+        flags = 0 if all_finite(accs + [a for a in dense_accs if a is not None]
+                                + [g.to_dense() if g.is_sparse else g
+                                   for g in dense_grads]) else NONFINITE
         if not accs:  # the verdict and the digest still travel in one exchange
             accs_k = [(None, torch.zeros(0, dtype=torch.float32), 0)]
         else:
-            accs_k = [(b, acc, k) for b, acc, (_, _, k) in zip(layout.buffers, accs,
-                                                                plan["buffers"])]
+            accs_k = [(b, acc, k) for b, acc, (_, _, k) in zip(sparse, accs, plan["buffers"])]
         k_total, numel, sent = 0, 0, 0
         results = exchange_grouped([acc for _, acc, _ in accs_k], [k for _, _, k in accs_k],
-                                   st.algorithm, name="gtopk", digest=digest, flags=flags,
-                                   wire=self._wire)
+                                   self._sparse_algorithm, name="gtopk", digest=digest,
+                                   flags=flags, wire=self._wire)
         if not check_verdict(results[0].verdict, plan):
             self._nonfinite_step(params, plan)
             return
@@ -310,14 +359,22 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._scatter_grads(ps, result, acc.numel(), average_over, self._predivide)
             st.commit(name, update_residual(acc, result, carried))
             k_total, numel = k_total + k, numel + acc.numel()
-        dense_numel = sum(p.numel() for p in layout.dense)
-        if layout.dense:
-            flat = hvd.allreduce(self._flat_grads(layout.dense), name="gtopk.dense", op=self.op,
-                                 compression=self._compression,
+        dense_params = layout.dense + [p for _, ps in by_dense for p in ps]
+        dense_numel = sum(p.numel() for p in dense_params)
+        if dense_params:
+            parts = [self._flat_grads(layout.dense)] if layout.dense else []
+            parts += [self._flat_grads(ps) if acc is None else acc
+                      for (_, ps), acc in zip(by_dense, dense_accs)]
+            flat = hvd.allreduce(torch.cat(parts) if len(parts) > 1 else parts[0],
+                                 name="gtopk.dense", op=self.op, compression=self._compression,
                                  prescale_factor=1.0 / self._predivide,
                                  postscale_factor=self._predivide)
-            self._set_grads(layout.dense, flat)
+            self._set_grads(dense_params, flat)
             sent += dense_allreduce_bytes(dense_numel, size)
+            for name, _ in by_dense:  # applied in full: nothing left to feed back
+                st.residuals.pop(name, None)
+                st.spares.pop(name, None)
+        st.methods = {name: m for (name, _), m in zip(layout.buffers, methods)}
         st.step += 1
         self._sync_step()
         st.last = {"density": density, "k": k_total, "numel": numel, "dense_numel": dense_numel,
@@ -450,7 +507,7 @@ def DistributedOptimizer(optimizer, named_parameters=None,
                          sparse_as_dense=False,
                          process_set=hvd.global_process_set,
                          *, density=0.001, algorithm="gtopk", granularity="model",
-                         dense_threshold=0, grad_scaler=None):
+                         dense_threshold=0, grad_scaler=None, link=None):
     """Wrap ``optimizer`` so that ``step()`` applies the gTop-k sparse average of the gradients.
 
     Arguments as ``horovod.torch.DistributedOptimizer``, plus (keyword-only):
@@ -459,10 +516,18 @@ def DistributedOptimizer(optimizer, named_parameters=None,
         density: fraction of gradient entries kept per buffer, a float in (0, 1], a
             :class:`~gtopk_hvd.common.density.DensitySchedule` or ``callable(step)``;
             k = max(1, ceil(density * buffer size)).  1.0 gives the dense average.
-        algorithm: ``"gtopk"`` (hypercube merge, O(k log P)) or ``"topk"`` (allgather of
-            every rank's top-k, O(kP)).
+        algorithm: ``"gtopk"`` (hypercube merge, O(k log P)), ``"topk"`` (allgather of
+            every rank's top-k, O(kP)) or ``"auto"``: per buffer the cheapest of a dense
+            allreduce and gTop-k by the alpha-beta model of gtopk_hvd.common.cost, with the
+            link measured on every rank after the first step (tens of milliseconds; the first
+            step sends every buffer by gTop-k) or given as ``link``; the choice is the same on
+            every rank, logged once by rank 0 and in ``gtopk_stats()["methods"]``.  A buffer
+            sent densely applies its residual in full.
         granularity: ``"model"`` (one top-k over all gradients flattened together, as in the
             paper) or ``"layer"`` (one per tensor).
+        link: for ``algorithm="auto"``: a :class:`~gtopk_hvd.common.cost.Link` or a tuple
+            (alpha s per message, beta s per byte[, select s per entry[, overhead s]]), for
+            example from ``gtopk_hvd.torch.measure_link()``; needed under Horovod Elastic.
         dense_threshold: tensors with fewer elements are allreduced densely in float32.  The
             default 0 sparsifies every tensor, as the paper does; 1024 or so sends biases and
             norm weights densely (worth it with ``granularity="layer"``).
@@ -502,7 +567,13 @@ def DistributedOptimizer(optimizer, named_parameters=None,
                                                                 op_name(op))
     check_no_groups(num_groups, groups)
     check_global_process_set(process_set)
-    state = GTopkState(density, algorithm, granularity, dense_threshold)
+    state = GTopkState(density, algorithm, granularity, dense_threshold, link)
+    if state.algorithm == "auto" and state.link is None and is_elastic():
+        raise ValueError(
+            "algorithm='auto' under Horovod Elastic needs link=...: a worker that joins would "
+            "measure the link while the others train. Measure it once in a fixed-size job "
+            "(gtopk_hvd.torch.measure_link()) and pass link=(alpha, beta, select, overhead), "
+            "or pick algorithm='gtopk'")
     named = _named_parameters(optimizer, named_parameters)
     if not hvd.is_initialized():
         raise GTopkError("Horovod is not initialised: call gtopk_hvd.torch.init() on every "

@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from gtopk_hvd.common.cost import as_link
 from gtopk_hvd.common.density import as_schedule
 from gtopk_hvd.common.validation import (check_algorithm, check_granularity,
                                          check_non_negative_int, check_world_size_on_load)
@@ -34,11 +35,16 @@ class GTopkState:
     swaps the two.  Residuals thus take twice their size in memory.
     Statistics: ``last`` (density, k, numel, bytes_sent, dense_bytes of the last step) and
     ``nonfinite_steps`` (steps skipped because some rank's gradients were not finite).
+    ``algorithm="auto"``: ``link`` (a :class:`~gtopk_hvd.common.cost.Link`, measured once
+    or given) and ``methods`` ({buffer name: method} of the last step).
     """
 
-    def __init__(self, density, algorithm="gtopk", granularity="model", dense_threshold=0):
+    def __init__(self, density, algorithm="gtopk", granularity="model", dense_threshold=0,
+                 link=None):
         self.schedule = as_schedule(density)
-        self.algorithm = check_algorithm(algorithm)
+        self.algorithm = check_algorithm(algorithm, auto=True)
+        self.link = as_link(link)
+        self.methods = {}
         self.granularity = check_granularity(granularity)
         self.dense_threshold = check_non_negative_int(dense_threshold, "dense_threshold")
         self.step = 0
@@ -94,7 +100,9 @@ class GTopkState:
         2(P-1)/P * 4d; finite: whether the last step was finite on every rank; loss_scale:
         the loss scale the last step's gradients carried; step: finite synchronisations so
         far; nonfinite_steps: steps in which some rank's gradients were not finite (nothing
-        applied, residuals kept); residual_norm: L2 norm of the residuals.
+        applied, residuals kept); residual_norm: L2 norm of the residuals.  With
+        ``algorithm="auto"`` also methods ({method: number of buffers} of the last step) and
+        link (alpha, beta, select, overhead in seconds; None before it is measured).
         """
         stats = {"density": self.density(), "k": 0, "numel": 0, "dense_numel": 0,
                  "bytes_sent": 0, "dense_bytes": 0, "finite": True, "loss_scale": 1.0}
@@ -102,6 +110,12 @@ class GTopkState:
         stats["step"] = self.step
         stats["nonfinite_steps"] = self.nonfinite_steps
         stats["residual_norm"] = self.residual_norm()
+        if self.algorithm == "auto":
+            counts = {}
+            for method in self.methods.values():
+                counts[method] = counts.get(method, 0) + 1
+            stats["methods"] = counts
+            stats["link"] = None if self.link is None else dict(vars(self.link))
         return stats
 
     def state_dict(self, size, rank):
@@ -129,4 +143,5 @@ class GTopkState:
 
     def __repr__(self):
         return (f"GTopkState(schedule={self.schedule!r}, algorithm={self.algorithm!r}, "
-                f"granularity={self.granularity!r}, dense_threshold={self.dense_threshold})")
+                f"granularity={self.granularity!r}, dense_threshold={self.dense_threshold}, "
+                f"link={self.link!r})")

@@ -1,10 +1,14 @@
-"""The alpha-beta cost model (gtopk_hvd.common.cost) against ALGORITHM.md's table, and its fit."""
+"""The alpha-beta cost model (gtopk_hvd.common.cost) against ALGORITHM.md's table, its fit,
+and what ``algorithm="auto"`` builds on it (Link, choose_methods, measure_link)."""
 import math
+import time
 
 import pytest
 
-from gtopk_hvd.common.cost import (Cost, cost_of, dense_allreduce_cost, fit_alpha_beta,
-                                   gtopk_cost, gtopk_stages, topk_allgather_cost)
+from gtopk_hvd.common.cost import (Cost, Link, as_link, choose_methods, cost_of,
+                                   dense_allreduce_cost, fit_alpha_beta, gtopk_cost,
+                                   gtopk_stages, measure_link, method_costs,
+                                   topk_allgather_cost)
 
 
 @pytest.mark.parametrize("size", [2, 4, 8, 16])
@@ -89,3 +93,100 @@ def test_bad_sizes_are_rejected():
         dense_allreduce_cost(10, 0)
     with pytest.raises(ValueError, match="k must be an integer >= 0"):
         topk_allgather_cost(-1, 4)
+
+
+# --- algorithm="auto": the Link, the choice per buffer, the measurement driver ---------------
+
+def test_topk_never_sends_fewer_bytes_than_gtopk_so_auto_never_needs_it():
+    for size in range(2, 130):
+        assert gtopk_cost(100, size).bytes <= topk_allgather_cost(100, size).bytes, size
+
+
+def test_link_refuses_negative_or_non_finite_values_naming_them():
+    with pytest.raises(ValueError, match="link beta must be a finite number >= 0"):
+        Link(1e-4, -1.0)
+    with pytest.raises(ValueError, match="link alpha"):
+        Link(float("nan"), 1e-9)
+    with pytest.raises(ValueError, match="link overhead"):
+        Link(1e-4, 1e-9, 0.0, True)
+    with pytest.raises(ValueError, match=r"a tuple \(alpha_s, beta_s_per_byte"):
+        as_link((1e-4,))
+    assert as_link((1e-4, 1e-9)) == Link(1e-4, 1e-9, 0.0, 0.0)
+    assert as_link(None) is None
+
+
+def test_large_buffers_on_a_slow_link_go_by_gtopk_small_ones_with_a_fixed_cost_go_dense():
+    slow = Link(alpha=0.0, beta=8e-9, select=1e-9, overhead=1e-4)  # about 1 Gbit/s
+    assert choose_methods([100, 25_000_000], 0.001, 4, slow) == ("dense", "gtopk")
+    fast = Link(alpha=0.0, beta=1e-11, select=1e-9, overhead=1e-4)  # a fast link: dense wins
+    assert choose_methods([100, 25_000_000], 0.001, 4, fast) == ("dense", "dense")
+
+
+def test_dense_rounds_count_once_and_only_when_some_buffer_goes_dense():
+    link = Link(alpha=1e-3, beta=1e-9, select=0.0, overhead=2e-5)
+    # alone, each small buffer would go dense (2e-5 x 3 > its bytes), but the 6 rounds of a
+    # dense allreduce (6 ms) cost more than sparsifying all of them
+    assert choose_methods([10, 10, 10], 0.1, 4, link) == ("gtopk",) * 3
+    # once dense_threshold tensors pay the rounds anyway, they go dense
+    assert choose_methods([10, 10, 10], 0.1, 4, link, dense_paid=True) == ("dense",) * 3
+    # without latency the per-buffer choice stands
+    assert choose_methods([10, 10, 10], 0.1, 4, Link(0.0, 1e-9, 0.0, 2e-5)) == ("dense",) * 3
+
+
+def test_choice_follows_the_cost_of_each_method_and_ties_go_to_dense():
+    link = Link(alpha=0.0, beta=1e-9)
+    for d, density in ((1000, 0.001), (1000, 0.5), (1000, 1.0), (1 << 20, 0.01)):
+        costs = method_costs(d, density, 8, link)
+        (method,) = choose_methods([d], density, 8, link)
+        assert costs[method] == min(costs.values()), (d, density, costs)
+    zero = Link(0.0, 0.0)  # everything free: the exact method wins the tie
+    assert choose_methods([1000], 0.01, 4, zero) == ("dense",)
+
+
+def test_one_rank_sends_nothing_so_every_buffer_is_dense():
+    assert choose_methods([10, 10 ** 7], 0.001, 1, Link(1.0, 1.0)) == ("dense", "dense")
+
+
+def test_candidates_are_checked_and_restrict_the_choice():
+    link = Link(alpha=0.0, beta=8e-9)
+    assert choose_methods([10 ** 6], 0.001, 4, link, methods=("dense", "topk")) == ("topk",)
+    with pytest.raises(ValueError, match="methods must hold 'dense'"):
+        choose_methods([10], 0.1, 4, link, methods=("gtopk",))
+    with pytest.raises(ValueError, match="methods must hold"):
+        choose_methods([10], 0.1, 4, link, methods=("dense", "allgather"))
+
+
+def test_measure_link_fits_alpha_beta_from_two_allreduce_sizes_and_agrees_before_fitting():
+    alpha, beta, per_entry, fixed = 2e-4, 3e-9, 5e-9, 1e-4
+    size, calls, now = 4, [], [0.0]
+
+    def allreduce(n):  # a simulated ring allreduce: takes its model time on a fake clock
+        calls.append(("allreduce", n))
+        cost = dense_allreduce_cost(n, size)
+        now[0] += cost.messages * alpha + cost.bytes * beta
+
+    def select(n):
+        calls.append(("select", n))
+        now[0] += fixed + per_entry * n
+
+    agreed = []
+
+    def agree(values):  # another rank was twice as slow: its figures win
+        agreed.append(list(values))
+        return [v * 2 for v in values]
+
+    link = measure_link(allreduce, select, agree, size, n=1 << 18, repeats=3,
+                        clock=lambda: now[0])
+    assert len(agreed) == 1 and len(agreed[0]) == 4
+    assert [c for c in calls if c[0] == "allreduce"] == [("allreduce", 1)] * 4 + \
+        [("allreduce", 1 << 18)] * 3
+    assert link.alpha == pytest.approx(2 * alpha, rel=1e-6)
+    assert link.beta == pytest.approx(2 * beta, rel=1e-6)
+    assert link.overhead == pytest.approx(2 * (fixed + per_entry * 64), rel=1e-6)
+    assert link.select == pytest.approx(2 * per_entry * (1 - 64 / (1 << 18)), rel=1e-6)
+
+
+def test_measure_link_on_one_rank_has_no_network_terms():
+    link = measure_link(lambda n: None, lambda n: None, lambda v: v, 1, repeats=1,
+                        clock=iter(range(100)).__next__)
+    assert (link.alpha, link.beta) == (0.0, 0.0)

@@ -34,6 +34,10 @@ SCENARIOS = [
     *[f"fp16_compression_{a}_{g}_params_equal_reference"
       for a, g in (("gtopk", "model"), ("gtopk", "layer"), ("topk", "model"))],
     "bad_arguments_raise_on_every_rank_then_training_works",
+    "auto_with_a_given_link_bit_identical_to_the_dense_threshold_split_it_chose",
+    "auto_measures_the_link_after_the_first_step_the_same_on_every_rank",
+    "auto_buffer_that_turns_dense_applies_its_residual_in_full",
+    "auto_bad_input_is_refused_before_communicating",
 ]
 
 

@@ -499,7 +499,103 @@ def bad_input(hvd, rec, rank, size):
         compare_trajectories(hvd, sgd, seed=1300, steps=2, density=0.05)
 
 
+# biases (16 and 4 entries) go dense, weights (128 and 64) by gTop-k at density 0.1 for
+# P = 2, 3, 4: no latency, 1 ns a byte, 50 ns of fixed work per sparse buffer and stage
+SPLIT_LINK = (0.0, 1e-9, 0.0, 5e-8)
+
+
+def auto_algorithm(hvd, rec, rank, size):
+    with rec("auto_with_a_given_link_bit_identical_to_the_dense_threshold_split_it_chose"):
+        def run(**gtopk):
+            model = make_model(1700)
+            opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(),
+                                           density=0.1, granularity="layer", **gtopk)
+            return model, opt, train(hvd, model, opt, loss_for(1700), steps=3)
+        _, auto, got = run(algorithm="auto", link=SPLIT_LINK)
+        _, split, want = run(dense_threshold=20)
+        stats = auto.gtopk_stats()
+        ref = ReferenceRun(make_model(1700), momentum_sgd, size, 0.1, granularity="layer",
+                           dense_threshold=20)
+        ref_params = simulate(ref, loss_for(1700), steps=1)[0]
+        for t, (g, w) in enumerate(zip(got, want)):
+            assert_equal(g, w.numpy(), f"params after step {t + 1}")
+        np.testing.assert_allclose(got[0].numpy(), ref_params.numpy(), rtol=1e-6, atol=1e-7)
+        assert auto.gtopk_state.methods == {"0.weight": "gtopk", "0.bias": "dense",
+                                            "2.weight": "gtopk", "2.bias": "dense"}
+        assert stats["methods"] == {"gtopk": 2, "dense": 2}, stats
+        assert stats["link"]["overhead"] == SPLIT_LINK[3]
+        assert set(auto.gtopk_state.residuals) == {"0.weight", "2.weight"}
+        for name in ("k", "numel", "dense_numel", "bytes_sent"):
+            assert stats[name] == split.gtopk_stats()[name], name
+    with rec("auto_measures_the_link_after_the_first_step_the_same_on_every_rank"):
+        model = make_model(1800)
+        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(),
+                                       density=0.1, granularity="layer", algorithm="auto")
+        ref = ReferenceRun(make_model(1800), sgd, size, 0.1, granularity="layer")
+        first = train(hvd, model, opt, loss_for(1800), steps=1)[0]
+        link, methods = opt.gtopk_state.link, dict(opt.gtopk_state.methods)
+        later = train(hvd, model, opt, loss_for(1800), steps=2)[-1]
+        links = hvd.allgather_object(link, name="auto.links")
+        same = same_on_every_rank(hvd, later, "auto.same")
+        chosen = hvd.allgather_object(opt.gtopk_state.methods, name="auto.methods")
+        assert_equal(first, simulate(ref, loss_for(1800), steps=1)[0].numpy(), "first step")
+        assert set(methods.values()) == {"gtopk"}, methods  # before the link is known
+        assert link is not None and link.alpha >= 0 and link.beta >= 0, link
+        assert all(other == link for other in links), links
+        assert all(c == chosen[0] for c in chosen), chosen
+        assert same, "ranks differ"
+    with rec("auto_buffer_that_turns_dense_applies_its_residual_in_full"):
+        # constant gradients (a linear loss): what two steps apply is exactly known
+        model = make_model(1900)
+        p0 = flat_params(model).clone()
+        # step 1 at density 0.1 sends the weights by gTop-k, step 2 at density 1.0 densely
+        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(),
+                                       density=StepwiseDensity([0.1, 1.0], steps_per_epoch=1),
+                                       granularity="layer", algorithm="auto",
+                                       link=(0.0, 1e-9, 0.0, 5e-8))
+
+        def coefficients(r):
+            return [torch.from_numpy(rank_array(1900 + i, r, p.numel())).view_as(p)
+                    for i, p in enumerate(model.parameters())]
+
+        def linear_loss(m, r, j):
+            return sum((p * c).sum() for p, c in zip(m.parameters(), coefficients(r)))
+        linear_loss.step = 0
+        train(hvd, model, opt, linear_loss, steps=1)
+        residuals_after_1 = {n: float(e.norm()) for n, e in opt.gtopk_state.residuals.items()}
+        methods_1 = dict(opt.gtopk_state.methods)
+        train(hvd, model, opt, linear_loss, steps=1)
+        methods_2 = dict(opt.gtopk_state.methods)
+        mean = torch.stack([torch.cat([c.reshape(-1) for c in coefficients(r)])
+                            for r in range(size)]).mean(0)
+        assert methods_1["0.weight"] == "gtopk" and residuals_after_1["0.weight"] > 0
+        assert set(methods_2.values()) == {"dense"}, methods_2
+        assert opt.gtopk_state.residuals == {}, "a dense buffer kept a residual"
+        np.testing.assert_allclose(flat_params(model).numpy(), (p0 - 2 * LR * mean).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    with rec("auto_bad_input_is_refused_before_communicating"):
+        model = make_model(2000)
+        for make, match in [
+                (lambda: hvd.DistributedOptimizer(sgd(model.parameters()), algorithm="auto",
+                                                  link=(1e-4, -1e-9)), "link beta"),
+                (lambda: hvd.DistributedOptimizer(sgd(model.parameters()), algorithm="auto",
+                                                  link="fast"), "link must be"),
+                (lambda: hvd.gtopk_allreduce(torch.ones(4), algorithm="auto"),
+                 "not available in gtopk_allreduce"),
+                (lambda: hvd.Compression.gtopk(algorithm="auto"),
+                 "not available in Compression.gtopk")]:
+            try:
+                make()
+            except ValueError as error:
+                assert match in str(error), (match, str(error))
+            else:
+                raise AssertionError(f"{match}: did not raise")
+
+
 SCENARIOS = (trajectories, identical_across_ranks, density_one, accumulation, checkpoint,
              world_size_policy, missing_gradients, half_precision, sparse_gradients,
              dense_threshold, schedule_and_stats, synchronize_api, resume_idioms, predivide,
-             fp16_compression, bad_input)
+             fp16_compression, bad_input, auto_algorithm)
