@@ -15,6 +15,11 @@ samples/s over all ranks and the time per iteration split into
     python benchmarks/bench_end_to_end.py            # P=4, 1gbit, density 0.001, ~10 min
     python benchmarks/bench_end_to_end.py --quick    # fewer iterations
     python benchmarks/bench_end_to_end.py --networks 1gbit,10gbit --procs 4,8
+    python benchmarks/bench_end_to_end.py --methods dense,gtopk,gtopk_layer,auto,auto_layer
+
+Methods (PyTorch): dense (Horovod's DistributedOptimizer), topk / gtopk (model granularity),
+gtopk_layer (one buffer per tensor), auto / auto_layer (``algorithm="auto"``; the table says
+what it chose).  TensorFlow runs dense, topk and gtopk.
 
 Writes benchmarks/results/end_to_end.csv, end_to_end.png and end_to_end.md.  Iterations are
 few (2 warm-up + 5 timed by default): 4 ranks share 2 cores, so compute is about 2x slower
@@ -37,6 +42,12 @@ from benchmarks.common import (RESULTS, SETTINGS, WireCounter, load_config,  # n
 logger = logging.getLogger("gtopk_bench.end_to_end")
 
 BATCH = {"resnet20": 32, "vgg16": 16, "mlp25m": 32}
+# PyTorch methods: (algorithm, granularity) of gtopk_hvd's DistributedOptimizer; "dense" is
+# Horovod's.  TensorFlow runs dense, topk and gtopk.
+TORCH_METHODS = {"topk": ("topk", "model"), "gtopk": ("gtopk", "model"),
+                 "gtopk_layer": ("gtopk", "layer"), "auto": ("auto", "model"),
+                 "auto_layer": ("auto", "layer")}
+METHOD_ORDER = ["dense", *TORCH_METHODS]
 PHASES = ("compute", "selection", "communication", "merge", "other")
 
 
@@ -96,8 +107,10 @@ def worker():
             if method == "dense":
                 opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
             else:
+                algorithm, granularity = TORCH_METHODS[method]
                 opt = gtopk.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
-                                                 density=cfg["density"], algorithm=method)
+                                                 density=cfg["density"], algorithm=algorithm,
+                                                 granularity=granularity)
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)
             iters = []
             hvd.barrier()
@@ -122,6 +135,9 @@ def worker():
             block_s = time.perf_counter() - t_block
             tx, rx = counter.delta()
             mine = {"iters": iters, "block_s": block_s, "tx": tx / cfg["iters"]}
+            if method.startswith("auto"):
+                stats = opt.gtopk_stats()
+                mine["chose"] = ", ".join(f"{n} {m}" for m, n in stats["methods"].items())
             everyone = hvd.allgather_object(mine, name=f"gather.{model_name}.{method}")
             if rank == 0:
                 rows.append(_summarise(everyone, model_name, method, batch, size,
@@ -248,7 +264,8 @@ def _summarise(everyone, model_name, method, batch, size, params, cfg, instrumen
             "compute_s": compute, "selection_s": sel, "communication_s": comm,
             "merge_s": merge, "other_s": max(0.0, step - sel - comm - merge),
             "step_s": step, "tx_bytes_per_iter": sum(r["tx"] for r in everyone) / len(everyone),
-            "breakdown": "profiled" if instrumented or method == "dense" else "step only"}
+            "breakdown": "profiled" if instrumented or method == "dense" else "step only",
+            "chose": everyone[0].get("chose", "")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +288,7 @@ def plot(rows, path):
             ax = axes[i][j]
             sel = [r for r in rows if (r["framework"], r["setting"], r["network"], r["P"],
                                        r["model"]) == (fw, setting, net, p, m)]
-            sel.sort(key=lambda r: ["dense", "topk", "gtopk"].index(r["method"]))
+            sel.sort(key=lambda r: METHOD_ORDER.index(r["method"]))
             bottom = [0.0] * len(sel)
             for phase in PHASES:
                 vals = [r[f"{phase}_s"] for r in sel]
@@ -305,7 +322,8 @@ def report(rows):
             ("communication", "communication_s", ".3f"), ("merge", "merge_s", ".3f"),
             ("other", "other_s", ".3f"), ("tx MB/iter/rank",
                                           lambda r: r["tx_bytes_per_iter"] / 1e6, ".3f"),
-            ("speed-up vs dense", "speedup", ".2f")]
+            ("speed-up vs dense", "speedup", ".2f"),
+            ("auto chose", lambda r: r.get("chose") or "", "")]
     return "## End-to-end training, per iteration\n\n" + markdown_table(rows, cols) + "\n"
 
 

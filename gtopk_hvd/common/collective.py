@@ -28,7 +28,7 @@ from gtopk_hvd.common.schedule import stages_for, virtual_rank
 __all__ = ["TensorOps", "gtopk_exchange", "gtopk_exchange_grouped", "topk_allgather_exchange",
            "ExchangeResult", "GTopkResult", "reduce_op_name", "dense_allreduce_bytes", "NONFINITE", "MISMATCH",
            "make_meta", "merge_meta", "ring_bytes", "gtopk_wire_bytes", "topk_wire_bytes",
-           "message_bytes"]
+           "message_bytes", "VERDICT_TAIL", "verdict_tail", "tail_verdict"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,36 @@ def merge_meta(mine, theirs):
     if (mine >> _FLAG_BITS) != (theirs >> _FLAG_BITS):
         flags |= MISMATCH
     return (mine & ~(NONFINITE | MISMATCH)) | flags
+
+
+VERDICT_TAIL = 32 - _FLAG_BITS + 1  # entries: the digest's 30 bits, then the NONFINITE flag
+
+
+def verdict_tail(digest, flags=0):
+    """Entries (0.0 or 1.0) to append to a dense allreduce so that it carries the verdict of
+    the gTop-k headers: the bits of the 30-bit plan ``digest``, then whether this rank's
+    gradients are not finite.  Read back with :func:`tail_verdict`."""
+    digest = int(digest) & _DIGEST_MASK
+    return [float((digest >> b) & 1) for b in range(32 - _FLAG_BITS)] + \
+        [1.0 if flags & NONFINITE else 0.0]
+
+
+def tail_verdict(reduced, size, average):
+    """The verdict (NONFINITE | MISMATCH flags, as after a gTop-k exchange) from the reduced
+    tail of :func:`verdict_tail` (a sequence of ``VERDICT_TAIL`` floats, averaged over
+    ``size`` ranks if ``average`` else summed).
+
+    Each entry becomes the fraction q of ranks that sent 1.  A digest bit on which the ranks
+    agree has q = 0 or 1; otherwise q lies in [1/P, 1 - 1/P], so the test q in
+    (1/(2P), 1 - 1/(2P)) is safe against the rounding of the average (and of float16)."""
+    if len(reduced) != VERDICT_TAIL:
+        raise ValueError(f"expected {VERDICT_TAIL} tail entries, got {len(reduced)}")
+    fractions = [float(v) if average else float(v) / size for v in reduced]
+    margin = 1.0 / (2 * size)
+    verdict = NONFINITE if not fractions[-1] < margin else 0  # NaN counts as not finite
+    if any(not (q < margin or q > 1 - margin) for q in fractions[:-1]):
+        verdict |= MISMATCH
+    return verdict
 
 
 class TensorOps:

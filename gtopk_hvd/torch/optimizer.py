@@ -29,8 +29,10 @@ from contextlib import contextmanager
 import horovod.torch as hvd
 import horovod.torch.functions
 import torch
+from horovod.common.exceptions import HorovodInternalError
 
-from gtopk_hvd.common.collective import NONFINITE
+from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, VERDICT_TAIL, tail_verdict,
+                                         verdict_tail)
 from gtopk_hvd.common.cost import choose_methods
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
@@ -110,6 +112,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._synchronized = False
         self._should_synchronize = True
         self._published_step = None
+        self._verified = False  # see _dense_first
         self._sync_step()
         # algorithm="auto" sends its sparse buffers by gTop-k (Top-k never costs less)
         self._sparse_algorithm = "gtopk" if gtopk_state.algorithm == "auto" else \
@@ -254,8 +257,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if st.algorithm != "auto" or (st.link is None and hvd.size() > 1):
             return tuple(self._sparse_algorithm for _ in layout.buffers)
         numels = [sum(p.numel() for p in ps) for _, ps in layout.buffers]
-        return choose_methods(numels, density, hvd.size(), st.link,
-                              dense_paid=bool(layout.dense), methods=("dense", "gtopk"))
+        # the dense allreduce runs every step (it carries the verdict): its rounds are paid
+        return choose_methods(numels, density, hvd.size(), st.link, dense_paid=True,
+                              methods=("dense", "gtopk"))
 
     def _plan(self, layout, methods, density, scale):
         key = (layout.key, methods, density, scale, self._predivide, self._wire)
@@ -299,6 +303,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         exchange tells every rank whether some rank's gradients were not finite (then every
         gradient is set to NaN on every rank, the residuals stay as they were and the rest is
         skipped) and whether the set-ups differ (then every rank raises PlanMismatchError).
+        With ``algorithm="auto"``, from the second step on the dense allreduce goes first and
+        carries that verdict instead (its tail: the plan digest's bits and the finiteness
+        flag), then the exchange of the sparse buffers, if any.
         """
         self._synchronize()
         self._measure_link()
@@ -340,41 +347,49 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         flags = 0 if all_finite(accs + [a for a in dense_accs if a is not None]
                                 + [g.to_dense() if g.is_sparse else g
                                    for g in dense_grads]) else NONFINITE
-        if not accs:  # the verdict and the digest still travel in one exchange
-            accs_k = [(None, torch.zeros(0, dtype=torch.float32), 0)]
-        else:
-            accs_k = [(b, acc, k) for b, acc, (_, _, k) in zip(sparse, accs, plan["buffers"])]
-        k_total, numel, sent = 0, 0, 0
-        results = exchange_grouped([acc for _, acc, _ in accs_k], [k for _, _, k in accs_k],
-                                   self._sparse_algorithm, name="gtopk", digest=digest,
-                                   flags=flags, wire=self._wire)
-        if not check_verdict(results[0].verdict, plan):
-            self._nonfinite_step(params, plan)
-            return
-        for (buffer, acc, k), result in zip(accs_k, results):
-            sent += result.bytes_sent
-            if buffer is None:
-                continue
-            name, ps = buffer
-            self._scatter_grads(ps, result, acc.numel(), average_over, self._predivide)
-            st.commit(name, update_residual(acc, result, carried))
-            k_total, numel = k_total + k, numel + acc.numel()
         dense_params = layout.dense + [p for _, ps in by_dense for p in ps]
         dense_numel = sum(p.numel() for p in dense_params)
+        dense_parts = ([self._flat_grads(layout.dense)] if layout.dense else []) + [
+            self._flat_grads(ps) if acc is None else acc for (_, ps), acc in zip(by_dense,
+                                                                                 dense_accs)]
+        k_total, numel, sent, flat = 0, 0, 0, None
+        if self._dense_first():
+            flat, verdict = self._dense_allreduce_with_verdict(dense_parts, digest, flags)
+            if not check_verdict(verdict, plan):
+                self._nonfinite_step(params, plan)
+                return
+            sent += dense_allreduce_bytes(flat.numel(), size)
+        if accs or flat is None:
+            if not accs:  # the verdict and the digest still travel in one exchange
+                accs_k = [(None, torch.zeros(0, dtype=torch.float32), 0)]
+            else:
+                accs_k = [(b, acc, k) for b, acc, (_, _, k) in zip(sparse, accs,
+                                                                    plan["buffers"])]
+            results = exchange_grouped([acc for _, acc, _ in accs_k],
+                                       [k for _, _, k in accs_k], self._sparse_algorithm,
+                                       name="gtopk", digest=digest, flags=flags,
+                                       wire=self._wire)
+            if not check_verdict(results[0].verdict, plan):
+                self._nonfinite_step(params, plan)
+                return
+            for (buffer, acc, k), result in zip(accs_k, results):
+                sent += result.bytes_sent
+                if buffer is None:
+                    continue
+                name, ps = buffer
+                self._scatter_grads(ps, result, acc.numel(), average_over, self._predivide)
+                st.commit(name, update_residual(acc, result, carried))
+                k_total, numel = k_total + k, numel + acc.numel()
         if dense_params:
-            parts = [self._flat_grads(layout.dense)] if layout.dense else []
-            parts += [self._flat_grads(ps) if acc is None else acc
-                      for (_, ps), acc in zip(by_dense, dense_accs)]
-            flat = hvd.allreduce(torch.cat(parts) if len(parts) > 1 else parts[0],
-                                 name="gtopk.dense", op=self.op, compression=self._compression,
-                                 prescale_factor=1.0 / self._predivide,
-                                 postscale_factor=self._predivide)
-            self._set_grads(dense_params, flat)
-            sent += dense_allreduce_bytes(dense_numel, size)
+            if flat is None:
+                flat = self._dense_allreduce(dense_parts)
+                sent += dense_allreduce_bytes(dense_numel, size)
+            self._set_grads(dense_params, flat[:dense_numel])
             for name, _ in by_dense:  # applied in full: nothing left to feed back
                 st.residuals.pop(name, None)
                 st.spares.pop(name, None)
         st.methods = {name: m for (name, _), m in zip(layout.buffers, methods)}
+        self._verified = True
         st.step += 1
         self._sync_step()
         st.last = {"density": density, "k": k_total, "numel": numel, "dense_numel": dense_numel,
@@ -382,6 +397,35 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                    "dense_bytes": dense_allreduce_bytes(numel + dense_numel, size)}
         self._passes.clear()
         self._synchronized = True
+
+    def _dense_first(self):
+        """Whether the dense allreduce goes first and carries the verdict (the plan digest's
+        bits and the finiteness flag, gtopk_hvd.common.collective.verdict_tail): with
+        algorithm='auto' once a first step, exchanged with headers, found every rank on
+        'auto' with the same link; then a step with nothing to sparsify costs what Horovod's
+        dense allreduce costs.  Not under Elastic, where a joining rank has had no first
+        step while the others have."""
+        return self._gtopk.algorithm == "auto" and self._verified and not is_elastic()
+
+    def _dense_allreduce(self, parts):
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return hvd.allreduce(flat, name="gtopk.dense", op=self.op, compression=self._compression,
+                             prescale_factor=1.0 / self._predivide,
+                             postscale_factor=self._predivide)
+
+    def _dense_allreduce_with_verdict(self, parts, digest, flags):
+        """The dense allreduce with the verdict tail; (flat, verdict).  Ranks whose dense
+        parts differ in size make Horovod refuse the allreduce on every rank: a mismatch."""
+        tail = torch.tensor(verdict_tail(digest, flags), dtype=torch.float32)
+        try:
+            flat = self._dense_allreduce(parts + [tail])
+        except HorovodInternalError as error:
+            if "Mismatched" not in str(error):
+                raise
+            return None, MISMATCH
+        verdict = tail_verdict(flat[-VERDICT_TAIL:].tolist(), hvd.size(),
+                               self._op_name == "Average")
+        return flat, verdict
 
     def _nonfinite_step(self, params, plan):
         """Some rank's gradients were not finite: NaN in every gradient on every rank (as a
@@ -396,6 +440,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             else:
                 p.grad.fill_(float("nan"))
         st = self._gtopk
+        self._verified = True  # the verdict reached every rank: the set-ups agree
         st.nonfinite_steps += 1
         st.last = dict(st.last, finite=False, bytes_sent=0)
         # with loss scaling an overflow now and then is the scaler's business

@@ -375,3 +375,34 @@ def test_dense_allreduce_bytes_is_the_ring_volume():
     assert dense_allreduce_bytes(1000, 1) == 0
     assert dense_allreduce_bytes(1000, 2) == 4000
     assert dense_allreduce_bytes(25_000_000, 4) == 150_000_000
+
+
+# --- the verdict carried by a dense allreduce (algorithm="auto" after its first step) --------
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 16])
+@pytest.mark.parametrize("average", [True, False])
+def test_dense_tail_carries_the_same_verdict_as_the_headers(size, average):
+    import numpy as np
+    from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, VERDICT_TAIL, tail_verdict,
+                                             verdict_tail)
+
+    def reduce(tails, dtype=np.float32):
+        total = np.sum(np.array(tails, dtype=dtype), axis=0, dtype=dtype)
+        return (total / dtype(size)).astype(dtype) if average else total
+
+    digest = 0x2bcd1234
+    same = [verdict_tail(digest) for _ in range(size)]
+    assert len(same[0]) == VERDICT_TAIL
+    assert tail_verdict(reduce(same), size, average) == 0
+    assert tail_verdict(reduce(same, np.float16), size, average) == 0
+    one_nan = [verdict_tail(digest, NONFINITE if r == size - 1 else 0) for r in range(size)]
+    assert tail_verdict(reduce(one_nan), size, average) == NONFINITE
+    if size > 1:
+        for bit in (0, 17, 29):  # one rank's digest differs in one bit
+            other = [verdict_tail(digest ^ (1 << bit) if r == 0 else digest)
+                     for r in range(size)]
+            assert tail_verdict(reduce(other), size, average) == MISMATCH
+    nan_tail = np.full(VERDICT_TAIL, np.nan, dtype=np.float32)
+    assert tail_verdict(nan_tail, size, average) & NONFINITE
+    with pytest.raises(ValueError, match="tail entries"):
+        tail_verdict([0.0] * 3, size, average)

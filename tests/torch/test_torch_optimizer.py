@@ -37,6 +37,8 @@ SCENARIOS = [
     "auto_with_a_given_link_bit_identical_to_the_dense_threshold_split_it_chose",
     "auto_measures_the_link_after_the_first_step_the_same_on_every_rank",
     "auto_buffer_that_turns_dense_applies_its_residual_in_full",
+    "auto_nan_on_one_rank_after_the_first_step_gives_nan_everywhere_keeps_residuals",
+    "auto_set_ups_that_differ_after_the_first_step_raise_plan_mismatch_everywhere",
     "auto_bad_input_is_refused_before_communicating",
 ]
 

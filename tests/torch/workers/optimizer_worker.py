@@ -16,7 +16,9 @@ from reference_sgd import ReferenceRun
 from torch import nn
 
 from gtopk_hvd.common import StepwiseDensity, k_for
-from gtopk_hvd.common.collective import gtopk_wire_bytes
+from gtopk_hvd.common.collective import VERDICT_TAIL, dense_allreduce_bytes, gtopk_wire_bytes
+from gtopk_hvd.common.cost import Link
+from gtopk_hvd.common.plan import PlanMismatchError
 
 LR = 0.1
 
@@ -502,6 +504,7 @@ def bad_input(hvd, rec, rank, size):
 # biases (16 and 4 entries) go dense, weights (128 and 64) by gTop-k at density 0.1 for
 # P = 2, 3, 4: no latency, 1 ns a byte, 50 ns of fixed work per sparse buffer and stage
 SPLIT_LINK = (0.0, 1e-9, 0.0, 5e-8)
+DENSE_LINK = (0.0, 1e-9, 0.0, 1e-3)  # 1 ms of fixed work a sparse buffer: all dense
 
 
 def auto_algorithm(hvd, rec, rank, size):
@@ -526,8 +529,11 @@ def auto_algorithm(hvd, rec, rank, size):
         assert stats["methods"] == {"gtopk": 2, "dense": 2}, stats
         assert stats["link"]["overhead"] == SPLIT_LINK[3]
         assert set(auto.gtopk_state.residuals) == {"0.weight", "2.weight"}
-        for name in ("k", "numel", "dense_numel", "bytes_sent"):
+        for name in ("k", "numel", "dense_numel"):
             assert stats[name] == split.gtopk_stats()[name], name
+        # from the second step the dense allreduce goes first and carries the verdict
+        assert stats["bytes_sent"] == (gtopk_wire_bytes(stats["k"], rank, size)
+                                       + dense_allreduce_bytes(20 + VERDICT_TAIL, size)), stats
     with rec("auto_measures_the_link_after_the_first_step_the_same_on_every_rank"):
         model = make_model(1800)
         opt = hvd.DistributedOptimizer(sgd(model.parameters()),
@@ -576,6 +582,69 @@ def auto_algorithm(hvd, rec, rank, size):
         assert opt.gtopk_state.residuals == {}, "a dense buffer kept a residual"
         np.testing.assert_allclose(flat_params(model).numpy(), (p0 - 2 * LR * mean).numpy(),
                                    rtol=1e-5, atol=1e-6)
+    with rec("auto_nan_on_one_rank_after_the_first_step_gives_nan_everywhere_keeps_residuals"):
+        for link in (SPLIT_LINK, DENSE_LINK):  # with a sparse exchange after it, and without
+            model = make_model(2100)
+            opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(),
+                                           density=0.1, granularity="layer", algorithm="auto",
+                                           link=link)
+            loss = loss_for(2100)
+            train(hvd, model, opt, loss, steps=2)
+            kept = {n: e.clone() for n, e in opt.gtopk_state.residuals.items()}
+            before = flat_params(model).clone()
+            opt.zero_grad()
+            loss(model, rank, 0).backward()
+            if rank == size - 1:
+                model[0].bias.grad[3] = float("nan")  # a densely sent tensor, one rank
+            opt.synchronize()
+            grads_nan = all(bool(torch.isnan(p.grad).all()) for p in model.parameters())
+            stats = opt.gtopk_stats()
+            residuals = {n: e.clone() for n, e in opt.gtopk_state.residuals.items()}
+            for p in model.parameters():  # a GradScaler would skip the step: apply nothing
+                p.grad.zero_()
+            with opt.skip_synchronize():
+                opt.step()
+            loss.step += 1
+            after = train(hvd, model, opt, loss, steps=1)[-1]
+            same = same_on_every_rank(hvd, after, "auto.nan.same")
+            assert grads_nan and not stats["finite"] and stats["nonfinite_steps"] == 1, stats
+            assert set(residuals) == set(kept), (link, set(residuals), set(kept))
+            assert set(kept) == ({"0.weight", "2.weight"} if link == SPLIT_LINK else set())
+            for n, e in kept.items():
+                assert_equal(residuals[n], e.numpy(), f"residual {n} after the non-finite step")
+            assert torch.isfinite(after).all() and not torch.equal(after, before) and same
+    with rec("auto_set_ups_that_differ_after_the_first_step_raise_plan_mismatch_everywhere"):
+        outcomes = []
+        for how in ("density", "loss_scale_all_dense", "shape"):
+            model = make_model(2200)
+            # rank 0 moves to another density at step 2 (the sparse exchange's headers see
+            # it), or, with every tensor dense, reads another loss scale (only the dense
+            # allreduce's tail sees it), or sends one more tensor densely (Horovod refuses
+            # the shapes)
+            density, link = 0.1, SPLIT_LINK
+            if how == "density" and rank == 0:
+                density = StepwiseDensity([0.1, 0.2], steps_per_epoch=1)
+            if how == "loss_scale_all_dense":
+                link = DENSE_LINK
+            opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(),
+                                           density=density, granularity="layer",
+                                           algorithm="auto", link=link)
+            loss = loss_for(2200)
+            train(hvd, model, opt, loss, steps=1)
+            if rank == 0 and how == "shape":
+                opt.gtopk_state.link = Link(*DENSE_LINK)
+            if rank == 0 and how == "loss_scale_all_dense":
+                opt._loss_scale = lambda: 2.0  # as if its GradScaler had another scale
+            try:
+                train(hvd, model, opt, loss, steps=1)
+                outcomes.append(f"{how}: no error")
+            except PlanMismatchError as error:
+                outcomes.append(f"{how}: {error}")
+        # training goes on afterwards
+        compare_trajectories(hvd, sgd, seed=2300, steps=2, density=0.1, granularity="layer")
+        assert len(outcomes) == 3 and all("no error" not in o for o in outcomes), outcomes
     with rec("auto_bad_input_is_refused_before_communicating"):
         model = make_model(2000)
         for make, match in [
