@@ -344,7 +344,7 @@ def plot(rows, path_prefix):
 
     colors = {"dense": "k", "topk": "tab:orange", "gtopk": "tab:blue"}
     groups = [(s, n) for s in ("default", "tuned") for n in ("1gbit", "10gbit", "unshaped",
-                                                               "loopback")
+                                                               "loopback", "hosts")
               if any(r["setting"] == s and r["network"] == n for r in rows)]
     procs = sorted({r["P"] for r in rows})
     fig, axes = plt.subplots(len(groups), len(procs),
@@ -539,7 +539,7 @@ def main():
                     result, info = run_workers(__file__, p, net, cfg, mode=args.mode,
                                                env=SETTINGS[setting],
                                                quiet_timeout=args.quiet_timeout)
-                    network = net if info["label"] != "loopback" else "loopback"
+                    network = net if info["label"] not in ("loopback", "hosts") else info["label"]
                     for r in result["rows"]:
                         r.update(setting=setting, network=network, label=info["label"],
                                  link_gbit=info.get("link_gbit", float("nan")),

@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (RESULTS, load_config, load_example,  # noqa: E402
-                               markdown_table, merge_rows, read_csv, run_workers, save_result,
+                               launched_by_horovodrun, markdown_table, merge_rows, read_csv,
+                               run_workers, save_result,
                                setup_logging, write_csv)
 
 logger = logging.getLogger("gtopk_bench.convergence")
@@ -187,7 +188,8 @@ def plot(rows, path):
                     label=f"{label} (mean of {len(seeds)})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
-    ax.set_title("MNIST-1D CNN, P = 4: dense vs gTop-k (with a density warm-up)",
+    sizes = ", ".join(str(p) for p in sorted({int(r["P"]) for r in rows}))
+    ax.set_title(f"MNIST-1D CNN, P = {sizes}: dense vs gTop-k (with a density warm-up)",
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -233,18 +235,20 @@ def main():
                "momentum": args.momentum, "granularity": args.granularity}
         variant = _variant(args)
         rows = [r for r in rows if r.get("epochs_total") == args.epochs]  # comparable runs
-        for seed in cfg["seeds"]:  # one Horovod job per seed: a failure keeps the others
-            job = dict(cfg, seeds=[seed])
+        # one Horovod job per seed (a failure keeps the others); under horovodrun on real
+        # hosts the job is this one: all seeds in it
+        for seed in [None] if launched_by_horovodrun() else cfg["seeds"]:
+            job = cfg if seed is None else dict(cfg, seeds=[seed])
             # accuracy does not depend on timing: no need to wait for an idle machine
             result, info = run_workers(__file__, args.procs, args.network, job, mode=args.mode,
                                        check=False, quiet_timeout=0,
                                        timeout=args.job_timeout)
             for r in result["rows"]:
-                r.update(variant=variant, P=args.procs, label=info["label"],
+                r.update(variant=variant, P=info["P"], label=info["label"],
                          epochs_total=args.epochs)
             rows = merge_rows(rows, result["rows"], ("variant", "method", "seed", "epoch"))
             write_csv(csv_path, rows)
-            logger.info("%s P=%d seed %d done in %.0f s", info["label"], args.procs, seed,
+            logger.info("%s P=%d seed %s done in %.0f s", info["label"], info["P"], seed,
                         info["wall_s"])
     if not rows:
         print("no results yet")
@@ -252,7 +256,8 @@ def main():
     write_csv(csv_path, rows)
     plot(rows, RESULTS / "convergence.png")
     table = summary(rows)
-    text = ("## Convergence, MNIST-1D CNN, P = 4\n\n" + markdown_table(table, [
+    sizes = ", ".join(str(p) for p in sorted({int(r["P"]) for r in rows}))
+    text = (f"## Convergence, MNIST-1D CNN, P = {sizes}\n\n" + markdown_table(table, [
         ("set-up", "variant", ""), ("method", "method", ""), ("seeds", "seeds", "d"),
         ("epochs", "epochs", "d"),
         ("final acc. mean", "final_mean", ".4f"), ("std", "final_std", ".4f"),

@@ -366,7 +366,7 @@ def main():
             result, info = run_workers(__file__, p, net, cfg, mode=args.mode,
                                        env=SETTINGS[setting], quiet_timeout=args.quiet_timeout,
                                        log_dir=log_dir)
-            network = net if info["label"] != "loopback" else "loopback"
+            network = net if info["label"] not in ("loopback", "hosts") else info["label"]
             for r in result["rows"]:
                 r.update(framework=fw, setting=setting, network=network, label=info["label"],
                          foreign_cpu=info["foreign_cpu"],

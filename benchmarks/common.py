@@ -4,6 +4,12 @@ per-rank byte counters, CSV / Markdown output.
 A benchmark script is both the launcher (its ``main``) and the worker (``--worker``): the
 launcher builds a :class:`benchmarks.cluster.Cluster` per (network, P), runs the same script on
 every rank with a JSON config, and rank 0 writes one JSON result file the launcher reads.
+
+On real hosts the same script runs under ``horovodrun`` (``horovodrun -np 8 -H a:4,b:4 python
+benchmarks/bench_collective.py --procs 8``): every process is then a rank, and
+:func:`run_workers` runs the worker in place on the job's own network instead of building a
+cluster (:func:`launched_by_horovodrun`).  Each invocation measures one configuration; rank 0
+writes the results (network label ``hosts``), the other ranks exit after the worker.
 """
 import csv
 import json
@@ -23,13 +29,15 @@ if str(ROOT) not in sys.path:
 from benchmarks.cluster import Cluster, cluster_label, iface_bytes  # noqa: E402
 
 __all__ = ["ROOT", "RESULTS", "NETWORKS", "SETTINGS", "cpu_busy", "wait_for_quiet",
+           "launched_by_horovodrun",
            "read_csv", "merge_rows", "run_workers", "write_csv", "markdown_table",
            "WireCounter", "median", "worker_env", "load_config", "save_result", "setup_logging",
            "load_example"]
 
 logger = logging.getLogger("gtopk_bench")
 
-RESULTS = ROOT / "benchmarks" / "results"
+# GTOPK_BENCH_RESULTS: another directory for the CSV / Markdown / plots (tests use it)
+RESULTS = Path(os.environ.get("GTOPK_BENCH_RESULTS", ROOT / "benchmarks" / "results"))
 # name -> (tc rate, delay); 'unshaped' has no tc at all
 NETWORKS = {"1gbit": ("1gbit", "0.1ms"), "10gbit": ("10gbit", "0.1ms"),
             "unshaped": (None, 0)}
@@ -106,6 +114,48 @@ def wait_for_quiet(max_busy=0.2, timeout=900.0):
     return busy
 
 
+def launched_by_horovodrun():
+    """Whether this process is a rank of a job that horovodrun (or mpirun) started on real
+    hosts, rather than the launcher of an emulated cluster or one of its workers."""
+    ranked = any(v in os.environ for v in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+    return ranked and "--worker" not in sys.argv and cluster_label() == "loopback"
+
+
+_in_place_runs = []
+
+
+def _run_in_place(script, network, config):
+    """:func:`run_workers` on real hosts: this process is one rank; run the worker here."""
+    import importlib.util
+    if _in_place_runs:
+        raise RuntimeError(
+            "under horovodrun each invocation measures one configuration (the job's own "
+            "network and size): pass one network, one value of --procs (and one seed)")
+    _in_place_runs.append(network)
+    rank = int(next(os.environ[v] for v in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+                    if v in os.environ))
+    tmp = Path(tempfile.mkdtemp(prefix=f"gtopk_bench_rank{rank}_"))
+    cfg_path, out_path = tmp / "config.json", tmp / "result.json"
+    cfg_path.write_text(json.dumps(config))
+    spec = importlib.util.spec_from_file_location("_bench_worker", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv, t0 = sys.argv, time.time()
+    sys.argv = [str(script), "--worker", str(cfg_path), str(out_path)]
+    try:
+        worker = getattr(module, "worker_tf" if config.get("framework") == "tf" else "worker")
+        worker()
+    finally:
+        sys.argv = argv
+    if rank != 0:
+        sys.exit(0)
+    size = int(next(os.environ[v] for v in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+                    if v in os.environ))
+    info = {"network": "hosts", "label": "hosts", "P": size, "foreign_cpu": float("nan"),
+            "delay_emulated": False, "fallback": None, "wall_s": time.time() - t0}
+    return json.loads(out_path.read_text()), info
+
+
 def run_workers(script, size, network, config, mode="auto", check=True, timeout=3600,
                 log_dir=None, env=None, quiet_timeout=900.0):
     """Run ``script --worker CONFIG OUT`` on a cluster of ``size`` hosts on ``network``.
@@ -113,7 +163,13 @@ def run_workers(script, size, network, config, mode="auto", check=True, timeout=
     Returns (result, info): rank 0's JSON result and a dict describing the cluster (label,
     measured link rates, fallback reason).  Raises RuntimeError when a rank fails; its log
     is in ``log_dir`` (benchmarks/results/tmp/<script>-<network>-P<size> by default).
+
+    Under horovodrun on real hosts (:func:`launched_by_horovodrun`) the worker runs in this
+    process on the job's own ranks; ``size`` and ``network`` are then what the job has
+    (label ``hosts``).
     """
+    if launched_by_horovodrun():
+        return _run_in_place(script, network, config)
     rate, delay = NETWORKS[network]
     log_dir = Path(log_dir or RESULTS / "tmp" / f"{Path(script).stem}-{network}-P{size}")
     with tempfile.TemporaryDirectory(prefix="gtopk_bench_") as tmp:

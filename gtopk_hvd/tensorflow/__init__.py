@@ -31,6 +31,7 @@ from gtopk_hvd.common.density import (ConstantDensity, DensitySchedule,
                                       ExponentialWarmupDensity, StepwiseDensity)
 from gtopk_hvd.common.errors import GTopkError, ProcessSetError
 from gtopk_hvd.common.process_sets import init_with_exchange_sets
+from gtopk_hvd.common.threads import THREADS_ENV, host_cores, threads_for
 from gtopk_hvd.tensorflow.compression import Compression, GTopkCompressor
 from gtopk_hvd.tensorflow.collective import GTopkResult, gtopk_allreduce
 from gtopk_hvd.tensorflow.gradient_tape import DistributedGradientTape
@@ -62,8 +63,32 @@ logger = logging.getLogger(__name__)
 def init(comm=None, process_sets=None):
     """Initialise Horovod and register gTop-k's pair process sets; call it on every rank
     instead of ``hvd.init()``.  Arguments as ``horovod.tensorflow.init``.
+
+    When the ranks on this host would together run more intra-op threads than it has cores,
+    each rank gets its share (``tf.config.threading``; gtopk_hvd.common.threads), if TensorFlow
+    has not started its runtime yet: not with one rank per host, nor when ``OMP_NUM_THREADS``
+    or ``GTOPK_HVD_THREADS`` is set (``GTOPK_HVD_THREADS=keep`` turns this off).
     """
     init_with_exchange_sets(_hvd, comm=comm, process_sets=process_sets)
+    _share_threads()
+
+
+def _share_threads():
+    current = _tf.config.threading.get_intra_op_parallelism_threads() or host_cores()
+    threads = threads_for(current, host_cores(), _hvd.local_size())
+    if threads is None:
+        return
+    try:
+        _tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:  # the runtime already started: too late to change
+        logger.info("gtopk_hvd: TensorFlow started before init(); intra-op threads stay %d "
+                     "with %d ranks on %d cores (set %s=%d before starting)", current,
+                     _hvd.local_size(), host_cores(), THREADS_ENV, threads)
+        return
+    if _hvd.rank() == 0:
+        logger.info("gtopk_hvd: %d intra-op threads per rank instead of %d (%d ranks on "
+                     "this host, %d cores; %s=keep leaves them)", threads, current,
+                     _hvd.local_size(), host_cores(), THREADS_ENV)
 
 
 def shutdown():

@@ -6,8 +6,10 @@ pair sets the gTop-k stages exchange in (gtopk_hvd.common.process_sets).
 import logging
 
 import horovod.torch as hvd
+import torch
 
 from gtopk_hvd.common.process_sets import init_with_exchange_sets
+from gtopk_hvd.common.threads import THREADS_ENV, host_cores, threads_for
 
 __all__ = ["init", "shutdown", "broadcast_optimizer_state"]
 
@@ -17,8 +19,21 @@ logger = logging.getLogger(__name__)
 def init(comm=None, process_sets=None):
     """Initialise Horovod and register gTop-k's pair process sets; call it on every rank
     instead of ``hvd.init()``.  Arguments as ``horovod.torch.init``.
+
+    When the ranks on this host would together run more intra-op threads than it has cores,
+    each rank gets its share (``torch.set_num_threads``; gtopk_hvd.common.threads): not with
+    one rank per host, nor when ``OMP_NUM_THREADS`` or ``GTOPK_HVD_THREADS`` is set
+    (``GTOPK_HVD_THREADS=keep`` turns this off).
     """
     init_with_exchange_sets(hvd, comm=comm, process_sets=process_sets)
+    current = torch.get_num_threads()
+    threads = threads_for(current, host_cores(), hvd.local_size())
+    if threads is not None:
+        torch.set_num_threads(threads)
+        if hvd.rank() == 0:
+            logger.info("gtopk_hvd: %d intra-op threads per rank instead of %d (%d ranks on "
+                        "this host, %d cores; %s=keep leaves them)", threads, current,
+                        hvd.local_size(), host_cores(), THREADS_ENV)
 
 
 def shutdown():

@@ -262,7 +262,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                               methods=("dense", "gtopk"))
 
     def _plan(self, layout, methods, density, scale):
-        key = (layout.key, methods, density, scale, self._predivide, self._wire)
+        key = (layout.key, methods, density, scale, self._predivide, self._wire,
+               self._gtopk.link)
         if self._plan_cache is None or self._plan_cache[0] != key:
             buffers = [(name, sum(p.numel() for p in ps),
                         k_for(sum(p.numel() for p in ps), density))
