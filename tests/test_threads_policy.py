@@ -11,8 +11,7 @@ WORKER = "tests/torch/workers/threads_worker.py"
 NO_THREAD_SETTING = {"OMP_NUM_THREADS": "", "TF_NUM_INTRAOP_THREADS": ""}
 
 
-@pytest.mark.parametrize("framework", ["torch", "tf"])
-@pytest.mark.parametrize("np_", [1, 3])
+@pytest.mark.parametrize("framework, np_", [("torch", 1), ("torch", 3), ("tf", 3)])
 def test_init_shares_the_cores_among_the_ranks_of_a_host(framework, np_):
     records = check_scenario(horovodrun(np_, WORKER, framework, env=NO_THREAD_SETTING),
                              "threads")
@@ -26,8 +25,9 @@ def test_init_shares_the_cores_among_the_ranks_of_a_host(framework, np_):
             assert r["after"] * np_ <= max(r["cores"], np_), r
 
 
-@pytest.mark.parametrize("framework", ["torch", "tf"])
-def test_the_opt_out_and_omp_num_threads_leave_the_threads_alone(framework):
-    for env in ({**NO_THREAD_SETTING, THREADS_ENV: "keep"}, {"OMP_NUM_THREADS": "2"}):
-        for r in check_scenario(horovodrun(3, WORKER, framework, env=env), "threads"):
-            assert r["after"] == r["before"], (env, r)
+@pytest.mark.parametrize("framework, env", [
+    ("torch", {**NO_THREAD_SETTING, THREADS_ENV: "keep"}), ("torch", {"OMP_NUM_THREADS": "2"}),
+    ("tf", {**NO_THREAD_SETTING, THREADS_ENV: "keep"})], ids=["torch-keep", "torch-omp", "tf-keep"])
+def test_the_opt_out_and_omp_num_threads_leave_the_threads_alone(framework, env):
+    for r in check_scenario(horovodrun(3, WORKER, framework, env=env), "threads"):
+        assert r["after"] == r["before"], (env, r)

@@ -102,7 +102,10 @@ class TensorOps:
         rounded to nearest, to +-inf beyond 65504).
     or_nonfinite(flags, values): ``flags`` with NONFINITE added when ``values`` holds NaN or
         Inf (a float16 wire's overflow).
-    count(values): the number of entries of a set (a Python int; eager adapters only).
+    holds(values, n): whether a set has exactly ``n`` entries (a bool, or a bool tensor in
+        a graph).
+    choose(ok, theirs, mine): ``theirs`` (a tuple of tensors) where ``ok``, else ``mine``
+        (they may differ in length: in a graph a conditional).
     split_set(values, indices, ks): a set laid end to end (concat_sets) cut back into pieces
         of ks[0], ks[1], ... entries.
     merge_meta(mine, theirs): as :func:`merge_meta`.  flags_of(meta): its flag bits.
@@ -322,13 +325,16 @@ def gtopk_exchange_grouped(ops, accs, ks, rank, size, process_set_for, name="gto
                                  f"{name}.s{st.index}")
         timer.lap("exchange", gathered)
         blocks = dict(zip(st.group, ops.unpack(gathered, len(st.group), wire)))
-        for member, (their_values, _, their_meta) in blocks.items():
+        for member, (their_values, their_indices, their_meta) in blocks.items():
             if member == rank:
                 continue
             meta = ops.merge_meta(meta, their_meta)
-            if st.sends(member) and ops.count(their_values) != total:  # not readable: ours
-                meta = ops.merge_meta(meta, ops.meta(digest + 1, MISMATCH))
-                blocks[member] = (*mine, their_meta)
+            if st.sends(member):  # another entry count cannot be split: read ours instead
+                ok = ops.holds(their_values, total)
+                meta = ops.merge_meta(meta, ops.choose(ok, (ops.meta(digest, 0),),
+                                                       (ops.meta(digest + 1, MISMATCH),))[0])
+                blocks[member] = ops.choose(ok, (their_values, their_indices, their_meta),
+                                            (*mine, their_meta))
         split = {m: ops.split_set(b[0], b[1], ks) for m, b in blocks.items() if st.sends(m)}
         for b in range(n):
             values[b], indices[b], alive[b] = _merge_stage(

@@ -19,7 +19,8 @@ import horovod.tensorflow as hvd
 import tensorflow as tf
 
 from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, GTopkResult,
-                                         dense_allreduce_bytes, gtopk_exchange, reduce_op_name,
+                                         dense_allreduce_bytes, gtopk_exchange,
+                                         gtopk_exchange_grouped, reduce_op_name,
                                          topk_allgather_exchange)
 from gtopk_hvd.common.density import check_density, k_for
 from gtopk_hvd.common.plan import make_plan, mismatch_error, plan_digest
@@ -28,7 +29,8 @@ from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
                                          check_global_process_set, check_op)
 from gtopk_hvd.tensorflow.ops import TFOps, all_finite
 
-__all__ = ["GTopkResult", "gtopk_allreduce", "compensate", "exchange", "nonfinite_flag",
+__all__ = ["GTopkResult", "gtopk_allreduce", "compensate", "exchange", "exchange_grouped",
+           "nonfinite_flag",
            "plan_digest_tensor", "check_verdict", "after_verdict", "decompress", "update_residual",
            "exact_divide", "op_name", "dense_allreduce_bytes"]
 
@@ -75,6 +77,29 @@ def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False, digest=0, f
      result.verdict) = ops.finalize(result.values, result.indices, result.local_indices,
                                     result.alive, result.verdict)
     return result
+
+
+def exchange_grouped(accs, ks, algorithm="gtopk", name="gtopk", profile=False, digest=0,
+                     flags=0, wire="float32"):
+    """:func:`exchange` of several buffers, one ExchangeResult each sharing one verdict:
+    gTop-k sends all buffers' sets of a stage in one allgather (``{name}.0.s<stage>``: log2 P
+    rounds whatever the number of buffers, as in PyTorch); Top-k and a single buffer run
+    :func:`exchange` (``{name}.0``)."""
+    if algorithm != "gtopk" or len(accs) < 2:
+        if len(accs) != 1:
+            raise ValueError("Top-k exchanges one buffer a call")
+        return [exchange(accs[0], ks[0], algorithm, f"{name}.0", profile, digest, flags, wire)]
+    ops = TFOps(hvd)
+    sets = exchange_sets(hvd)
+    results = gtopk_exchange_grouped(ops, accs, ks, hvd.rank(), hvd.size(),
+                                     lambda stage: process_set_for_stage(sets, stage),
+                                     name=f"{name}.0", digest=digest, flags=flags,
+                                     profile=profile and tf.executing_eagerly(), wire=wire)
+    for result in results:
+        (result.values, result.indices, result.local_indices, result.alive,
+         result.verdict) = ops.finalize(result.values, result.indices, result.local_indices,
+                                        result.alive, result.verdict)
+    return results
 
 
 def nonfinite_flag(tensors):

@@ -25,6 +25,7 @@ from gtopk_hvd.common.plan import make_plan
 from gtopk_hvd.common.validation import check_buffer_numel
 from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, compensate,
                                              decompress, dense_allreduce_bytes, exchange,
+                                             exchange_grouped,
                                              nonfinite_flag, op_name, plan_digest_tensor,
                                              update_residual)
 from gtopk_hvd.tensorflow.ops import op_name_safe
@@ -104,7 +105,8 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
                         wire="float32"):
     """The gTop-k average (or sum) of ``grads`` over all ranks; call it on every rank.
 
-    Every rank issues the same Horovod operations: one exchange per buffer (``{name}.<i>``;
+    Every rank issues the same Horovod operations: one gTop-k exchange for all buffers (one
+    allgather a stage, ``{name}.0.s<stage>``; Top-k: one exchange per buffer, ``{name}.<i>``;
     a header-only exchange when every tensor goes dense), then one dense allreduce.  A
     variable without a gradient on this rank counts as zero (another rank may have one).  A
     non-finite step (NaN or Inf in some rank's gradients) gives NaN gradients on every rank
@@ -171,11 +173,19 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     digest = plan_digest_tensor(plan, ks, runtime_scale)
     carriers = list(zip(buffers, accs, ks, eps_vars)) or [(None, tf.zeros([0]), 0, [])]
     finite, k_total, numel_total, sent = True, 0, 0, 0
+    grouped = None
+    if state.algorithm == "gtopk" and len(carriers) > 1:  # one allgather a stage for all
+        grouped = exchange_grouped([c[1] for c in carriers], [c[2] for c in carriers],
+                                   name=op_name_safe(name), digest=digest, flags=flags,
+                                   wire=wire)
     for i, (buffer, acc, k, eps_list) in enumerate(carriers):
-        if i > 0:  # in a graph, nothing more is issued before the verdict (set-up check)
-            acc = after_verdict(finite, acc)
-        result = exchange(acc, k, state.algorithm, name=op_name_safe(f"{name}.{i}"),
-                          digest=digest, flags=flags, wire=wire)
+        if grouped is not None:
+            result = grouped[i]
+        else:
+            if i > 0:  # in a graph, nothing more is issued before the verdict (set-up check)
+                acc = after_verdict(finite, acc)
+            result = exchange(acc, k, state.algorithm, name=op_name_safe(f"{name}.{i}"),
+                              digest=digest, flags=flags, wire=wire)
         if i == 0:
             finite = check_verdict(result.verdict, plan, ks, runtime_scale)
             if finite is False:  # eager: every rank skips the rest alike

@@ -264,6 +264,19 @@ class TFOps:
     def concat_sets(self, sets):
         return tf.concat([v for v, _ in sets], 0), tf.concat([i for _, i in sets], 0)
 
+    def holds(self, values, n):
+        return tf.equal(tf.size(values, out_type=tf.int32), tf.cast(n, tf.int32))
+
+    def choose(self, ok, theirs, mine):
+        if tf.executing_eagerly():
+            return theirs if bool(ok) else mine
+        return tuple(tf.cond(ok, lambda: theirs, lambda: mine))
+
+    def split_set(self, values, indices, ks):
+        sizes = tf.stack([tf.cast(k, tf.int32) for k in ks])
+        return list(zip(tf.split(values, sizes, num=len(ks)),
+                        tf.split(indices, sizes, num=len(ks))))
+
     def merge_truncate(self, low, high, k):
         return merge_truncate(low, high, k)
 

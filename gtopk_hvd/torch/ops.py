@@ -241,8 +241,11 @@ class TorchOps:
     def flags_of(self, meta):
         return meta & (NONFINITE | MISMATCH)
 
-    def count(self, values):
-        return values.numel()
+    def holds(self, values, n):
+        return values.numel() == n
+
+    def choose(self, ok, theirs, mine):
+        return theirs if ok else mine
 
     def split_set(self, values, indices, ks):
         return list(zip(torch.split(values, list(ks)), torch.split(indices, list(ks))))

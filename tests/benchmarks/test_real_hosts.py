@@ -33,9 +33,10 @@ def _rows(path):
 
 def test_end_to_end_benchmark_runs_under_horovodrun_and_rank_0_reports(tmp_path):
     out = _horovodrun(tmp_path, "bench_end_to_end.py", "--models", "resnet20", "--methods",
-                      "dense,gtopk,auto", "--iters", "2", "--warmup", "1", "--procs", "2")
+                      "dense,auto", "--iters", "1", "--warmup", "1", "--procs", "2")
     rows = _rows(tmp_path / "end_to_end.csv")
-    assert sorted(r["method"] for r in rows) == ["auto", "dense", "gtopk"], rows
+    assert sorted(r["method"] for r in rows) == ["auto", "dense"], rows
+    assert [r["chose"] for r in rows if r["method"] == "auto"][0], rows  # what auto chose
     assert all(r["network"] == "hosts" and r["P"] == "2" for r in rows), rows
     assert all(float(r["samples_per_s"]) > 0 for r in rows), rows
     assert "End-to-end training" in out and (tmp_path / "end_to_end.md").exists()

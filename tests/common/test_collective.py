@@ -102,8 +102,11 @@ class NumpyOps:
     def flags_of(self, meta):
         return meta & (NONFINITE | MISMATCH)
 
-    def count(self, values):
-        return len(values)
+    def holds(self, values, n):
+        return len(values) == n
+
+    def choose(self, ok, theirs, mine):
+        return theirs if ok else mine
 
     def split_set(self, values, indices, ks):
         cuts = np.cumsum(ks)[:-1]

@@ -20,6 +20,7 @@ SCENARIOS = [
     "tape_density_1_equals_hvd_allreduce_on_integer_gradients",
     "tape_registered_local_source_is_not_communicated_and_is_scaled",
     "tape_layer_granularity_dense_threshold_sends_small_tensors_dense",
+    "tape_layer_granularity_one_allgather_per_stage_for_all_tensors",
     "tape_density_schedule_advances_inside_one_tf_function",
     "tape_mlp_adam_variables_bitwise_identical_across_ranks",
     "tape_checkpoint_restore_continues_the_uninterrupted_trajectory",

@@ -63,6 +63,36 @@ def tape_equals_reference(tf, hvd, rec, rank, size):
             assert stats["step"] == 3 and stats["numel"] == sum(np.prod(s) for s in SHAPES)
 
 
+def tape_layer_one_allgather_per_stage(tf, hvd, rec, rank, size):
+    from gtopk_hvd.common.collective import gtopk_wire_bytes
+    from gtopk_hvd.common.density import k_for
+    from gtopk_hvd.common.schedule import stages_for
+    from gtopk_hvd.tensorflow.ops import TFOps
+    with rec("tape_layer_granularity_one_allgather_per_stage_for_all_tensors"):
+        names, plain = [], TFOps.allgather
+
+        def counting(self, message, process_set, name):
+            names.append(name)
+            return plain(self, message, process_set, name)
+        variables = make_variables(tf, prefix="onestage")
+        state = hvd.GTopkState(0.05, granularity="layer")
+        step = tape_step_fn(tf, hvd, variables, "eager", gtopk_state=state)
+        TFOps.allgather = counting
+        try:
+            got = step([tf.constant(g) for g in rank_grads(9, 0, rank, SHAPES)])
+        finally:
+            TFOps.allgather = plain
+        want = ReferenceModel(SHAPES, size, 0.05, "layer").step(
+            [rank_grads(9, 0, p, SHAPES) for p in range(size)])
+        stages = len(stages_for(rank, size))
+        ks = [k_for(int(np.prod(s)), 0.05) for s in SHAPES]
+        for j in range(len(SHAPES)):
+            assert_equal(got[j], want[j], f"variable {j}")
+        # 4 tensors, one message a stage (before: one exchange per tensor)
+        assert len(names) == stages and len(set(names)) == stages, names
+        assert state.gtopk_stats()["bytes_sent"] == gtopk_wire_bytes(sum(ks), rank, size)
+
+
 def tape_density_one(tf, hvd, rec, rank, size):
     with rec("tape_density_1_equals_hvd_allreduce_on_integer_gradients"):
         variables = make_variables(tf, prefix="dense")
@@ -522,7 +552,8 @@ def bad_arguments(tf, hvd, rec, rank, size):
 def main():
     tf, hvd, rec = start()
     rank, size = hvd.rank(), hvd.size()
-    for scenario in (tape_equals_reference, tape_density_one, tape_local_source,
+    for scenario in (tape_equals_reference, tape_layer_one_allgather_per_stage,
+                     tape_density_one, tape_local_source,
                      tape_dense_threshold,
                      tape_schedule_in_graph, tape_mlp_identical_across_ranks,
                      tape_checkpoint_restore, tape_world_size_change, tape_sparse_gradients,
