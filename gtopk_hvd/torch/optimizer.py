@@ -276,10 +276,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                              self._predivide, self._wire)
             self._plan_cache = (key, plan, plan_digest(plan))
             if self._gtopk.algorithm == "auto" and self._gtopk.link is not None:
-                self._log_methods(layout, methods, density)
+                self._log_methods(methods, density)
         return self._plan_cache[1], self._plan_cache[2]
 
-    def _log_methods(self, layout, methods, density):
+    def _log_methods(self, methods, density):
         counts = {m: methods.count(m) for m in sorted(set(methods))}
         if counts != getattr(self, "_logged_methods", None) and hvd.rank() == 0:
             logger.info("gtopk_hvd: algorithm='auto' at density %g on %d ranks (%s): %s",
