@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.cluster import Cluster, cluster_label, iface_bytes  # noqa: E402
+from gtopk_hvd.common.process_sets import world_size_before_init  # noqa: E402
 
 __all__ = ["ROOT", "RESULTS", "NETWORKS", "SETTINGS", "cpu_busy", "wait_for_quiet",
            "launched_by_horovodrun",
@@ -114,11 +115,19 @@ def wait_for_quiet(max_busy=0.2, timeout=900.0):
     return busy
 
 
+_RANK_ENV = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")  # horovodrun, mpirun
+
+
+def _launcher_rank():
+    """This process's rank from the launcher's environment, or None."""
+    return next((int(os.environ[v]) for v in _RANK_ENV if v in os.environ), None)
+
+
 def launched_by_horovodrun():
     """Whether this process is a rank of a job that horovodrun (or mpirun) started on real
     hosts, rather than the launcher of an emulated cluster or one of its workers."""
-    ranked = any(v in os.environ for v in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
-    return ranked and "--worker" not in sys.argv and cluster_label() == "loopback"
+    return (_launcher_rank() is not None and "--worker" not in sys.argv
+            and cluster_label() == "loopback")
 
 
 _in_place_runs = []
@@ -126,20 +135,16 @@ _in_place_runs = []
 
 def _run_in_place(script, network, config):
     """:func:`run_workers` on real hosts: this process is one rank; run the worker here."""
-    import importlib.util
     if _in_place_runs:
         raise RuntimeError(
             "under horovodrun each invocation measures one configuration (the job's own "
             "network and size): pass one network, one value of --procs (and one seed)")
     _in_place_runs.append(network)
-    rank = int(next(os.environ[v] for v in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
-                    if v in os.environ))
+    rank = _launcher_rank()
     tmp = Path(tempfile.mkdtemp(prefix=f"gtopk_bench_rank{rank}_"))
     cfg_path, out_path = tmp / "config.json", tmp / "result.json"
     cfg_path.write_text(json.dumps(config))
-    spec = importlib.util.spec_from_file_location("_bench_worker", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script_module(script)
     argv, t0 = sys.argv, time.time()
     sys.argv = [str(script), "--worker", str(cfg_path), str(out_path)]
     try:
@@ -149,11 +154,23 @@ def _run_in_place(script, network, config):
         sys.argv = argv
     if rank != 0:
         sys.exit(0)
-    size = int(next(os.environ[v] for v in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-                    if v in os.environ))
-    info = {"network": "hosts", "label": "hosts", "P": size, "foreign_cpu": float("nan"),
+    info = {"network": "hosts", "label": "hosts", "P": world_size_before_init(), "foreign_cpu": float("nan"),
             "delay_emulated": False, "fallback": None, "wall_s": time.time() - t0}
     return json.loads(out_path.read_text()), info
+
+
+def _script_module(script):
+    """The module of the benchmark ``script``: the running one (``__main__``) when it is
+    that script, else imported from its file."""
+    main = sys.modules.get("__main__")
+    if main is not None and Path(getattr(main, "__file__", "")).resolve() == \
+            Path(script).resolve():
+        return main
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_bench_worker", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_workers(script, size, network, config, mode="auto", check=True, timeout=3600,

@@ -329,12 +329,12 @@ def gtopk_exchange_grouped(ops, accs, ks, rank, size, process_set_for, name="gto
             if member == rank:
                 continue
             meta = ops.merge_meta(meta, their_meta)
-            if st.sends(member):  # another entry count cannot be split: read ours instead
-                ok = ops.holds(their_values, total)
-                meta = ops.merge_meta(meta, ops.choose(ok, (ops.meta(digest, 0),),
-                                                       (ops.meta(digest + 1, MISMATCH),))[0])
-                blocks[member] = ops.choose(ok, (their_values, their_indices, their_meta),
-                                            (*mine, their_meta))
+            if st.sends(member):  # another entry count cannot be split: read ours, flag it
+                mismatch = ops.merge_meta(meta, ops.meta(digest + 1, MISMATCH))
+                *block, meta = ops.choose(ops.holds(their_values, total),
+                                          (their_values, their_indices, their_meta, meta),
+                                          (*mine, their_meta, mismatch))
+                blocks[member] = tuple(block)
         split = {m: ops.split_set(b[0], b[1], ks) for m, b in blocks.items() if st.sends(m)}
         for b in range(n):
             values[b], indices[b], alive[b] = _merge_stage(

@@ -181,7 +181,7 @@ class Link:
 
 
 def as_link(link):
-    """A :class:`Link` from a Link, an (alpha, beta) or (alpha, beta, select) tuple, or None."""
+    """A :class:`Link` from a Link, a tuple (alpha, beta[, select[, overhead]]), or None."""
     if link is None or isinstance(link, Link):
         return link
     if isinstance(link, (tuple, list)) and len(link) in (2, 3, 4):
@@ -192,9 +192,9 @@ def as_link(link):
 
 def method_costs(d, density, size, link):
     """Seconds each method adds to a step for a buffer of ``d`` entries: bytes times beta,
-    plus ``link.select`` per entry for the sparse methods.  The rounds are not in it: a step
-    always runs the gTop-k exchange (it carries the verdict), and the dense allreduce's
-    rounds are paid once for all dense buffers (:func:`choose_methods`)."""
+    plus the local work of the sparse methods (``link.select`` per entry, ``link.overhead``
+    per call).  The rounds are not in it: a step pays them once for all buffers of a method
+    (:func:`choose_methods`)."""
     k = k_for(d, density)
     work = link.select * d + link.overhead * (1 + gtopk_stages(size))
     return {"dense": dense_allreduce_cost(d, size).bytes * link.beta,

@@ -11,9 +11,12 @@ when the user chose (``OMP_NUM_THREADS`` set, or ``GTOPK_HVD_THREADS``), nothing
 
 ``GTOPK_HVD_THREADS``: ``keep`` leaves the threads alone; a positive integer sets them.
 """
+import logging
 import os
 
-__all__ = ["THREADS_ENV", "threads_for", "host_cores"]
+__all__ = ["THREADS_ENV", "threads_for", "host_cores", "share_threads"]
+
+logger = logging.getLogger(__name__)
 
 THREADS_ENV = "GTOPK_HVD_THREADS"
 
@@ -47,4 +50,24 @@ def threads_for(current, cores, local_size, environ=None):
     if environ.get("OMP_NUM_THREADS", "").strip() or local_size <= 1:
         return None
     share = max(1, cores // local_size)
-    return share if current * local_size > cores and current > share else None
+    return share if current > share else None  # then the ranks together ask for more than cores
+
+
+def share_threads(current, apply, local_size, rank):
+    """The policy at ``init()``: switch this rank to :func:`threads_for`'s count, if any, with
+    ``apply(threads)`` (False when the framework can no longer change them), and say so once.
+    Returns the threads now in use."""
+    cores = host_cores()
+    threads = threads_for(current, cores, local_size)
+    if threads is None:
+        return current
+    if not apply(threads):
+        logger.info("gtopk_hvd: the framework started before init(); intra-op threads stay %d "
+                    "with %d ranks on %d cores (set %s=%d before it starts)", current,
+                    local_size, cores, THREADS_ENV, threads)
+        return current
+    if rank == 0:
+        logger.info("gtopk_hvd: %d intra-op threads per rank instead of %d (%d ranks on this "
+                    "host, %d cores; %s=keep leaves them)", threads, current, local_size, cores,
+                    THREADS_ENV)
+    return threads

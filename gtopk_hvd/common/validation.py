@@ -45,12 +45,13 @@ def check_algorithm(algorithm, auto=False, where=None):
             f"step-to-step plan, which the PyTorch DistributedOptimizer keeps; use "
             f"gtopk_hvd.torch.DistributedOptimizer(..., algorithm='auto') or pick 'gtopk' / "
             f"'topk' here")
-    if algorithm not in ALGORITHMS + (("auto",) if auto else ()):
+    allowed = ALGORITHMS + (("auto",) if auto else ())
+    if algorithm not in allowed:
         raise ValueError(
-            f"algorithm must be one of {ALGORITHMS + (('auto',) if auto else ())}, got "
-            f"{algorithm!r}: 'gtopk' is the hypercube gTop-k (O(k log P)), 'topk' gathers every "
-            f"rank's top-k (O(kP))" + ("; 'auto' picks per buffer the cheapest of dense "
-                                      "allreduce, Top-k and gTop-k" if auto else ""))
+            f"algorithm must be one of {allowed}, got {algorithm!r}: 'gtopk' is the hypercube "
+            f"gTop-k (O(k log P)), 'topk' gathers every rank's top-k (O(kP))"
+            + ("; 'auto' picks per buffer the cheaper of a dense allreduce and gTop-k"
+               if auto else ""))
     return algorithm
 
 

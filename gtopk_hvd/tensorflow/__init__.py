@@ -31,7 +31,7 @@ from gtopk_hvd.common.density import (ConstantDensity, DensitySchedule,
                                       ExponentialWarmupDensity, StepwiseDensity)
 from gtopk_hvd.common.errors import GTopkError, ProcessSetError
 from gtopk_hvd.common.process_sets import init_with_exchange_sets
-from gtopk_hvd.common.threads import THREADS_ENV, host_cores, threads_for
+from gtopk_hvd.common.threads import host_cores, share_threads
 from gtopk_hvd.tensorflow.compression import Compression, GTopkCompressor
 from gtopk_hvd.tensorflow.collective import GTopkResult, gtopk_allreduce
 from gtopk_hvd.tensorflow.gradient_tape import DistributedGradientTape
@@ -70,25 +70,16 @@ def init(comm=None, process_sets=None):
     or ``GTOPK_HVD_THREADS`` is set (``GTOPK_HVD_THREADS=keep`` turns this off).
     """
     init_with_exchange_sets(_hvd, comm=comm, process_sets=process_sets)
-    _share_threads()
+    share_threads(_tf.config.threading.get_intra_op_parallelism_threads() or host_cores(),
+                  _set_threads, _hvd.local_size(), _hvd.rank())
 
 
-def _share_threads():
-    current = _tf.config.threading.get_intra_op_parallelism_threads() or host_cores()
-    threads = threads_for(current, host_cores(), _hvd.local_size())
-    if threads is None:
-        return
+def _set_threads(threads):
     try:
         _tf.config.threading.set_intra_op_parallelism_threads(threads)
     except RuntimeError:  # the runtime already started: too late to change
-        logger.info("gtopk_hvd: TensorFlow started before init(); intra-op threads stay %d "
-                     "with %d ranks on %d cores (set %s=%d before starting)", current,
-                     _hvd.local_size(), host_cores(), THREADS_ENV, threads)
-        return
-    if _hvd.rank() == 0:
-        logger.info("gtopk_hvd: %d intra-op threads per rank instead of %d (%d ranks on "
-                     "this host, %d cores; %s=keep leaves them)", threads, current,
-                     _hvd.local_size(), host_cores(), THREADS_ENV)
+        return False
+    return True
 
 
 def shutdown():

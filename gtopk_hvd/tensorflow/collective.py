@@ -73,33 +73,30 @@ def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False, digest=0, f
                                 lambda stage: process_set_for_stage(sets, stage),
                                 name=name, digest=digest, flags=flags, profile=profile,
                                 wire=wire)
-    (result.values, result.indices, result.local_indices, result.alive,
-     result.verdict) = ops.finalize(result.values, result.indices, result.local_indices,
-                                    result.alive, result.verdict)
-    return result
+    return _finalized(ops, result)
 
 
-def exchange_grouped(accs, ks, algorithm="gtopk", name="gtopk", profile=False, digest=0,
-                     flags=0, wire="float32"):
-    """:func:`exchange` of several buffers, one ExchangeResult each sharing one verdict:
-    gTop-k sends all buffers' sets of a stage in one allgather (``{name}.0.s<stage>``: log2 P
-    rounds whatever the number of buffers, as in PyTorch); Top-k and a single buffer run
-    :func:`exchange` (``{name}.0``)."""
-    if algorithm != "gtopk" or len(accs) < 2:
-        if len(accs) != 1:
-            raise ValueError("Top-k exchanges one buffer a call")
-        return [exchange(accs[0], ks[0], algorithm, f"{name}.0", profile, digest, flags, wire)]
+def exchange_grouped(accs, ks, name="gtopk", profile=False, digest=0, flags=0,
+                     wire="float32"):
+    """gTop-k :func:`exchange` of several buffers, one ExchangeResult each sharing one
+    verdict: all buffers' sets of a stage travel in one allgather (``{name}.0.s<stage>``, the
+    names of a single buffer's exchange ``{name}.0``): log2 P rounds whatever the number of
+    buffers, as in PyTorch.  (Top-k exchanges one buffer a call.)"""
     ops = TFOps(hvd)
     sets = exchange_sets(hvd)
     results = gtopk_exchange_grouped(ops, accs, ks, hvd.rank(), hvd.size(),
                                      lambda stage: process_set_for_stage(sets, stage),
                                      name=f"{name}.0", digest=digest, flags=flags,
                                      profile=profile and tf.executing_eagerly(), wire=wire)
-    for result in results:
-        (result.values, result.indices, result.local_indices, result.alive,
-         result.verdict) = ops.finalize(result.values, result.indices, result.local_indices,
-                                        result.alive, result.verdict)
-    return results
+    return [_finalized(ops, result) for result in results]
+
+
+def _finalized(ops, result):
+    """``result`` with its tensors made to depend on every exchange ``ops`` issued."""
+    (result.values, result.indices, result.local_indices, result.alive,
+     result.verdict) = ops.finalize(result.values, result.indices, result.local_indices,
+                                    result.alive, result.verdict)
+    return result
 
 
 def nonfinite_flag(tensors):

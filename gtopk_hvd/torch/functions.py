@@ -9,7 +9,7 @@ import horovod.torch as hvd
 import torch
 
 from gtopk_hvd.common.process_sets import init_with_exchange_sets
-from gtopk_hvd.common.threads import THREADS_ENV, host_cores, threads_for
+from gtopk_hvd.common.threads import share_threads
 
 __all__ = ["init", "shutdown", "broadcast_optimizer_state"]
 
@@ -26,14 +26,12 @@ def init(comm=None, process_sets=None):
     (``GTOPK_HVD_THREADS=keep`` turns this off).
     """
     init_with_exchange_sets(hvd, comm=comm, process_sets=process_sets)
-    current = torch.get_num_threads()
-    threads = threads_for(current, host_cores(), hvd.local_size())
-    if threads is not None:
-        torch.set_num_threads(threads)
-        if hvd.rank() == 0:
-            logger.info("gtopk_hvd: %d intra-op threads per rank instead of %d (%d ranks on "
-                        "this host, %d cores; %s=keep leaves them)", threads, current,
-                        hvd.local_size(), host_cores(), THREADS_ENV)
+    share_threads(torch.get_num_threads(), _set_threads, hvd.local_size(), hvd.rank())
+
+
+def _set_threads(threads):
+    torch.set_num_threads(threads)
+    return True
 
 
 def shutdown():

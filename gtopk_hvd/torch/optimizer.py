@@ -338,21 +338,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                                    st.spare(name, numel, device), scale)
             accs.append(acc.mul_(1.0 / self._predivide) if self._predivide != 1.0 else acc)
         # buffers 'auto' sends densely: the gradients plus what their residual still holds
-        dense_accs = [self._compensate(ps, st.residuals[name], st.spare(name, numel, ps[0].device),
-                                       scale) if name in st.residuals else None
-                      for name, ps in by_dense
-                      for numel in [sum(p.numel() for p in ps)]]
+        by_dense_parts = [self._dense_part(st, name, ps, scale) for name, ps in by_dense]
         dense_grads = [p.grad for p in layout.dense if p.grad is not None]
-        dense_grads += [p.grad for (_, ps), acc in zip(by_dense, dense_accs) if acc is None
-                        for p in ps if p.grad is not None]
-        flags = 0 if all_finite(accs + [a for a in dense_accs if a is not None]
+        flags = 0 if all_finite(accs + by_dense_parts
                                 + [g.to_dense() if g.is_sparse else g
                                    for g in dense_grads]) else NONFINITE
         dense_params = layout.dense + [p for _, ps in by_dense for p in ps]
         dense_numel = sum(p.numel() for p in dense_params)
-        dense_parts = ([self._flat_grads(layout.dense)] if layout.dense else []) + [
-            self._flat_grads(ps) if acc is None else acc for (_, ps), acc in zip(by_dense,
-                                                                                 dense_accs)]
+        dense_parts = ([self._flat_grads(layout.dense)] if layout.dense else []) + by_dense_parts
         k_total, numel, sent, flat = 0, 0, 0, None
         if self._dense_first():
             flat, verdict = self._dense_allreduce_with_verdict(dense_parts, digest, flags)
@@ -398,6 +391,15 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                    "dense_bytes": dense_allreduce_bytes(numel + dense_numel, size)}
         self._passes.clear()
         self._synchronized = True
+
+    def _dense_part(self, st, name, ps, scale):
+        """The flat float32 gradients of a buffer sent densely, plus ``scale`` times its
+        residual if it still holds one (it was sparsified before)."""
+        if name not in st.residuals:
+            return self._flat_grads(ps)
+        numel = sum(p.numel() for p in ps)
+        return self._compensate(ps, st.residuals[name], st.spare(name, numel, ps[0].device),
+                                scale)
 
     def _dense_first(self):
         """Whether the dense allreduce goes first and carries the verdict (the plan digest's

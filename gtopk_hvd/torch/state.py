@@ -8,6 +8,7 @@ was written by the same rank of a world of the same size, otherwise dropped with
 always restored, so density schedules continue where they stopped.
 """
 import logging
+from collections import Counter
 
 import torch
 
@@ -111,10 +112,7 @@ class GTopkState:
         stats["nonfinite_steps"] = self.nonfinite_steps
         stats["residual_norm"] = self.residual_norm()
         if self.algorithm == "auto":
-            counts = {}
-            for method in self.methods.values():
-                counts[method] = counts.get(method, 0) + 1
-            stats["methods"] = counts
+            stats["methods"] = dict(Counter(self.methods.values()))
             stats["link"] = None if self.link is None else dict(vars(self.link))
         return stats
 
