@@ -25,7 +25,8 @@ import time
 
 from gtopk_hvd.common.schedule import stages_for, virtual_rank
 
-__all__ = ["TensorOps", "gtopk_exchange", "gtopk_exchange_grouped", "topk_allgather_exchange",
+__all__ = ["TensorOps", "gtopk_exchange", "gtopk_exchange_steps", "drive",
+           "gtopk_exchange_grouped", "topk_allgather_exchange",
            "ExchangeResult", "GTopkResult", "reduce_op_name", "dense_allreduce_bytes", "NONFINITE", "MISMATCH",
            "make_meta", "merge_meta", "ring_bytes", "gtopk_wire_bytes", "topk_wire_bytes",
            "message_bytes", "VERDICT_TAIL", "verdict_tail", "tail_verdict"]
@@ -262,7 +263,30 @@ def gtopk_exchange(ops, acc, k, rank, size, process_set_for, name="gtopk", diges
     Returns:
         :class:`ExchangeResult`.
     """
-    timer = _Timer(profile, sync)
+    steps = gtopk_exchange_steps(ops, acc, k, rank, size, process_set_for, name, digest, flags,
+                                 _Timer(profile, sync), wire)
+    return drive(steps, ops.allgather)
+
+
+def drive(steps, allgather):
+    """Run an exchange generator (:func:`gtopk_exchange_steps`) to its end, each request with
+    ``allgather(message, process_set, name)``; its result."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(allgather(*request))
+    except StopIteration as done:
+        return done.value
+
+
+def gtopk_exchange_steps(ops, acc, k, rank, size, process_set_for, name="gtopk", digest=0,
+                         flags=0, timer=None, wire="float32"):
+    """:func:`gtopk_exchange` one stage at a time, for a caller that overlaps stages with other
+    work: a generator that selects, then yields one request per stage, a tuple
+    (message, process_set, op name) for Horovod's allgather, takes the gathered tensor back
+    (``send``) and merges; its return value (``StopIteration.value``) is the
+    :class:`ExchangeResult`.  The same requests, in the same order, on every rank."""
+    timer = timer or _Timer(False, None)
     local = ops.select_topk(acc, k)
     values, indices = ops.round_to_wire(ops.take(acc, local), wire), local
     local_values = values
@@ -274,8 +298,7 @@ def gtopk_exchange(ops, acc, k, rank, size, process_set_for, name="gtopk", diges
     v = virtual_rank(rank, size)
     for st in stages_for(rank, size):
         mine = (values, indices) if st.sends(rank) else ops.take_none(values, indices)
-        gathered = ops.allgather(ops.pack(*mine, meta, wire), process_set_for(st),
-                                 f"{name}.s{st.index}")
+        gathered = yield ops.pack(*mine, meta, wire), process_set_for(st), f"{name}.s{st.index}"
         timer.lap("exchange", gathered)
         blocks = dict(zip(st.group, ops.unpack(gathered, len(st.group), wire)))
         for member, (_, _, their_meta) in blocks.items():

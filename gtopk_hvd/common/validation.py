@@ -14,6 +14,7 @@ __all__ = [
     "MAX_BUFFER_NUMEL",
     "check_algorithm",
     "check_granularity",
+    "check_positive_number",
     "check_positive_int",
     "check_non_negative_int",
     "check_op",
@@ -55,11 +56,17 @@ def check_algorithm(algorithm, auto=False, where=None):
     return algorithm
 
 
-def check_granularity(granularity):
-    if granularity not in GRANULARITIES:
+def check_granularity(granularity, bucket=False):
+    """``granularity`` is 'model' or 'layer', or with ``bucket`` (PyTorch's
+    DistributedOptimizer) also 'bucket'."""
+    allowed = GRANULARITIES + (("bucket",) if bucket else ())
+    if granularity not in allowed:
         raise ValueError(
-            f"granularity must be one of {GRANULARITIES}, got {granularity!r}: 'model' runs one "
-            f"top-k over all gradients flattened together (as in the paper), 'layer' one per tensor")
+            f"granularity must be one of {allowed}, got {granularity!r}: 'model' runs one "
+            f"top-k over all gradients flattened together (as in the paper), 'layer' one per "
+            f"tensor" + ("; 'bucket' one per bucket of bucket_cap_mb, exchanged while the "
+                         "backward pass runs" if bucket else
+                         "; 'bucket' exists in gtopk_hvd.torch.DistributedOptimizer only"))
     return granularity
 
 
@@ -67,6 +74,14 @@ def check_positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_positive_number(value, name, example):
+    """``value`` is a finite real number > 0 (not a bool); ``example`` says what to pass."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not 0 < float(value) < float("inf"):
+        raise ValueError(f"{name} must be a positive number, got {value!r}; pass {example}")
+    return value
 
 
 def check_non_negative_int(value, name):

@@ -31,6 +31,7 @@ import horovod.torch.functions
 import torch
 from horovod.common.exceptions import HorovodInternalError
 
+from gtopk_hvd.common.buckets import DEFAULT_BUCKET_CAP_MB, check_bucket_cap_mb, make_buckets
 from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, VERDICT_TAIL, tail_verdict,
                                          verdict_tail)
 from gtopk_hvd.common.cost import choose_methods
@@ -45,6 +46,7 @@ from gtopk_hvd.common.validation import (check_buffer_numel, check_global_proces
 from gtopk_hvd.torch.collective import (check_verdict, decompress, dense_allreduce_bytes,
                                         exchange_grouped, measure_link, op_name,
                                         update_residual)
+from gtopk_hvd.torch.buckets import BucketPipeline
 from gtopk_hvd.torch.ops import all_finite
 from gtopk_hvd.torch.state import GTopkState
 
@@ -54,15 +56,21 @@ logger = logging.getLogger(__name__)
 
 
 class _Layout:
-    """Which parameters go into which sparsified buffer, and which are reduced densely."""
+    """Which parameters go into which sparsified buffer, and which are reduced densely;
+    ``bucket_of``: {parameter: its buffer's position} (granularity 'bucket')."""
 
-    def __init__(self, params, names, granularity, dense_threshold):
+    def __init__(self, params, names, granularity, dense_threshold, bucket_cap_mb):
         sparse = [p for p in params if p.numel() >= max(1, dense_threshold)]
         self.dense = [p for p in params if p.numel() < max(1, dense_threshold)]
         if granularity == "model":
             self.buffers = [("model", sparse)] if sparse else []
+        elif granularity == "bucket":
+            self.buffers = [(f"bucket.{b}", [sparse[i] for i in positions]) for b, positions
+                            in enumerate(make_buckets([p.numel() for p in sparse],
+                                                      bucket_cap_mb))]
         else:
             self.buffers = [(names[p], [p]) for p in sparse]
+        self.bucket_of = {p: b for b, (_, ps) in enumerate(self.buffers) for p in ps}
         for name, ps in self.buffers:
             check_buffer_numel(sum(p.numel() for p in ps), name)
         self.key = tuple(id(p) for p in params)
@@ -93,7 +101,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer, named_parameters, backward_passes_per_step, op,
                  sparse_as_dense, gtopk_state, grad_scaler=None, gradient_predivide_factor=1.0,
-                 compression=hvd.Compression.none):
+                 compression=hvd.Compression.none, bucket_cap_mb=DEFAULT_BUCKET_CAP_MB):
         super(self.__class__, self).__init__(optimizer.param_groups)
         self.defaults = dict(optimizer.defaults)
         self._parameter_names = {p: name for name, p in named_parameters}
@@ -107,6 +115,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._compression = compression  # for the dense allreduce
         self._wire = check_compression(compression, hvd.Compression)
         self._layout = None
+        self._bucket_cap_mb = bucket_cap_mb
+        self._pipeline = None  # granularity='bucket': the step's BucketPipeline, once started
         self._plan_cache = None
         self._passes = {}
         self._synchronized = False
@@ -138,6 +148,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             opt = this()
             if opt is not None:
                 opt._count_backward_pass(p)
+                if opt._gtopk.granularity == "bucket" and opt._overlaps():
+                    opt._bucket_hook(p)
 
         for group in self.param_groups:
             for p in group["params"]:
@@ -165,7 +177,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 self._parameter_names[p] = f"gtopk.noname.added.{i}.{len(self._parameter_names)}"
             st = self._gtopk
             self._layout = _Layout(params, self._parameter_names, st.granularity,
-                                   st.dense_threshold)
+                                   st.dense_threshold, self._bucket_cap_mb)
         return self._layout
 
     def _flat_grads(self, params):
@@ -311,14 +323,19 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._synchronize()
         self._measure_link()
 
-    def _synchronize(self):
-        params = self._params()
+    def _check_sparse(self, params):
         for p in params:  # before any communication
             if p.grad is not None and p.grad.is_sparse and not self.sparse_as_dense:
                 raise ValueError(
                     f"parameter {self._parameter_names.get(p)!r} has a sparse gradient (for "
                     f"example nn.Embedding(sparse=True)); gTop-k works on dense buffers: pass "
                     f"sparse_as_dense=True or use a dense embedding")
+
+    def _synchronize(self):
+        params = self._params()
+        self._check_sparse(params)
+        if self._gtopk.granularity == "bucket":
+            return self._synchronize_buckets()
         layout = self._current_layout(params)
         self._sync_step()
         st, size = self._gtopk, hvd.size()
@@ -383,14 +400,100 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 st.residuals.pop(name, None)
                 st.spares.pop(name, None)
         st.methods = {name: m for (name, _), m in zip(layout.buffers, methods)}
+        self._finish_step(density, k_total, numel, dense_numel, sent, scale)
+
+    def _finish_step(self, density, k_total, numel, dense_numel, sent, scale):
+        """A finite synchronisation is done: statistics, the schedule step."""
+        st = self._gtopk
         self._verified = True
         st.step += 1
         self._sync_step()
         st.last = {"density": density, "k": k_total, "numel": numel, "dense_numel": dense_numel,
                    "bytes_sent": sent, "finite": True, "loss_scale": scale,
-                   "dense_bytes": dense_allreduce_bytes(numel + dense_numel, size)}
+                   "dense_bytes": dense_allreduce_bytes(numel + dense_numel, hvd.size())}
         self._passes.clear()
         self._synchronized = True
+
+    def _overlaps(self):
+        """Whether granularity='bucket' exchanges during the backward pass: from the second
+        synchronisation on.  The first runs in synchronize(), after the checks that come
+        before any communication (a sparse gradient, missing gradients)."""
+        return self._verified
+
+    def _bucket_hook(self, p):
+        """A gradient is complete: its bucket may be, and the exchanges advance as far as they
+        can without waiting."""
+        if self._passes[p] != self.backward_passes_per_step:
+            return
+        try:
+            pipe = self._pipeline or self._start_pipeline()
+            bucket = pipe.layout.bucket_of.get(p)
+            if bucket is not None:
+                pipe.left[bucket] -= 1
+                if not pipe.left[bucket]:
+                    pipe.ready(bucket)
+            pipe.advance(block=False)
+        except BaseException:
+            self._pipeline = None  # nothing of a failed step carries over
+            raise
+
+    def _start_pipeline(self):
+        """This step's BucketPipeline: the plan of every bucket, fixed at its first gradient
+        (the loss scale and the density do not change within a backward pass)."""
+        st, layout = self._gtopk, self._current_layout(self._params())
+        self._sync_step()
+        density, scale = st.density(), self._loss_scale()
+        plan, digest = self._plan(layout, tuple("gtopk" for _ in layout.buffers), density,
+                                  scale)
+        ks = [k for _, _, k in plan["buffers"]]
+
+        def prepare(bucket):
+            if not layout.buffers:  # the verdict and the digest still travel
+                return torch.zeros(0, dtype=torch.float32), 0, 0
+            name, ps = layout.buffers[bucket]
+            self._check_sparse(ps)
+            numel, device = sum(p.numel() for p in ps), ps[0].device
+            acc = self._compensate(ps, st.residual(name, numel, device),
+                                   st.spare(name, numel, device), scale)
+            if self._predivide != 1.0:
+                acc.mul_(1.0 / self._predivide)
+            return acc, ks[bucket], 0 if all_finite([acc]) else NONFINITE
+
+        pipe = BucketPipeline(max(1, len(layout.buffers)), prepare, digest, self._wire)
+        pipe.layout, pipe.plan, pipe.density, pipe.scale = layout, plan, density, scale
+        pipe.left = [len(ps) for _, ps in layout.buffers]
+        self._pipeline = pipe
+        return pipe
+
+    def _synchronize_buckets(self):
+        """granularity='bucket': finish the exchanges the backward pass started (all of them
+        on the first step), then the dense allreduce; apply only if every bucket and the
+        dense part are finite on every rank."""
+        pipe = self._pipeline or self._start_pipeline()
+        try:
+            pipe.advance(block=True)
+        finally:
+            self._pipeline = None
+        st, size, layout, verdict = self._gtopk, hvd.size(), pipe.layout, pipe.verdict
+        dense_numel = sum(p.numel() for p in layout.dense)
+        flat = None
+        if layout.dense and not verdict & MISMATCH:  # the digest covered the dense sizes
+            flat = self._dense_allreduce([self._flat_grads(layout.dense)])
+            verdict |= 0 if all_finite([flat]) else NONFINITE  # the same bits on every rank
+        if not check_verdict(verdict, pipe.plan):
+            self._nonfinite_step(self._params(), pipe.plan)
+            return
+        average_over = size if self._op_name == "Average" else 1
+        k_total = numel = 0
+        sent = sum(result.bytes_sent for result in pipe.results)
+        for (name, ps), acc, result in zip(layout.buffers, pipe.accs, pipe.results):
+            self._scatter_grads(ps, result, acc.numel(), average_over, self._predivide)
+            st.commit(name, update_residual(acc, result, pipe.scale / self._predivide))
+            k_total, numel = k_total + result.local_indices.numel(), numel + acc.numel()
+        if layout.dense:
+            self._set_grads(layout.dense, flat)
+            sent += dense_allreduce_bytes(dense_numel, size)
+        self._finish_step(pipe.density, k_total, numel, dense_numel, sent, pipe.scale)
 
     def _dense_part(self, st, name, ps, scale):
         """The flat float32 gradients of a buffer sent densely, plus ``scale`` times its
@@ -489,6 +592,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return result
 
     def zero_grad(self, set_to_none=True):
+        if self._pipeline is not None and self._pipeline.started:
+            raise AssertionError(
+                "optimizer.zero_grad() was called after loss.backward() but before "
+                "optimizer.step() or optimizer.synchronize(): with granularity='bucket' the "
+                "gradients are already being exchanged. Call step() (or synchronize()) first")
+        self._pipeline = None
         self._passes.clear()
         return super(self.__class__, self).zero_grad(set_to_none=set_to_none)
 
@@ -521,6 +630,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self.param_groups[0].pop(_STEP_KEY, None)  # the gTop-k state's own step wins
         self._published_step = None
         self._sync_step()
+        self._pipeline = None  # an Elastic reset restores here: the old operations are gone
         self._passes.clear()
         self._synchronized = False
         self._should_synchronize = True
@@ -555,7 +665,7 @@ def DistributedOptimizer(optimizer, named_parameters=None,
                          sparse_as_dense=False,
                          process_set=hvd.global_process_set,
                          *, density=0.001, algorithm="gtopk", granularity="model",
-                         dense_threshold=0, grad_scaler=None, link=None):
+                         dense_threshold=0, grad_scaler=None, link=None, bucket_cap_mb=None):
     """Wrap ``optimizer`` so that ``step()`` applies the gTop-k sparse average of the gradients.
 
     Arguments as ``horovod.torch.DistributedOptimizer``, plus (keyword-only):
@@ -572,7 +682,13 @@ def DistributedOptimizer(optimizer, named_parameters=None,
             every rank, logged once by rank 0 and in ``gtopk_stats()["methods"]``.  A buffer
             sent densely applies its residual in full.
         granularity: ``"model"`` (one top-k over all gradients flattened together, as in the
-            paper) or ``"layer"`` (one per tensor).
+            paper), ``"layer"`` (one per tensor) or ``"bucket"``: one per bucket of
+            ``bucket_cap_mb`` (tensors in reverse registration order, as Horovod's fusion
+            buffer and DDP's buckets), each bucket's exchange started as soon as its
+            gradients are complete, so communication overlaps the rest of the backward pass
+            (from the second step on; gTop-k only).
+        bucket_cap_mb: MiB of float32 per bucket with ``granularity="bucket"`` (default 25;
+            the first bucket holds at most 1 MiB so that the exchanges start early).
         link: for ``algorithm="auto"``: a :class:`~gtopk_hvd.common.cost.Link` or a tuple
             (alpha s per message, beta s per byte[, select s per entry[, overhead s]]), for
             example from ``gtopk_hvd.torch.measure_link()``; needed under Horovod Elastic.
@@ -616,6 +732,7 @@ def DistributedOptimizer(optimizer, named_parameters=None,
     check_no_groups(num_groups, groups)
     check_global_process_set(process_set)
     state = GTopkState(density, algorithm, granularity, dense_threshold, link)
+    bucket_cap_mb = _check_buckets(state, bucket_cap_mb)
     if state.algorithm == "auto" and state.link is None and is_elastic():
         raise ValueError(
             "algorithm='auto' under Horovod Elastic needs link=...: a worker that joins would "
@@ -632,4 +749,20 @@ def DistributedOptimizer(optimizer, named_parameters=None,
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
                         f"{type(grad_scaler).__name__}")
     return cls(optimizer, named, backward_passes_per_step, op, sparse_as_dense, state,
-               grad_scaler, gradient_predivide_factor, compression)
+               grad_scaler, gradient_predivide_factor, compression, bucket_cap_mb)
+
+
+def _check_buckets(state, bucket_cap_mb):
+    """``bucket_cap_mb`` for the optimizer (the default when None), refused where it means
+    nothing."""
+    if state.granularity != "bucket":
+        if bucket_cap_mb is not None:
+            raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} applies to "
+                             f"granularity='bucket', got granularity={state.granularity!r}; "
+                             f"pass granularity='bucket' or drop bucket_cap_mb")
+        return DEFAULT_BUCKET_CAP_MB
+    if state.algorithm != "gtopk":
+        raise ValueError(f"granularity='bucket' runs gTop-k, got algorithm="
+                         f"{state.algorithm!r}; pass algorithm='gtopk' or use "
+                         f"granularity='model' / 'layer' with {state.algorithm!r}")
+    return DEFAULT_BUCKET_CAP_MB if bucket_cap_mb is None else check_bucket_cap_mb(bucket_cap_mb)

@@ -46,7 +46,7 @@ class GTopkState:
         self.algorithm = check_algorithm(algorithm, auto=True)
         self.link = as_link(link)
         self.methods = {}
-        self.granularity = check_granularity(granularity)
+        self.granularity = check_granularity(granularity, bucket=True)
         self.dense_threshold = check_non_negative_int(dense_threshold, "dense_threshold")
         self.step = 0
         self.residuals = {}

@@ -40,6 +40,11 @@ SCENARIOS = [
     "auto_nan_on_one_rank_after_the_first_step_gives_nan_everywhere_keeps_residuals",
     "auto_set_ups_that_differ_after_the_first_step_raise_plan_mismatch_everywhere",
     "auto_bad_input_is_refused_before_communicating",
+    *[f"bucket_{c}_equal_reference_every_step_exchanged_during_backward"
+      for c in ("eight_buckets_sgd", "three_buckets_momentum_two_passes")],
+    "bucket_unused_parameter_and_synchronize_without_backward",
+    "bucket_zero_grad_while_exchanging_is_refused_then_training_goes_on",
+    "bucket_bad_arguments_are_refused_before_communicating",
 ]
 
 

@@ -73,7 +73,8 @@ def compare_trajectories(hvd, make_opt, seed, steps=4, passes=1, **gtopk):
                                    named_parameters=model.named_parameters(),
                                    backward_passes_per_step=passes, **gtopk)
     ref = ReferenceRun(model, make_opt, hvd.size(), gtopk.get("density", 0.001),
-                       gtopk.get("granularity", "model"), gtopk.get("algorithm", "gtopk"))
+                       gtopk.get("granularity", "model"), gtopk.get("algorithm", "gtopk"),
+                       bucket_cap_mb=gtopk.get("bucket_cap_mb"))
     got = train(hvd, model, opt, loss_for(seed), steps, passes)
     want = simulate(ref, loss_for(seed), steps, passes)
     for t, (g, w) in enumerate(zip(got, want)):
@@ -664,7 +665,99 @@ def auto_algorithm(hvd, rec, rank, size):
                 raise AssertionError(f"{match}: did not raise")
 
 
+def deep_model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4))
+
+
+# MiB caps that give the deep model's 8 tensors 8 buckets (each tensor is over 10 bytes) and 3
+TENSOR_PER_BUCKET, THREE_BUCKETS = 1e-5, 1e-3
+
+
+def bucket_granularity(hvd, rec, rank, size):
+    for cap, passes, make_opt in ((TENSOR_PER_BUCKET, 1, sgd), (THREE_BUCKETS, 2, momentum_sgd)):
+        name = "eight_buckets_sgd" if cap == TENSOR_PER_BUCKET else \
+            "three_buckets_momentum_two_passes"
+        with rec(f"bucket_{name}_equal_reference_every_step_exchanged_during_backward"):
+            model = deep_model(2400)
+            opt = hvd.DistributedOptimizer(make_opt(model.parameters()),
+                                           named_parameters=model.named_parameters(),
+                                           backward_passes_per_step=passes, density=0.15,
+                                           granularity="bucket", bucket_cap_mb=cap)
+            ref = ReferenceRun(model, make_opt, size, 0.15, "bucket", bucket_cap_mb=cap)
+            loss, ref_loss = loss_for(2400), loss_for(2400)
+            started, got, want = [], [], []
+            for _ in range(5):
+                opt.zero_grad()
+                for j in range(passes):
+                    loss(model, rank, j).backward()
+                # after the first step the exchanges start inside backward
+                started.append(opt._pipeline is not None and opt._pipeline.started)
+                opt.step()
+                loss.step += 1
+                got.append(flat_params(model).clone())
+                want.append(simulate(ref, ref_loss, steps=1, passes=passes)[0])
+            buckets = len(ref.buffers)
+            for t, (g, w) in enumerate(zip(got, want)):
+                assert_equal(g, w.numpy(), f"params after step {t + 1}")
+            for b in range(buckets):
+                assert_equal(opt.gtopk_state.residuals[f"bucket.{b}"], ref.eps[b][rank],
+                             f"residual of bucket {b}")
+            assert buckets == (8 if cap == TENSOR_PER_BUCKET else 3), ref.buffers
+            assert started == [False] + [size > 1] * 4, started
+            assert same_on_every_rank(hvd, got[-1], f"bucket.same.{cap}")
+    with rec("bucket_unused_parameter_and_synchronize_without_backward"):
+        # a bucket whose gradient never comes (counts as zero, as in the other
+        # granularities) is exchanged in synchronize(); so is a step without any backward
+        model = deep_model(2500)
+        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(), density=0.2,
+                                       granularity="bucket", bucket_cap_mb=TENSOR_PER_BUCKET)
+        for step in range(3):
+            opt.zero_grad()
+            out = model[:5](torch.full((2, 8), 0.1 * (rank + step + 1))).sum()
+            out.backward()  # the last Linear gets no gradient
+            opt.step()
+        opt.zero_grad()
+        opt.synchronize()
+        with opt.skip_synchronize():
+            opt.step()
+        assert same_on_every_rank(hvd, flat_params(model), "bucket.unused")
+        assert opt.gtopk_stats()["step"] == 4
+    with rec("bucket_zero_grad_while_exchanging_is_refused_then_training_goes_on"):
+        model = deep_model(2600)
+        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(), density=0.2,
+                                       granularity="bucket", bucket_cap_mb=TENSOR_PER_BUCKET)
+        loss = loss_for(2600)
+        train(hvd, model, opt, loss, steps=1)
+        loss(model, rank, 0).backward()
+        refused = None
+        try:
+            opt.zero_grad()
+        except AssertionError as error:
+            refused = str(error)
+        opt.step()  # the started exchanges finish on every rank
+        train(hvd, model, opt, loss, steps=1)
+        assert (refused is not None) == (size > 1), refused
+        assert same_on_every_rank(hvd, flat_params(model), "bucket.zero_grad")
+    with rec("bucket_bad_arguments_are_refused_before_communicating"):
+        model = make_model(2700)
+        for kw, match in [({"granularity": "bucket", "bucket_cap_mb": 0}, "bucket_cap_mb"),
+                          ({"granularity": "bucket", "bucket_cap_mb": "25"}, "bucket_cap_mb"),
+                          ({"bucket_cap_mb": 4}, "applies to granularity='bucket'"),
+                          ({"granularity": "bucket", "algorithm": "topk"}, "runs gTop-k"),
+                          ({"granularity": "bucket", "algorithm": "auto"}, "runs gTop-k")]:
+            try:
+                hvd.DistributedOptimizer(sgd(model.parameters()), **kw)
+            except ValueError as error:
+                assert match in str(error), (match, str(error))
+            else:
+                raise AssertionError(f"{kw}: did not raise")
+
+
 SCENARIOS = (trajectories, identical_across_ranks, density_one, accumulation, checkpoint,
              world_size_policy, missing_gradients, half_precision, sparse_gradients,
              dense_threshold, schedule_and_stats, synchronize_api, resume_idioms, predivide,
-             fp16_compression, bad_input, auto_algorithm)
+             fp16_compression, bad_input, auto_algorithm, bucket_granularity)

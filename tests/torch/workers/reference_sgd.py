@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from gtopk_hvd.common import as_schedule, k_for
+from gtopk_hvd.common.buckets import make_buckets
 from gtopk_hvd.common.reference import gtopk_step, topk_allgather_step
 
 
@@ -25,7 +26,7 @@ class ReferenceRun:
     """Simulates P ranks; ``step(loss_for_rank)`` or ``apply(grads)`` advance it one step."""
 
     def __init__(self, model, make_optimizer, size, density, granularity="model",
-                 algorithm="gtopk", dense_threshold=0, wire="float32"):
+                 algorithm="gtopk", dense_threshold=0, wire="float32", bucket_cap_mb=None):
         self.model = copy.deepcopy(model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.model.parameters())
@@ -34,6 +35,9 @@ class ReferenceRun:
         sparse = [i for i, p in enumerate(self.params) if p.numel() >= max(1, dense_threshold)]
         self.dense = [i for i, p in enumerate(self.params) if p.numel() < max(1, dense_threshold)]
         self.buffers = [sparse] if granularity == "model" else [[i] for i in sparse]
+        if granularity == "bucket":  # the buckets' positions from the core's bucketing
+            self.buffers = [[sparse[i] for i in bucket] for bucket in make_buckets(
+                [self.params[i].numel() for i in sparse], bucket_cap_mb or 25)]
         self.eps = [[np.zeros(sum(self.params[i].numel() for i in buf), np.float32)
                      for _ in range(size)] for buf in self.buffers]
         self.steps = 0

@@ -1,0 +1,96 @@
+"""The bucketed gTop-k exchange of one step, overlapped with the backward pass.
+
+``granularity="bucket"`` (:class:`gtopk_hvd.torch.DistributedOptimizer`): each bucket of
+:func:`gtopk_hvd.common.buckets.make_buckets` is one gTop-k buffer.  :class:`BucketPipeline`
+performs the advances of :func:`gtopk_hvd.common.buckets.pipeline_order` (select, then one
+Horovod ``allgather_async`` per stage inside the stage's process set, ``gtopk.<bucket>.s<s>``)
+on this rank: from the gradient hooks without ever blocking (``advance(block=False)`` stops
+at the first advance whose gradients or previous stage are not there yet) and, in
+``synchronize()``, to the end (``advance(block=True)``).  Every rank issues the same
+operations in the same order; only when differs.
+"""
+import horovod.torch as hvd
+
+from gtopk_hvd.common.buckets import pipeline_order
+from gtopk_hvd.common.collective import MISMATCH, gtopk_exchange_steps
+from gtopk_hvd.common.process_sets import exchange_sets, process_set_for_stage
+from gtopk_hvd.common.schedule import world_split
+from gtopk_hvd.torch.ops import TorchOps
+
+__all__ = ["BucketPipeline"]
+
+
+class BucketPipeline:
+    """One step's exchanges of ``buckets`` buckets on this rank.
+
+    prepare(b): (acc, k, flags) of bucket b, called once its gradients are all there (acc: the
+        compensated flat float32 buffer; flags: NONFINITE when it is not finite).
+    digest / wire / name: as :func:`gtopk_hvd.common.collective.gtopk_exchange`; bucket b's
+        operations are ``{name}.{b}.s<stage>`` (bucket 0 meets the exchange of the other
+        granularities, ``{name}.0``, so ranks set up differently are refused, not left waiting).
+
+    After ``advance(block=True)``: ``results`` (one ExchangeResult per bucket, None past a
+    mismatch) and ``verdict`` (the flags of every bucket's exchange ORed).
+    """
+
+    def __init__(self, buckets, prepare, digest, wire="float32", name="gtopk"):
+        self.size, self.rank = hvd.size(), hvd.rank()
+        self._prepare, self._digest, self._wire, self._name = prepare, digest, wire, name
+        self._stages = world_split(self.size)[0]
+        self._order = pipeline_order(buckets, self._stages)
+        self._pos = 0
+        self._ready = [False] * buckets
+        self._steps = [None] * buckets
+        self._handles = [None] * buckets
+        self._sets = exchange_sets(hvd) if self.size > 1 else {}
+        self.results = [None] * buckets
+        self.accs = [None] * buckets
+        self.verdict = 0
+        self.started = False  # whether an operation was issued (zero_grad must not drop it)
+
+    def ready(self, bucket):
+        """Bucket ``bucket``'s gradients are all accumulated."""
+        self._ready[bucket] = True
+
+    @property
+    def done(self):
+        return self._pos == len(self._order)
+
+    def advance(self, block):
+        """Perform the advances in order; without ``block`` stop at the first that would wait.
+        Returns whether every advance is done."""
+        while self._pos < len(self._order):
+            bucket, stage = self._order[self._pos]
+            if stage == 0:
+                if not (block or self._ready[bucket]):
+                    return False
+                acc, k, flags = self._prepare(bucket)
+                self.accs[bucket] = acc
+                ops = TorchOps(hvd, device=acc.device)
+                self._steps[bucket] = gtopk_exchange_steps(
+                    ops, acc, k, self.rank, self.size,
+                    lambda st: process_set_for_stage(self._sets, st),
+                    name=f"{self._name}.{bucket}", digest=self._digest, flags=flags,
+                    wire=self._wire)
+                self._resume(bucket, None)
+            else:
+                handle = self._handles[bucket]
+                if not block and not hvd.poll(handle):
+                    return False
+                self._resume(bucket, hvd.synchronize(handle))
+            self._pos += 1
+            if bucket == 0 and stage == self._stages and self.verdict & MISMATCH:
+                self._pos = len(self._order)  # set-ups differ: issue nothing more
+        return True
+
+    def _resume(self, bucket, gathered):
+        steps = self._steps[bucket]
+        try:
+            message, process_set, op = next(steps) if gathered is None else steps.send(gathered)
+        except StopIteration as finished:
+            self.results[bucket] = finished.value
+            self.verdict |= int(finished.value.verdict)
+            self._steps[bucket] = self._handles[bucket] = None
+            return
+        self._handles[bucket] = hvd.allgather_async(message, name=op, process_set=process_set)
+        self.started = True
