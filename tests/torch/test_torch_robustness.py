@@ -13,15 +13,16 @@ from tests.harness import check_scenario, horovodrun
 
 WORKER = "tests/torch/workers/robustness_worker.py"
 SCENARIOS = [
-    "unnamed_collectives_after_every_step_model",
-    "unnamed_collectives_after_every_step_layer",
+    *[f"unnamed_collectives_after_every_step_{g}" for g in ("model", "layer", "bucket")],
     *[f"nonfinite_on_one_rank_skipped_everywhere_residuals_kept_{g}_{v}"
-      for g in ("model", "layer") for v in ("nan", "inf")],
+      for g in ("model", "layer", "bucket") for v in ("nan", "inf")],
     "grad_scaler_bit_identical_to_the_unscaled_run_across_scale_growth",
     "grad_scaler_overflow_on_one_rank_skips_one_step_everywhere",
     "grad_scaler_unscaled_before_synchronize_is_refused",
     *[f"mismatched_{w}_raises_on_every_rank"
-      for w in ("density", "granularity", "dense_threshold", "parameter_order", "shape")],
+      for w in ("density", "granularity", "dense_threshold", "bucket_cap_mb",
+                "granularity_bucket", "parameter_order", "shape")],
+    "mismatched_density_at_the_third_overlapped_bucket_step_raises_on_every_rank",
     "training_goes_on_after_a_refused_step",
 ]
 

@@ -18,23 +18,33 @@ from reference_sgd import ReferenceRun
 
 import horovod.torch as plain_hvd
 import gtopk_hvd.torch as hvd
-from gtopk_hvd.common import PlanMismatchError
+from gtopk_hvd.common import PlanMismatchError, StepwiseDensity
 
 LR = 0.1
+GRANULARITIES = ("model", "layer", "bucket")
 
 
 def sgd(params):
     return torch.optim.SGD(params, lr=LR)
 
 
+# granularity='bucket' with one tensor per bucket (each of make_model's is over 10 bytes)
+BUCKET_CAP = {"bucket_cap_mb": 1e-5}
+
+
+def _extra(granularity):
+    return BUCKET_CAP if granularity == "bucket" else {}
+
+
 def unnamed_collectives(rec, rank, size):
-    for granularity in ("model", "layer"):
+    for granularity in GRANULARITIES:
         with rec(f"unnamed_collectives_after_every_step_{granularity}"):
             model = make_model(11)
             opt = hvd.DistributedOptimizer(sgd(model.parameters()),
                                            named_parameters=model.named_parameters(),
-                                           density=0.2, granularity=granularity)
-            ref = ReferenceRun(model, sgd, size, 0.2, granularity)
+                                           density=0.2, granularity=granularity,
+                                           **_extra(granularity))
+            ref = ReferenceRun(model, sgd, size, 0.2, granularity, **_extra(granularity))
             loss, ref_loss = loss_for(11), loss_for(11)
             for step in range(3):
                 got = train(hvd, model, opt, loss, steps=1)[0]
@@ -65,15 +75,16 @@ def _poison(model, rank, bad_rank, value):
 
 def nonfinite(rec, rank, size):
     bad_rank = size - 1
-    for granularity in ("model", "layer"):
+    for granularity in GRANULARITIES:
         for value in (float("nan"), float("inf")):
             tag = f"{granularity}_{'nan' if value != value else 'inf'}"
             with rec(f"nonfinite_on_one_rank_skipped_everywhere_residuals_kept_{tag}"):
                 model = make_model(21)
                 opt = hvd.DistributedOptimizer(sgd(model.parameters()),
                                                named_parameters=model.named_parameters(),
-                                               density=0.2, granularity=granularity)
-                ref = ReferenceRun(model, sgd, size, 0.2, granularity)
+                                               density=0.2, granularity=granularity,
+                                               **_extra(granularity))
+                ref = ReferenceRun(model, sgd, size, 0.2, granularity, **_extra(granularity))
                 loss, ref_loss = loss_for(21), loss_for(21)
                 for step in range(4):
                     opt.zero_grad()
@@ -195,6 +206,12 @@ def mismatches(rec, rank, size):
         "dense_threshold": (lambda m: opt_for(m, density=0.1, granularity="layer",
                                               dense_threshold=10 if odd else 0),
                             ["dense_threshold"]),
+        "bucket_cap_mb": (lambda m: opt_for(m, density=0.1, granularity="bucket",
+                                            bucket_cap_mb=1e-3 if odd else 1e-5),
+                          ["buffers[0]"]),
+        "granularity_bucket": (lambda m: opt_for(m, density=0.1,
+                                                 granularity="bucket" if odd else "model"),
+                               ["granularity"]),
         "parameter_order": (lambda m: hvd.DistributedOptimizer(
             sgd(list(m.parameters())[::-1] if odd else m.parameters()),
             named_parameters=m.named_parameters(), density=0.1, granularity="layer"),
@@ -214,6 +231,22 @@ def mismatches(rec, rank, size):
             return model, hvd.DistributedOptimizer(
                 sgd(model.parameters()), named_parameters=model.named_parameters(), density=0.1)
         _expect_mismatch(build, rank, ["buffers[0]"])
+    with rec("mismatched_density_at_the_third_overlapped_bucket_step_raises_on_every_rank"):
+        model = make_model(43)
+        density = StepwiseDensity([0.1, 0.3], steps_per_epoch=2) if odd else 0.1
+        opt = opt_for(model, density=density, granularity="bucket", **BUCKET_CAP)
+        train(hvd, model, opt, loss_for(43), steps=2)  # the second one overlapped
+        started = None
+        try:
+            opt.zero_grad()
+            loss_for(43)(model, rank, 0).backward()
+            started = opt._pipeline is not None and opt._pipeline.started
+            opt.step()
+        except PlanMismatchError as exc:
+            assert "buffers[0]" in str(exc) and f"rank {size - 1}" in str(exc), exc
+        else:
+            raise AssertionError("a density that differs at step 3 was not refused")
+        assert started, "the refused step did not start during backward"
     with rec("training_goes_on_after_a_refused_step"):
         model = make_model(42)
         opt = hvd.DistributedOptimizer(sgd(model.parameters()),
