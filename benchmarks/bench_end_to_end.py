@@ -19,7 +19,9 @@ samples/s over all ranks and the time per iteration split into
 
 Methods (PyTorch): dense (Horovod's DistributedOptimizer), topk / gtopk (model granularity),
 gtopk_layer (one buffer per tensor), auto / auto_layer (``algorithm="auto"``; the table says
-what it chose).  TensorFlow runs dense, topk and gtopk.
+what it chose), gtopk_bucket (``granularity="bucket"``, exchanged during the backward pass;
+``gtopk_bucket@0.25``: ``bucket_cap_mb=0.25``; its compute column then includes the exchanges
+the hooks run).  TensorFlow runs dense, topk and gtopk.
 
 Writes benchmarks/results/end_to_end.csv, end_to_end.png and end_to_end.md.  Iterations are
 few (2 warm-up + 5 timed by default): 4 ranks share 2 cores, so compute is about 2x slower
@@ -46,8 +48,16 @@ BATCH = {"resnet20": 32, "vgg16": 16, "mlp25m": 32}
 # Horovod's.  TensorFlow runs dense, topk and gtopk.
 TORCH_METHODS = {"topk": ("topk", "model"), "gtopk": ("gtopk", "model"),
                  "gtopk_layer": ("gtopk", "layer"), "auto": ("auto", "model"),
-                 "auto_layer": ("auto", "layer")}
+                 "auto_layer": ("auto", "layer"), "gtopk_bucket": ("gtopk", "bucket")}
 METHOD_ORDER = ["dense", *TORCH_METHODS]
+
+
+def torch_method(method):
+    """(algorithm, granularity, extra keyword arguments) of a PyTorch method name;
+    ``gtopk_bucket@X`` is granularity='bucket' with bucket_cap_mb=X."""
+    name, _, cap = method.partition("@")
+    algorithm, granularity = TORCH_METHODS[name]
+    return algorithm, granularity, {"bucket_cap_mb": float(cap)} if cap else {}
 PHASES = ("compute", "selection", "communication", "merge", "other")
 
 
@@ -107,10 +117,10 @@ def worker():
             if method == "dense":
                 opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
             else:
-                algorithm, granularity = TORCH_METHODS[method]
+                algorithm, granularity, extra = torch_method(method)
                 opt = gtopk.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                                  density=cfg["density"], algorithm=algorithm,
-                                                 granularity=granularity)
+                                                 granularity=granularity, **extra)
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)
             iters = []
             hvd.barrier()
@@ -264,7 +274,8 @@ def _summarise(everyone, model_name, method, batch, size, params, cfg, instrumen
             "compute_s": compute, "selection_s": sel, "communication_s": comm,
             "merge_s": merge, "other_s": max(0.0, step - sel - comm - merge),
             "step_s": step, "tx_bytes_per_iter": sum(r["tx"] for r in everyone) / len(everyone),
-            "breakdown": "profiled" if instrumented or method == "dense" else "step only",
+            "breakdown": "step only" if "bucket" in method or not (
+                instrumented or method == "dense") else "profiled",
             "chose": everyone[0].get("chose", "")}
 
 
@@ -288,7 +299,8 @@ def plot(rows, path):
             ax = axes[i][j]
             sel = [r for r in rows if (r["framework"], r["setting"], r["network"], r["P"],
                                        r["model"]) == (fw, setting, net, p, m)]
-            sel.sort(key=lambda r: METHOD_ORDER.index(r["method"]))
+            sel.sort(key=lambda r: (METHOD_ORDER.index(r["method"].partition("@")[0]),
+                                    r["method"]))
             bottom = [0.0] * len(sel)
             for phase in PHASES:
                 vals = [r[f"{phase}_s"] for r in sel]
