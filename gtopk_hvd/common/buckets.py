@@ -58,9 +58,13 @@ def make_buckets(numels, bucket_cap_mb=DEFAULT_BUCKET_CAP_MB):
 def pipeline_order(buckets, stages):
     """The advances (bucket, s), s = 0 .. ``stages``, of ``buckets`` buckets whose exchange
     has ``stages`` stages (floor(log2 P)), in the order every rank performs them: all of
-    bucket 0's, then the others diagonally (bucket b's advance s at time b + s; at one time
-    the older bucket first), so a bucket's stage overlaps the next bucket's selection."""
-    order = [(0, s) for s in range(stages + 1)] if buckets else []
-    for t in range(1, buckets + stages):
-        order.extend((t - s, s) for s in range(stages, -1, -1) if 1 <= t - s < buckets)
-    return order
+    bucket 0's, then the others stage by stage (every bucket's stage 0 in bucket order, then
+    every bucket's stage 1, ...).  So the stage-0 exchanges, which need nothing but the
+    gradients, start during the backward pass as the buckets fill, however late the partners
+    are; and what is left for ``synchronize()`` costs one round per stage for all buckets
+    together (in a bucket-major or diagonal order, each bucket's wait would hold back the
+    next bucket's start: up to buckets + stages rounds after the backward pass)."""
+    if not buckets:
+        return []
+    return [(0, s) for s in range(stages + 1)] + \
+        [(b, s) for s in range(stages + 1) for b in range(1, buckets)]

@@ -14,8 +14,11 @@ of the dense one.  One synchronisation (``step()`` or ``synchronize()``), on eve
 4. copy the result back into ``p.grad`` (in the gradient's dtype); the wrapped optimizer's
    ``step()`` applies it (momentum, weight decay etc. stay its business, as with Horovod).
 
-Gradients are communicated when ``step()`` is called, after all backward passes (gTop-k needs
-the whole buffer before it can select), not overlapped with the backward pass.
+With ``granularity="model"`` or ``"layer"`` gradients are communicated when ``step()`` is
+called, after all backward passes (gTop-k needs the whole buffer before it can select).  With
+``granularity="bucket"`` each bucket of ``bucket_cap_mb`` is its own buffer and its exchange
+starts from the gradient hooks as soon as its gradients are complete
+(gtopk_hvd.torch.buckets), overlapped with the rest of the backward pass.
 
 Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
 Sparsification for Low Bandwidth Networks", ICDCS 2019.
@@ -318,7 +321,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         skipped) and whether the set-ups differ (then every rank raises PlanMismatchError).
         With ``algorithm="auto"``, from the second step on the dense allreduce goes first and
         carries that verdict instead (its tail: the plan digest's bits and the finiteness
-        flag), then the exchange of the sparse buffers, if any.
+        flag), then the exchange of the sparse buffers, if any.  With
+        ``granularity="bucket"``: one exchange per bucket (``gtopk.<bucket>.s<stage>``), in
+        the order of gtopk_hvd.common.buckets.pipeline_order, started during the backward
+        pass from the second step on and finished here; every bucket's verdict and the dense
+        allreduce's finiteness are in before anything is applied.
         """
         self._synchronize()
         self._measure_link()

@@ -52,9 +52,9 @@ def test_bad_cap_is_refused_with_the_fix(cap):
         make_buckets([10], cap)
 
 
-def test_pipeline_order_is_bucket_zero_first_then_diagonal():
+def test_pipeline_order_is_bucket_zero_first_then_stage_by_stage():
     assert pipeline_order(3, 2) == [(0, 0), (0, 1), (0, 2),
-                                    (1, 0), (1, 1), (2, 0), (1, 2), (2, 1), (2, 2)]
+                                    (1, 0), (2, 0), (1, 1), (2, 1), (1, 2), (2, 2)]
     assert pipeline_order(3, 0) == [(0, 0), (1, 0), (2, 0)]
     assert pipeline_order(1, 3) == [(0, 0), (0, 1), (0, 2), (0, 3)]
     assert pipeline_order(0, 2) == []
@@ -70,6 +70,8 @@ def test_pipeline_order_holds_every_advance_once_in_stage_order(buckets, stages)
         assert all(pos[(b, s)] < pos[(b, s + 1)] for s in range(stages))
         if b:  # nothing of another bucket before bucket 0 is done; selections in bucket order
             assert pos[(b, 0)] > pos[(0, stages)] and pos[(b, 0)] > pos[(b - 1, 0)]
+        # every other bucket's stage 0 starts before any of them waits
+        assert all(pos[(b, 0)] < pos[(c, 1)] for c in range(1, buckets) if stages)
 
 
 class _AsyncMailbox(_Mailbox):

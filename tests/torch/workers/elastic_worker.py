@@ -24,6 +24,9 @@ TOTAL_STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 60
 # (its reset calls a plain hvd.init()) with the gTop-k optimizer
 RUN = sys.argv[2] if len(sys.argv) > 2 else "gtopk"
 OUT = os.environ["GTOPK_ELASTIC_OUT"]
+# granularity="bucket" (3 buckets, exchanged during backward) when the test asks for it
+BUCKETS = {"granularity": "bucket", "bucket_cap_mb": 1e-4} \
+    if os.environ.get("GTOPK_TEST_GRANULARITY") == "bucket" else {}
 
 
 def log(**event):
@@ -45,7 +48,7 @@ def main():
     opt = hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3),
         named_parameters=model.named_parameters(),
-        density=StepwiseDensity([0.2, 0.05], steps_per_epoch=10))
+        density=StepwiseDensity([0.2, 0.05], steps_per_epoch=10), **BUCKETS)
     state = hvd.elastic.TorchState(model=model, optimizer=opt, batch=0)
 
     if RUN == "horovod":
