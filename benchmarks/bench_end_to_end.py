@@ -358,11 +358,13 @@ def main():
                         help="wait up to this many seconds for other work to leave the CPUs "
                              "idle before each cluster run (0: do not wait)")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--out", default="end_to_end",
+                        help="results file names: <out>.csv, .md, .png under results/")
     args = parser.parse_args()
     setup_logging()
     if args.quick:
         args.iters, args.warmup = 3, 1
-    csv_path = RESULTS / "end_to_end.csv"
+    csv_path = RESULTS / f"{args.out}.csv"
     rows = read_csv(csv_path)
     key = ("framework", "setting", "network", "P", "model", "method", "density")
     for r in rows:
@@ -393,9 +395,9 @@ def main():
         r["speedup"] = r["samples_per_s"] / dense[0]["samples_per_s"] if dense else float("nan")
     if rows:
         write_csv(csv_path, rows)
-        plot(rows, RESULTS / "end_to_end.png")
+        plot(rows, RESULTS / f"{args.out}.png")
     text = report(rows)
-    (RESULTS / "end_to_end.md").write_text(text)
+    (RESULTS / f"{args.out}.md").write_text(text)
     print(text)
 
 

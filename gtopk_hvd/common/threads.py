@@ -10,15 +10,25 @@ the host would otherwise ask for more threads than there are cores
 when the user chose (``OMP_NUM_THREADS`` set, or ``GTOPK_HVD_THREADS``), nothing changes.
 
 ``GTOPK_HVD_THREADS``: ``keep`` leaves the threads alone; a positive integer sets them.
+
+Waiting for a Horovod operation: Horovod's ``synchronize(handle)`` waits in a loop of
+``sched_yield`` calls.  With more ranks than cores on a host, the waiting ranks' loops take
+the cores from the ranks still computing (and from Horovod's background threads), so an
+exchange waits longer for the very partner it is waiting for.  :func:`waits_politely` says
+when the library waits by polling with short sleeps instead (``GTOPK_HVD_WAIT``: ``sleep`` /
+``spin`` to choose; by default sleep when the host has more ranks than cores).
 """
 import logging
 import os
 
-__all__ = ["THREADS_ENV", "threads_for", "host_cores", "share_threads"]
+__all__ = ["THREADS_ENV", "WAIT_ENV", "threads_for", "host_cores", "share_threads",
+           "waits_politely", "sleeps"]
 
 logger = logging.getLogger(__name__)
 
 THREADS_ENV = "GTOPK_HVD_THREADS"
+WAIT_ENV = "GTOPK_HVD_WAIT"
+_FIRST_SLEEP, _LONGEST_SLEEP = 2e-5, 5e-4  # seconds
 
 
 def host_cores():
@@ -71,3 +81,23 @@ def share_threads(current, apply, local_size, rank):
                     "host, %d cores; %s=keep leaves them)", threads, current, local_size, cores,
                     THREADS_ENV)
     return threads
+
+
+def waits_politely(cores, local_size, environ=None):
+    """Whether to wait for Horovod operations by polling with sleeps (:func:`sleeps`) rather
+    than with Horovod's yield loop: with ``GTOPK_HVD_WAIT=sleep``, or by default when the
+    ``local_size`` ranks of the host outnumber its ``cores``."""
+    environ = os.environ if environ is None else environ
+    chosen = environ.get(WAIT_ENV, "").strip()
+    if chosen not in ("", "sleep", "spin"):
+        raise ValueError(f"{WAIT_ENV} must be 'sleep' or 'spin', got {chosen!r}")
+    return chosen == "sleep" or (not chosen and local_size > cores)
+
+
+def sleeps():
+    """The sleeps between two polls of a wait: 20 microseconds, doubling up to 0.5 ms, so a
+    short wait stays short and a long one costs a poll every half millisecond."""
+    delay = _FIRST_SLEEP
+    while True:
+        yield delay
+        delay = min(2 * delay, _LONGEST_SLEEP)

@@ -15,7 +15,7 @@ from gtopk_hvd.common.buckets import pipeline_order
 from gtopk_hvd.common.collective import MISMATCH, gtopk_exchange_steps
 from gtopk_hvd.common.process_sets import exchange_sets, process_set_for_stage
 from gtopk_hvd.common.schedule import world_split
-from gtopk_hvd.torch.ops import TorchOps
+from gtopk_hvd.torch.ops import TorchOps, wait
 
 __all__ = ["BucketPipeline"]
 
@@ -77,7 +77,7 @@ class BucketPipeline:
                 handle = self._handles[bucket]
                 if not block and not hvd.poll(handle):
                     return False
-                self._resume(bucket, hvd.synchronize(handle))
+                self._resume(bucket, wait(hvd, handle))
             self._pos += 1
             if bucket == 0 and stage == self._stages and self.verdict & MISMATCH:
                 self._pos = len(self._order)  # set-ups differ: issue nothing more

@@ -17,12 +17,14 @@ Sparsification for Low Bandwidth Networks", ICDCS 2019.
 """
 import logging
 import math
+import time
 
 import torch
 
 from gtopk_hvd.common.collective import MISMATCH, NONFINITE, make_meta, merge_meta
+from gtopk_hvd.common.threads import host_cores, sleeps, waits_politely
 
-__all__ = ["TorchOps", "select_topk", "merge_truncate", "all_finite"]
+__all__ = ["TorchOps", "select_topk", "merge_truncate", "all_finite", "wait"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +136,24 @@ def select_topk(acc, k):
     return _topk_positions(acc.abs(), k).to(torch.int32)
 
 
+_polite = {}  # (id of the Horovod module, local size) -> whether wait() sleeps
+
+
+def wait(hvd, handle):
+    """``hvd.synchronize(handle)``; on a host with more ranks than cores (or with
+    GTOPK_HVD_WAIT=sleep) by polling with short sleeps first, so that a waiting rank leaves
+    the cores to the ranks it waits for (gtopk_hvd.common.threads.waits_politely)."""
+    key = (id(hvd), hvd.local_size())
+    if key not in _polite:
+        _polite[key] = waits_politely(host_cores(), key[1])
+    if _polite[key]:
+        for delay in sleeps():
+            if hvd.poll(handle):
+                break
+            time.sleep(delay)
+    return hvd.synchronize(handle)
+
+
 def all_finite(tensors):
     """Whether every entry of every tensor is finite: one read pass per tensor and one sync.
 
@@ -214,7 +234,8 @@ class TorchOps:
         return torch.cat([header, body])
 
     def allgather(self, message, process_set, name):
-        return self.hvd.allgather(message, name=name, process_set=process_set)
+        return wait(self.hvd, self.hvd.allgather_async(message, name=name,
+                                                       process_set=process_set))
 
     def unpack(self, gathered, members, wire="float32"):
         blocks, pos = [], 0

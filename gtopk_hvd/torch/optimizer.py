@@ -50,7 +50,7 @@ from gtopk_hvd.torch.collective import (check_verdict, decompress, dense_allredu
                                         exchange_grouped, measure_link, op_name,
                                         update_residual)
 from gtopk_hvd.torch.buckets import BucketPipeline
-from gtopk_hvd.torch.ops import all_finite
+from gtopk_hvd.torch.ops import all_finite, wait
 from gtopk_hvd.torch.state import GTopkState
 
 __all__ = ["DistributedOptimizer"]
@@ -522,9 +522,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _dense_allreduce(self, parts):
         flat = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return hvd.allreduce(flat, name="gtopk.dense", op=self.op, compression=self._compression,
-                             prescale_factor=1.0 / self._predivide,
-                             postscale_factor=self._predivide)
+        compressed, ctx = self._compression.compress(flat)
+        reduced = wait(hvd, hvd.allreduce_async(
+            compressed, name="gtopk.dense", op=self.op, prescale_factor=1.0 / self._predivide,
+            postscale_factor=self._predivide))
+        return self._compression.decompress(reduced, ctx)
 
     def _dense_allreduce_with_verdict(self, parts, digest, flags):
         """The dense allreduce with the verdict tail; (flat, verdict).  Ranks whose dense

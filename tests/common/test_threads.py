@@ -1,7 +1,8 @@
 """The intra-op thread policy at init() (gtopk_hvd.common.threads.threads_for)."""
 import pytest
 
-from gtopk_hvd.common.threads import THREADS_ENV, threads_for
+from gtopk_hvd.common.threads import (THREADS_ENV, WAIT_ENV, sleeps, threads_for,
+                                      waits_politely)
 
 
 def test_one_rank_per_host_keeps_the_threads_so_a_single_rank_job_is_unchanged():
@@ -31,3 +32,21 @@ def test_the_users_choice_wins():
 def test_a_bad_setting_names_the_variable_and_the_fix(bad):
     with pytest.raises(ValueError, match=f"{THREADS_ENV} must be 'keep' or a positive integer"):
         threads_for(2, 2, 4, environ={THREADS_ENV: bad})
+
+
+def test_waits_sleep_only_where_the_host_has_more_ranks_than_cores():
+    assert waits_politely(cores=2, local_size=4, environ={})
+    assert not waits_politely(cores=2, local_size=2, environ={})
+    assert not waits_politely(cores=64, local_size=8, environ={})
+    assert waits_politely(cores=64, local_size=1, environ={WAIT_ENV: "sleep"})
+    assert not waits_politely(cores=2, local_size=4, environ={WAIT_ENV: "spin"})
+    with pytest.raises(ValueError, match=f"{WAIT_ENV} must be 'sleep' or 'spin'"):
+        waits_politely(2, 4, environ={WAIT_ENV: "busy"})
+
+
+def test_sleeps_start_short_and_stay_under_half_a_millisecond():
+    gen = sleeps()
+    first = [next(gen) for _ in range(12)]
+    assert first[0] == 2e-5 and first[1] == 4e-5
+    assert max(first) == 5e-4 and first[-1] == 5e-4
+    assert all(a <= b for a, b in zip(first, first[1:]))

@@ -129,3 +129,36 @@ def test_all_finite_finds_nan_and_inf_and_tells_overflow_apart():
         assert not all_finite([torch.ones(3), x])
         assert not all_finite([x.half()])
     assert all_finite([]) and all_finite([torch.zeros(0)])
+
+
+class _FakeHorovod:
+    """poll() is False ``pending`` times, then True; synchronize() returns the handle."""
+
+    def __init__(self, pending, local_size):
+        self.pending, self.polls, self.synced, self._local = pending, 0, [], local_size
+
+    def local_size(self):
+        return self._local
+
+    def poll(self, handle):
+        self.polls += 1
+        return self.polls > self.pending
+
+    def synchronize(self, handle):
+        self.synced.append(handle)
+        return handle
+
+
+@pytest.mark.parametrize("how", ["sleep", "spin"])
+def test_wait_polls_with_growing_sleeps_or_leaves_it_to_horovod(monkeypatch, how):
+    import gtopk_hvd.torch.ops as ops
+    slept = []
+    monkeypatch.setattr(ops.time, "sleep", slept.append)
+    monkeypatch.setenv("GTOPK_HVD_WAIT", how)
+    monkeypatch.setattr(ops, "_polite", {})
+    fake = _FakeHorovod(pending=7, local_size=1)
+    assert ops.wait(fake, "h") == "h" and fake.synced == ["h"]
+    if how == "sleep":
+        assert slept == [2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4, 5e-4, 5e-4] and fake.polls == 8
+    else:  # Horovod's own synchronize waits
+        assert slept == [] and fake.polls == 0
