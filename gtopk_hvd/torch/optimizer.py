@@ -340,9 +340,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _synchronize(self):
         params = self._params()
-        self._check_sparse(params)
         if self._gtopk.granularity == "bucket":
-            return self._synchronize_buckets()
+            return self._synchronize_buckets(params)
+        self._check_sparse(params)
         layout = self._current_layout(params)
         self._sync_step()
         st, size = self._gtopk, hvd.size()
@@ -472,15 +472,22 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._pipeline = pipe
         return pipe
 
-    def _synchronize_buckets(self):
+    def _synchronize_buckets(self, params):
         """granularity='bucket': finish the exchanges the backward pass started (all of them
         on the first step), then the dense allreduce; apply only if every bucket and the
         dense part are finite on every rank."""
-        pipe = self._pipeline or self._start_pipeline()
-        try:
+        pipe, self._pipeline = self._pipeline, None
+        if pipe is None:
+            self._check_sparse(params)  # before any communication
+            pipe, self._pipeline = self._start_pipeline(), None
             pipe.advance(block=True)
-        finally:
-            self._pipeline = None
+        else:
+            try:  # what the hooks could not see: unscaled since, a sparse gradient
+                self._loss_scale()
+                self._check_sparse(params)
+            finally:  # the ranks' hooks went more or less far along one order: finish it on
+                # every rank alike, so that no operation is left without its partner
+                pipe.advance(block=True)
         st, size, layout, verdict = self._gtopk, hvd.size(), pipe.layout, pipe.verdict
         dense_numel = sum(p.numel() for p in layout.dense)
         flat = None

@@ -19,12 +19,8 @@ WORKER = ROOT / "tests" / "torch" / "workers" / "elastic_worker.py"
 STEPS = 30
 
 
-@pytest.mark.parametrize("run", ["gtopk", "horovod"])
-def test_elastic_grow_then_kill_keeps_training_bit_identical(run):
-    check_elastic_run(WORKER, STEPS, run)
-
-
-def test_elastic_bucket_granularity_exchanging_during_backward():
-    """granularity='bucket': a reset can come while exchanges started by the gradient hooks
-    are in flight (the killed worker's partners fail inside loss.backward())."""
-    check_elastic_run(WORKER, STEPS, "gtopk", {"GTOPK_TEST_GRANULARITY": "bucket"})
+@pytest.mark.parametrize("run,granularity", [("gtopk", "model"), ("horovod", "bucket")])
+def test_elastic_grow_then_kill_keeps_training_bit_identical(run, granularity):
+    """With granularity='bucket' a reset can come while exchanges started by the gradient
+    hooks are in flight (the killed worker's partners fail inside loss.backward())."""
+    check_elastic_run(WORKER, STEPS, run, {"GTOPK_TEST_GRANULARITY": granularity})

@@ -18,7 +18,7 @@ SCENARIOS = [
       for g in ("model", "layer", "bucket") for v in ("nan", "inf")],
     "grad_scaler_bit_identical_to_the_unscaled_run_across_scale_growth",
     "grad_scaler_overflow_on_one_rank_skips_one_step_everywhere",
-    "grad_scaler_unscaled_before_synchronize_is_refused",
+    *[f"grad_scaler_unscaled_before_synchronize_is_refused{g}" for g in ("", "_layer", "_bucket")],
     *[f"mismatched_{w}_raises_on_every_rank"
       for w in ("density", "granularity", "dense_threshold", "bucket_cap_mb",
                 "granularity_bucket", "parameter_order", "shape")],

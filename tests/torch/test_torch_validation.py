@@ -99,7 +99,7 @@ def test_optimizer_rejects_other_compression(model, compression):
     ({"num_groups": 2}, "granularity"),
     ({"groups": 2}, "granularity"),
     ({"algorithm": "allreduce"}, "algorithm must be one of"),
-    ({"granularity": "bucket"}, "granularity must be one of"),
+    ({"granularity": "buckets"}, "granularity must be one of"),
     ({"dense_threshold": -1}, "dense_threshold must be a non-negative integer"),
 ])
 def test_optimizer_rejects_other_bad_arguments(model, kwargs, text):

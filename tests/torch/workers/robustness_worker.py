@@ -163,19 +163,30 @@ def loss_scaling(rec, rank, size):
         assert opt.gtopk_stats()["nonfinite_steps"] == 1
         assert all(bool(torch.isfinite(e).all()) for e in opt.gtopk_state.residuals.values())
         assert same_on_every_rank(hvd, history[-1][0], "scaler.overflow")
-    with rec("grad_scaler_unscaled_before_synchronize_is_refused"):
-        model = make_model(32)
-        scaler = torch.amp.GradScaler("cpu")
-        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
-                                       named_parameters=model.named_parameters(),
-                                       grad_scaler=scaler)
-        scaler.scale(loss_for(32)(model, rank, 0)).backward()
-        try:
-            scaler.step(opt)  # unscales first, then opt.step() synchronises: refused
-        except hvd.GTopkError as exc:
-            assert "optimizer.synchronize()" in str(exc), exc
-        else:
-            raise AssertionError("unscaled gradients were synchronised")
+    for granularity in GRANULARITIES:
+        suffix = "" if granularity == "model" else f"_{granularity}"
+        with rec(f"grad_scaler_unscaled_before_synchronize_is_refused{suffix}"):
+            model = make_model(32)
+            scaler = torch.amp.GradScaler("cpu")
+            opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(),
+                                           grad_scaler=scaler, granularity=granularity,
+                                           **_extra(granularity))
+            if granularity == "bucket":  # the second step's exchanges start in backward
+                scaler.scale(loss_for(32)(model, rank, 0)).backward()
+                opt.synchronize()
+                scaler.unscale_(opt)
+                with opt.skip_synchronize():
+                    scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+            scaler.scale(loss_for(32)(model, rank, 0)).backward()
+            try:
+                scaler.step(opt)  # unscales first, then opt.step() synchronises: refused
+            except hvd.GTopkError as exc:
+                assert "optimizer.synchronize()" in str(exc), exc
+            else:
+                raise AssertionError("unscaled gradients were synchronised")
 
 
 def _expect_mismatch(build, rank, words):
