@@ -21,7 +21,8 @@ __all__ = ["BucketPipeline"]
 
 
 class BucketPipeline:
-    """One step's exchanges of ``buckets`` buckets on this rank.
+    """One step's exchanges of the buckets on this rank; ``tensors``: how many gradients each
+    bucket waits for (:meth:`arrived` counts them).
 
     prepare(b): (acc, k, flags) of bucket b, called once its gradients are all there (acc: the
         compensated flat float32 buffer; flags: NONFINITE when it is not finite).
@@ -33,13 +34,14 @@ class BucketPipeline:
     mismatch) and ``verdict`` (the flags of every bucket's exchange ORed).
     """
 
-    def __init__(self, buckets, prepare, digest, wire="float32", name="gtopk"):
+    def __init__(self, tensors, prepare, digest, wire="float32", name="gtopk"):
+        buckets = len(tensors)
         self.size, self.rank = hvd.size(), hvd.rank()
         self._prepare, self._digest, self._wire, self._name = prepare, digest, wire, name
         self._stages = world_split(self.size)[0]
         self._order = pipeline_order(buckets, self._stages)
         self._pos = 0
-        self._ready = [False] * buckets
+        self._waiting = list(tensors)  # gradients each bucket still waits for
         self._steps = [None] * buckets
         self._handles = [None] * buckets
         self._sets = exchange_sets(hvd) if self.size > 1 else {}
@@ -48,13 +50,9 @@ class BucketPipeline:
         self.verdict = 0
         self.started = False  # whether an operation was issued (zero_grad must not drop it)
 
-    def ready(self, bucket):
-        """Bucket ``bucket``'s gradients are all accumulated."""
-        self._ready[bucket] = True
-
-    @property
-    def done(self):
-        return self._pos == len(self._order)
+    def arrived(self, bucket):
+        """One more of bucket ``bucket``'s gradients is complete."""
+        self._waiting[bucket] -= 1
 
     def advance(self, block):
         """Perform the advances in order; without ``block`` stop at the first that would wait.
@@ -62,7 +60,7 @@ class BucketPipeline:
         while self._pos < len(self._order):
             bucket, stage = self._order[self._pos]
             if stage == 0:
-                if not (block or self._ready[bucket]):
+                if not (block or self._waiting[bucket] <= 0):
                     return False
                 acc, k, flags = self._prepare(bucket)
                 self.accs[bucket] = acc

@@ -433,13 +433,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if self._passes[p] != self.backward_passes_per_step:
             return
         try:
-            pipe = self._pipeline or self._start_pipeline()
-            bucket = pipe.layout.bucket_of.get(p)
+            if self._pipeline is None:
+                self._pipeline = self._start_pipeline()
+            bucket = self._pipeline.layout.bucket_of.get(p)
             if bucket is not None:
-                pipe.left[bucket] -= 1
-                if not pipe.left[bucket]:
-                    pipe.ready(bucket)
-            pipe.advance(block=False)
+                self._pipeline.arrived(bucket)
+            self._pipeline.advance(block=False)
         except BaseException:
             self._pipeline = None  # nothing of a failed step carries over
             raise
@@ -466,10 +465,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 acc.mul_(1.0 / self._predivide)
             return acc, ks[bucket], 0 if all_finite([acc]) else NONFINITE
 
-        pipe = BucketPipeline(max(1, len(layout.buffers)), prepare, digest, self._wire)
+        pipe = BucketPipeline([len(ps) for _, ps in layout.buffers] or [0], prepare, digest,
+                              self._wire)
         pipe.layout, pipe.plan, pipe.density, pipe.scale = layout, plan, density, scale
-        pipe.left = [len(ps) for _, ps in layout.buffers]
-        self._pipeline = pipe
         return pipe
 
     def _synchronize_buckets(self, params):
@@ -479,7 +477,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         pipe, self._pipeline = self._pipeline, None
         if pipe is None:
             self._check_sparse(params)  # before any communication
-            pipe, self._pipeline = self._start_pipeline(), None
+            pipe = self._start_pipeline()
             pipe.advance(block=True)
         else:
             try:  # what the hooks could not see: unscaled since, a sparse gradient
