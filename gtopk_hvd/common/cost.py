@@ -32,7 +32,8 @@ from gtopk_hvd.common.schedule import stages_for, world_split
 
 __all__ = ["METHODS", "Cost", "Link", "dense_allreduce_cost", "topk_allgather_cost",
            "gtopk_cost", "gtopk_stages", "cost_of", "fit_alpha_beta", "as_link",
-           "method_costs", "choose_methods", "measure_link"]
+           "method_costs", "choose_methods", "buffer_methods", "describe_methods",
+           "measure_link"]
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +232,26 @@ def choose_methods(numels, density, size, link, dense_paid=False, methods=METHOD
     with_dense = sum(c[m] for c, m in zip(costs, best)) + (rounds if "dense" in best else 0.0)
     without = sum(c[m] for c, m in zip(costs, sparse))
     return tuple(best if with_dense <= without else sparse)
+
+
+def buffer_methods(algorithm, numels, density, size, link, dense_paid=False):
+    """Per buffer, the method a step uses: ``algorithm`` itself ('gtopk' / 'topk'), or with
+    ``"auto"`` the cheapest of 'dense' and 'gtopk' by :func:`choose_methods` ('gtopk' for
+    every buffer while ``link`` is None on more than one rank: the first step, before the
+    link is measured).  The same on every rank for the same arguments."""
+    if algorithm != "auto":
+        return tuple(algorithm for _ in numels)
+    if link is None and size > 1:
+        return tuple("gtopk" for _ in numels)
+    return choose_methods(numels, density, size, link, dense_paid=dense_paid,
+                          methods=("dense", "gtopk"))
+
+
+def describe_methods(methods):
+    """'2 buffer(s) by dense, 1 buffer(s) by gtopk': what ``algorithm="auto"`` chose, for the
+    log."""
+    counts = {m: list(methods).count(m) for m in sorted(set(methods))}
+    return ", ".join(f"{n} buffer(s) by {m}" for m, n in counts.items())
 
 
 def measure_link(allreduce, select, agree, size, n=1 << 18, repeats=5, clock=time.perf_counter):

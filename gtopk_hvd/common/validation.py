@@ -43,9 +43,10 @@ def check_algorithm(algorithm, auto=False, where=None):
     if algorithm == "auto" and not auto:
         raise ValueError(
             f"algorithm='auto' is not available in {where or 'this function'}: it needs a "
-            f"step-to-step plan, which the PyTorch DistributedOptimizer keeps; use "
-            f"gtopk_hvd.torch.DistributedOptimizer(..., algorithm='auto') or pick 'gtopk' / "
-            f"'topk' here")
+            f"step-to-step plan, which the optimizers keep; use algorithm='auto' with "
+            f"gtopk_hvd.torch.DistributedOptimizer, gtopk_hvd.tensorflow.DistributedGradientTape "
+            f"or gtopk_hvd.tensorflow.keras.DistributedOptimizer, or pick 'gtopk' / 'topk' "
+            f"here")
     allowed = ALGORITHMS + (("auto",) if auto else ())
     if algorithm not in allowed:
         raise ValueError(

@@ -27,13 +27,14 @@ from horovod.tensorflow import (Adasum, Average, Max, Min, ProcessSet, Product,
                                 reducescatter, remove_process_set, rocm_built, size,
                                 size_op, start_timeline, stop_timeline)
 
+from gtopk_hvd.common.cost import Link
 from gtopk_hvd.common.density import (ConstantDensity, DensitySchedule,
                                       ExponentialWarmupDensity, StepwiseDensity)
 from gtopk_hvd.common.errors import GTopkError, ProcessSetError
 from gtopk_hvd.common.process_sets import init_with_exchange_sets
 from gtopk_hvd.common.threads import host_cores, share_threads
 from gtopk_hvd.tensorflow.compression import Compression, GTopkCompressor
-from gtopk_hvd.tensorflow.collective import GTopkResult, gtopk_allreduce
+from gtopk_hvd.tensorflow.collective import GTopkResult, gtopk_allreduce, measure_link
 from gtopk_hvd.tensorflow.gradient_tape import DistributedGradientTape
 from gtopk_hvd.tensorflow.gradients import allreduce_gradients
 from gtopk_hvd.tensorflow.ops import TFOps
@@ -43,6 +44,7 @@ __all__ = [
     # gTop-k
     "init", "shutdown", "DistributedGradientTape", "gtopk_allreduce", "GTopkResult", "GTopkState",
     "allreduce_gradients", "TFOps", "GTopkError", "Compression", "GTopkCompressor", "ProcessSetError",
+    "Link", "measure_link",
     "ConstantDensity", "DensitySchedule", "ExponentialWarmupDensity", "StepwiseDensity",
     # re-exported from horovod.tensorflow
     "Adasum", "Average", "Max", "Min", "ProcessSet", "Product", "Sum",

@@ -22,17 +22,19 @@ from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, GTopkResult,
                                          dense_allreduce_bytes, gtopk_exchange,
                                          gtopk_exchange_grouped, reduce_op_name,
                                          topk_allgather_exchange)
+from gtopk_hvd.common.cost import measure_link as _measure_link
 from gtopk_hvd.common.density import check_density, k_for
+from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.plan import make_plan, mismatch_error, plan_digest
 from gtopk_hvd.common.process_sets import exchange_sets, process_set_for_stage
 from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
                                          check_global_process_set, check_op)
-from gtopk_hvd.tensorflow.ops import TFOps, all_finite
+from gtopk_hvd.tensorflow.ops import TFOps, all_finite, select_topk
 
 __all__ = ["GTopkResult", "gtopk_allreduce", "compensate", "exchange", "exchange_grouped",
            "nonfinite_flag",
            "plan_digest_tensor", "check_verdict", "after_verdict", "decompress", "update_residual",
-           "exact_divide", "op_name", "dense_allreduce_bytes"]
+           "exact_divide", "op_name", "dense_allreduce_bytes", "measure_link"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +200,33 @@ def update_residual(acc, result, scale=1.0):
         rest = tf.tensor_scatter_nd_update(acc, tf.expand_dims(cleared, 1),
                                            tf.zeros(tf.shape(cleared), tf.float32))
     return rest if isinstance(scale, float) and scale == 1.0 else rest / scale
+
+
+def measure_link(name="gtopk.link"):
+    """This job's :class:`~gtopk_hvd.common.cost.Link` (alpha, beta, and the cost of gTop-k's
+    local work), measured now in tens of milliseconds and the same on every rank (the
+    slowest rank's figures); call it eagerly on every rank at the same point (Horovod
+    operations ``{name}.*``).  ``algorithm="auto"`` calls it once after the first eager
+    step; pass the result as ``link=`` to skip that, and inside ``tf.function``."""
+    if not tf.executing_eagerly():
+        raise GTopkError("measure_link() times Horovod operations, so it runs eagerly: call "
+                         "it outside tf.function (for example once after init()) and pass "
+                         "the result as link=")
+
+    def allreduce(numel):
+        hvd.allreduce(tf.zeros([numel], tf.float32), name=f"{name}.{numel}", op=hvd.Sum).numpy()
+
+    def select(numel):
+        acc = compensate(tf.random.normal([numel]), tf.zeros([numel]))
+        chosen = select_topk(acc, k_for(numel, 0.001))
+        tf.tensor_scatter_nd_update(acc, tf.expand_dims(chosen, 1),
+                                    tf.zeros(tf.shape(chosen), tf.float32)).numpy()
+
+    def agree(values):
+        return hvd.allreduce(tf.constant(values, tf.float64), name=f"{name}.max",
+                             op=hvd.Max).numpy().tolist()
+
+    return _measure_link(allreduce, select, agree, hvd.size())
 
 
 def _check_tensor(tensor, residual):

@@ -14,6 +14,7 @@ import logging
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
+from gtopk_hvd.common.cost import as_link
 from gtopk_hvd.common.density import as_schedule
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.process_sets import prepare_exchange_sets
@@ -32,12 +33,13 @@ logger = logging.getLogger(__name__)
 _SHARED = {}
 
 
-def shared_state(density, algorithm="gtopk", granularity="model", dense_threshold=0):
+def shared_state(density, algorithm="gtopk", granularity="model", dense_threshold=0,
+                 link=None):
     """The :class:`GTopkState` every tape with these hyperparameters shares in this process."""
-    schedule = as_schedule(density)
-    key = (repr(schedule), algorithm, granularity, dense_threshold)
+    schedule, link = as_schedule(density), as_link(link)
+    key = (repr(schedule), algorithm, granularity, dense_threshold, link)
     if key not in _SHARED:
-        _SHARED[key] = GTopkState(schedule, algorithm, granularity, dense_threshold)
+        _SHARED[key] = GTopkState(schedule, algorithm, granularity, dense_threshold, link)
     return _SHARED[key]
 
 
@@ -77,7 +79,7 @@ def prepare_state(gtopk_state, make_state, init_call, what):
     if not hvd.is_initialized():
         raise GTopkError(f"Horovod is not initialised: call {init_call} on every rank before "
                          f"building a gTop-k {what}")
-    if gtopk_state.algorithm == "gtopk":
+    if gtopk_state.algorithm in ("gtopk", "auto"):
         prepare_exchange_sets(hvd)  # collective registration; every check above ran first
     return gtopk_state
 
@@ -152,7 +154,7 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
                             num_groups=0, groups=None, process_set=hvd.global_process_set,
                             scale_local_gradients=True, *, density=0.001, algorithm="gtopk",
                             granularity="model", dense_threshold=0, gtopk_state=None,
-                            loss_scale_optimizer=None):
+                            loss_scale_optimizer=None, link=None):
     """A tape that wraps another tf.GradientTape and returns the gTop-k sparse average of the
     gradients, the same on every rank.
 
@@ -162,12 +164,18 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
         density: fraction of gradient entries kept per buffer, a float in (0, 1], a
             :class:`~gtopk_hvd.common.density.DensitySchedule` or ``callable(step)``;
             k = max(1, ceil(density * buffer size)).  1.0 gives the dense average.
-        algorithm: ``"gtopk"`` (hypercube merge, O(k log P)) or ``"topk"`` (allgather of
-            every rank's top-k, O(kP)).
+        algorithm: ``"gtopk"`` (hypercube merge, O(k log P)), ``"topk"`` (allgather of
+            every rank's top-k, O(kP)) or ``"auto"``: per buffer the cheapest of a dense
+            allreduce and gTop-k by the cost model (gtopk_hvd.common.cost), the same on every
+            rank, in ``gtopk_stats()["methods"]``.
         granularity: ``"model"`` (one top-k over all gradients flattened together, as in the
             paper) or ``"layer"`` (one per tensor).
         dense_threshold: tensors with fewer elements are allreduced densely in float32 (0:
             sparsify everything, as the paper does).
+        link: for ``algorithm="auto"``: a :class:`~gtopk_hvd.common.cost.Link` or a tuple
+            (alpha, beta[, select[, overhead]]) in seconds; None: measured after the first
+            eager step (``measure_link()``).  Inside ``tf.function`` the choice is made when
+            the step is traced: pass ``link=`` and a constant density there.
         gtopk_state: a :class:`~gtopk_hvd.tensorflow.GTopkState` holding the residuals; by
             default one shared by all tapes with the same hyperparameters.  Pass your own to
             checkpoint it (``tf.train.Checkpoint(model=..., gtopk=state)``); then density and
@@ -200,10 +208,10 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
     check_loss_scale_optimizer(loss_scale_optimizer)
 
     def make_state():
-        check_algorithm(algorithm, where="TensorFlow (it is PyTorch-only for now)")
+        check_algorithm(algorithm, auto=True)
         check_granularity(granularity)
         check_non_negative_int(dense_threshold, "dense_threshold")
-        return shared_state(density, algorithm, granularity, dense_threshold)
+        return shared_state(density, algorithm, granularity, dense_threshold, link)
     gtopk_state = prepare_state(gtopk_state, make_state, "gtopk_hvd.tensorflow.init()",
                                 "DistributedGradientTape")
     cls = type(gradtape.__class__.__name__, (gradtape.__class__,),

@@ -25,7 +25,7 @@ from gtopk_hvd.common.plan import make_plan
 from gtopk_hvd.common.validation import check_buffer_numel
 from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, compensate,
                                              decompress, dense_allreduce_bytes, exchange,
-                                             exchange_grouped,
+                                             exchange_grouped, measure_link,
                                              nonfinite_flag, op_name, plan_digest_tensor,
                                              update_residual)
 from gtopk_hvd.tensorflow.ops import op_name_safe
@@ -151,12 +151,21 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     for it in sparse:  # create (and so restore) every residual before the world-size check
         state.residual(it.variable)
     state.check_world(size, rank)
+    # algorithm="auto": the buffers it sends densely join the dense allreduce, whose rounds
+    # are paid anyway when tensors below dense_threshold go there
+    methods = state.methods_for([b for b, _ in buffers],
+                                [sum(it.numel for it in members) for _, members in buffers],
+                                size, rank, dense_paid=bool(dense))
+    by_dense = [b for b, m in zip(buffers, methods) if m == "dense"]
+    buffers = [b for b, m in zip(buffers, methods) if m != "dense"]
+    algorithm = "gtopk" if state.algorithm == "auto" else state.algorithm
     numels = [sum(it.numel for it in members) for _, members in buffers]
     density, ks = state.densities(numels)
     scale, runtime_scale = _loss_scale(loss_scale)
     plan = make_plan(state.algorithm, op_name(op), state.granularity, state.dense_threshold,
                      [(b, n, -1) for (b, _), n in zip(buffers, numels)],
-                     [(state.residual_name(it.variable), it.numel) for it in dense],
+                     [(state.residual_name(it.variable), it.numel) for it in dense]
+                     + [(b, sum(it.numel for it in members)) for b, members in by_dense],
                      scale if runtime_scale is None else 1.0, gradient_predivide_factor, wire)
     predivide = float(gradient_predivide_factor)
     carried = scale / predivide if predivide != 1.0 else scale  # the scale acc carries
@@ -169,12 +178,18 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
         acc = compensate(_flatten([it.grad for it in members]),
                          _flatten([eps.read_value() for eps in eps_vars[-1]]), scale)
         accs.append(acc * (1.0 / predivide) if predivide != 1.0 else acc)
-    flags = nonfinite_flag(accs + [it.grad for it in dense])
+    # buffers sent densely: the gradients plus what their residual still holds (applied in
+    # full, so the residual is cleared on a finite step)
+    dense_eps = [[state.residual(it.variable) for it in members] for _, members in by_dense]
+    by_dense_parts = [compensate(_flatten([it.grad for it in members]),
+                                 _flatten([eps.read_value() for eps in eps_list]), scale)
+                      for (_, members), eps_list in zip(by_dense, dense_eps)]
+    flags = nonfinite_flag(accs + [it.grad for it in dense] + by_dense_parts)
     digest = plan_digest_tensor(plan, ks, runtime_scale)
     carriers = list(zip(buffers, accs, ks, eps_vars)) or [(None, tf.zeros([0]), 0, [])]
     finite, k_total, numel_total, sent = True, 0, 0, 0
     grouped = None
-    if state.algorithm == "gtopk" and len(carriers) > 1:  # one allgather a stage for all
+    if algorithm == "gtopk" and len(carriers) > 1:  # one allgather a stage for all
         grouped = exchange_grouped([c[1] for c in carriers], [c[2] for c in carriers],
                                    name=op_name_safe(name), digest=digest, flags=flags,
                                    wire=wire)
@@ -184,7 +199,7 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
         else:
             if i > 0:  # in a graph, nothing more is issued before the verdict (set-up check)
                 acc = after_verdict(finite, acc)
-            result = exchange(acc, k, state.algorithm, name=op_name_safe(f"{name}.{i}"),
+            result = exchange(acc, k, algorithm, name=op_name_safe(f"{name}.{i}"),
                               digest=digest, flags=flags, wire=wire)
         if i == 0:
             finite = check_verdict(result.verdict, plan, ks, runtime_scale)
@@ -196,7 +211,7 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
         result.values = after_verdict(finite, result.values)
         result.indices = after_verdict(finite, result.indices)
         numel = acc.shape[0]
-        reduced = decompress(result, numel, state.algorithm, average_over, predivide)
+        reduced = decompress(result, numel, algorithm, average_over, predivide)
         members = buffer[1]
         for it, value in zip(members, _unflatten(reduced, [it.grad for it in members])):
             out[it.index] = value
@@ -205,16 +220,25 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
             eps.assign(_when(finite, value, eps.read_value))
         k_total, numel_total, sent = k_total + k, numel_total + numel, sent + result.bytes_sent
 
-    dense_numel = sum(it.numel for it in dense)
-    if dense and finite is not False:
-        flat = hvd.allreduce(after_verdict(finite, _flatten([it.grad for it in dense])),
+    by_dense_items = [it for _, members in by_dense for it in members]
+    dense_numel = sum(it.numel for it in dense + by_dense_items)
+    if (dense or by_dense) and finite is not False:
+        parts = ([_flatten([it.grad for it in dense])] if dense else []) + by_dense_parts
+        flat = hvd.allreduce(after_verdict(finite, tf.concat(parts, 0) if len(parts) > 1
+                                           else parts[0]),
                              name=f"{name}.dense", op=op, prescale_factor=1.0 / predivide,
                              postscale_factor=predivide,
                              compression=hvd.Compression.fp16 if wire == "float16"
                              else hvd.Compression.none)
-        for it, value in zip(dense, _unflatten(flat, [it.grad for it in dense])):
+        reduced_items = dense + by_dense_items
+        for it, value in zip(reduced_items, _unflatten(flat, [it.grad for it in reduced_items])):
             out[it.index] = value
+        for eps in (eps for eps_list in dense_eps for eps in eps_list):
+            eps.assign(_when(finite, tf.zeros_like(eps), eps.read_value))
         sent += dense_allreduce_bytes(dense_numel, size)
+    if state.algorithm == "auto" and state.link is None and tf.executing_eagerly():
+        # every rank got here with the same verdict, so with the same plan: measure now
+        state.link = measure_link(op_name_safe(f"{name}.link"))
     out = [_when(finite, g, lambda g=g: tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)))
            for g in out]
     stats = dict(density=density, k=k_total, numel=numel_total, dense_numel=dense_numel,

@@ -13,11 +13,14 @@ not-yet-applied residual mass is lost).  With ``tf.train.Checkpoint`` the check 
 first step after the restore, which is when the residual variables are created and filled.
 """
 import logging
+from collections import Counter
 
 import numpy as np
 import tensorflow as tf
 
-from gtopk_hvd.common.density import as_schedule, k_for
+from gtopk_hvd.common.cost import as_link, buffer_methods, describe_methods
+from gtopk_hvd.common.density import ConstantDensity, as_schedule, k_for
+from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.validation import (check_algorithm, check_granularity,
                                          check_non_negative_int, check_world_size_on_load)
 
@@ -42,6 +45,8 @@ class _Untracked:
         self.stats = {}       # statistic name -> tf.Variable
         self.written = False  # whether a step has run since construction
         self.world = None     # the (size, rank) this process last wrote into _world
+        self.methods = {}     # buffer name -> method of the last step (algorithm="auto")
+        self.said = None      # what was last logged of those methods
 
 
 class GTopkState(tf.Module):
@@ -53,20 +58,26 @@ class GTopkState(tf.Module):
     name: flat float32 tf.Variable}, this rank's error feedback) and the world size and rank
     that wrote them.
     Statistics of the last step: :meth:`gtopk_stats`.
+    ``algorithm="auto"``: ``link`` (a :class:`~gtopk_hvd.common.cost.Link`, measured once or
+    given) and ``methods`` ({buffer name: method} of the last step traced or run).
 
     Args:
         density: a float in (0, 1], a :class:`~gtopk_hvd.common.density.DensitySchedule` or a
             ``callable(step)``.
-        algorithm: ``"gtopk"`` or ``"topk"``.
+        algorithm: ``"gtopk"``, ``"topk"`` or ``"auto"`` (per buffer the cheapest of a dense
+            allreduce and gTop-k by gtopk_hvd.common.cost).
         granularity: ``"model"`` or ``"layer"``.
         dense_threshold: tensors with fewer elements are allreduced densely.
+        link: for ``"auto"``: a Link or a tuple (alpha, beta[, select[, overhead]]); None:
+            measured after the first eager step (see :meth:`methods_for`).
     """
 
     def __init__(self, density, algorithm="gtopk", granularity="model", dense_threshold=0,
-                 name="gtopk_state"):
+                 link=None, name="gtopk_state"):
         super().__init__(name=name)
         self.schedule = as_schedule(density)
-        self.algorithm = check_algorithm(algorithm, where="TensorFlow (it is PyTorch-only for now)")
+        self.algorithm = check_algorithm(algorithm, auto=True)
+        self.link = as_link(link)
         self.granularity = check_granularity(granularity)
         self.dense_threshold = check_non_negative_int(dense_threshold, "dense_threshold")
         self._book = _Untracked()
@@ -113,6 +124,49 @@ class GTopkState(tf.Module):
         density.set_shape([])
         ks.set_shape([len(numels)])
         return density, [ks[i] for i in range(len(numels))]
+
+    def methods_for(self, names, numels, size, rank, dense_paid):
+        """Per buffer, the method of the coming step (gtopk_hvd.common.cost.buffer_methods),
+        recorded in ``methods`` and logged once per change on rank 0.
+
+        With ``algorithm="auto"`` inside a ``tf.function`` the choice is made when the step is
+        traced, so it needs the link (``link=``, or measured by an earlier eager step or
+        :func:`~gtopk_hvd.tensorflow.measure_link`) and a constant density; a schedule that
+        varies is refused there, as the choice would not follow it.  Raised before any
+        communication, on every rank alike.
+        """
+        eager = tf.executing_eagerly()
+        if self.algorithm == "auto" and not eager and size > 1:
+            if self.link is None:
+                raise GTopkError(
+                    "algorithm='auto' inside tf.function needs the link, as the choice is "
+                    "made when the step is traced: pass link=gtopk_hvd.tensorflow."
+                    "measure_link() (called eagerly on every rank after init()) or "
+                    "link=(alpha_s, beta_s_per_byte); or run the first step eagerly")
+            if not isinstance(self.schedule, ConstantDensity):
+                raise GTopkError(
+                    f"algorithm='auto' inside tf.function chooses each buffer's method when "
+                    f"the step is traced, so it needs a constant density, got "
+                    f"{self.schedule!r}: pass a float density, run the steps eagerly, or "
+                    f"pick algorithm='gtopk'")
+        with tf.init_scope():
+            density = self.density()
+        methods = buffer_methods(self.algorithm, numels, density, size, self.link,
+                                 dense_paid=dense_paid)
+        if self.algorithm == "auto" and self.link is not None:
+            said = describe_methods(methods)
+            if said != getattr(self._book, "said", None):
+                logger.log(logging.INFO if rank == 0 else logging.DEBUG,
+                           "gtopk_hvd: algorithm='auto' at density %g on %d ranks (%s): %s",
+                           density, size, self.link, said)
+                self._book.said = said
+        self._book.methods = dict(zip(names, methods))
+        return methods
+
+    @property
+    def methods(self):
+        """{buffer name: method} of the last step traced or run."""
+        return dict(self._book.methods)
 
     # residuals ---------------------------------------------------------------------------
 
@@ -213,7 +267,9 @@ class GTopkState(tf.Module):
         synchronisations so far; nonfinite_steps: steps in which some rank's gradients were
         not finite (NaN gradients everywhere, residuals kept); loss_scale: the loss scale the
         gradients carried (1.0 without loss scaling); residual_norm: L2 norm of the residuals
-        (unscaled units).
+        (unscaled units).  With ``algorithm="auto"`` also methods ({method: number of
+        buffers} of the last step) and link (alpha, beta, select, overhead in seconds; None
+        before it is measured).
         """
         with tf.init_scope():
             stats = {key: var.numpy().item() for key, var in self._book.stats.items()}
@@ -223,6 +279,9 @@ class GTopkState(tf.Module):
                 stats["density"] = self.density()
             stats["step"] = self.step
             stats["residual_norm"] = self.residual_norm()
+        if self.algorithm == "auto":
+            stats["methods"] = dict(Counter(self.methods.values()))
+            stats["link"] = None if self.link is None else dict(vars(self.link))
         return stats
 
     # checkpoints as plain dictionaries ---------------------------------------------------
@@ -263,4 +322,6 @@ class GTopkState(tf.Module):
 
     def __repr__(self):
         return (f"GTopkState(schedule={self.schedule!r}, algorithm={self.algorithm!r}, "
-                f"granularity={self.granularity!r}, dense_threshold={self.dense_threshold})")
+                f"granularity={self.granularity!r}, dense_threshold={self.dense_threshold}, "
+                f"link={self.link!r})")
+

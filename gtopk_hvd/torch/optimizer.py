@@ -37,7 +37,7 @@ from horovod.common.exceptions import HorovodInternalError
 from gtopk_hvd.common.buckets import DEFAULT_BUCKET_CAP_MB, check_bucket_cap_mb, make_buckets
 from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, VERDICT_TAIL, tail_verdict,
                                          verdict_tail)
-from gtopk_hvd.common.cost import choose_methods
+from gtopk_hvd.common.cost import buffer_methods, describe_methods
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.plan import make_plan, plan_digest
@@ -269,12 +269,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         ``algorithm="auto"`` the cheapest of 'dense' and 'gtopk' by the cost model (all
         'gtopk' until the link is measured after the first step)."""
         st = self._gtopk
-        if st.algorithm != "auto" or (st.link is None and hvd.size() > 1):
-            return tuple(self._sparse_algorithm for _ in layout.buffers)
         numels = [sum(p.numel() for p in ps) for _, ps in layout.buffers]
         # the dense allreduce runs every step (it carries the verdict): its rounds are paid
-        return choose_methods(numels, density, hvd.size(), st.link, dense_paid=True,
-                              methods=("dense", "gtopk"))
+        return buffer_methods(st.algorithm, numels, density, hvd.size(), st.link,
+                              dense_paid=True)
 
     def _plan(self, layout, methods, density, scale):
         key = (layout.key, methods, density, scale, self._predivide, self._wire,
@@ -295,12 +293,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return self._plan_cache[1], self._plan_cache[2]
 
     def _log_methods(self, methods, density):
-        counts = {m: methods.count(m) for m in sorted(set(methods))}
-        if counts != getattr(self, "_logged_methods", None) and hvd.rank() == 0:
+        said = describe_methods(methods)
+        if said != getattr(self, "_logged_methods", None) and hvd.rank() == 0:
             logger.info("gtopk_hvd: algorithm='auto' at density %g on %d ranks (%s): %s",
-                        density, hvd.size(), self._gtopk.link,
-                        ", ".join(f"{n} buffer(s) by {m}" for m, n in counts.items()))
-        self._logged_methods = counts
+                        density, hvd.size(), self._gtopk.link, said)
+        self._logged_methods = said
 
     def _measure_link(self):
         """algorithm='auto' without a link: measure it on every rank after the first step's

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from gtopk_hvd.common.cost import (Cost, Link, as_link, choose_methods, cost_of,
-                                   dense_allreduce_cost, fit_alpha_beta, gtopk_cost,
+from gtopk_hvd.common.cost import (Cost, Link, as_link, buffer_methods, choose_methods,
+                                   cost_of, describe_methods, dense_allreduce_cost, fit_alpha_beta, gtopk_cost,
                                    gtopk_stages, measure_link, method_costs,
                                    topk_allgather_cost)
 
@@ -120,6 +120,17 @@ def test_large_buffers_on_a_slow_link_go_by_gtopk_small_ones_with_a_fixed_cost_g
     assert choose_methods([100, 25_000_000], 0.001, 4, slow) == ("dense", "gtopk")
     fast = Link(alpha=0.0, beta=1e-11, select=1e-9, overhead=1e-4)  # a fast link: dense wins
     assert choose_methods([100, 25_000_000], 0.001, 4, fast) == ("dense", "dense")
+
+
+def test_buffer_methods_is_the_algorithm_or_gtopk_until_the_link_is_known_then_the_choice():
+    link = Link(alpha=0.0, beta=8e-9, select=1e-9, overhead=1e-4)
+    assert buffer_methods("topk", [100, 10], 0.01, 4, link) == ("topk", "topk")
+    assert buffer_methods("gtopk", [100, 10], 0.01, 4, None) == ("gtopk", "gtopk")
+    assert buffer_methods("auto", [100, 25_000_000], 0.001, 4, None) == ("gtopk", "gtopk")
+    assert buffer_methods("auto", [100, 25_000_000], 0.001, 4, link) == ("dense", "gtopk")
+    assert buffer_methods("auto", [100], 0.001, 1, None) == ("dense",)  # one rank: exact
+    assert describe_methods(("gtopk", "dense", "gtopk")) == \
+        "1 buffer(s) by dense, 2 buffer(s) by gtopk"
 
 
 def test_dense_rounds_count_once_and_only_when_some_buffer_goes_dense():

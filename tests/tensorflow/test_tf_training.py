@@ -37,6 +37,13 @@ SCENARIOS = [
       for m, g, a in [("eager", "model", "gtopk"), ("graph", "layer", "gtopk"),
                       ("graph", "model", "topk")]],
     "bad_arguments_raise_on_every_rank_then_training_works",
+    *[f"tape_{m}_auto_with_a_given_link_equals_reference_of_the_split_it_chose"
+      for m in ("eager", "graph")],
+    "tape_auto_measures_the_link_after_the_first_eager_step_the_same_on_every_rank",
+    "tape_auto_buffer_that_turns_dense_applies_its_residual_in_full",
+    "tape_auto_nan_on_one_rank_gives_nan_everywhere_and_keeps_the_residuals",
+    "tape_auto_set_ups_that_differ_raise_plan_mismatch_on_every_rank",
+    "tape_auto_bad_input_is_refused_before_communicating",
     # horovod.tensorflow's own tape and Keras optimizer with Compression.gtopk
     *[f"horovod_tape_{m}_{a}_compressor_equals_layer_reference"
       for m, a in [("eager", "gtopk"), ("graph", "gtopk"), ("graph", "topk")]],

@@ -26,12 +26,13 @@ from horovod.tensorflow.keras import allgather, allreduce, broadcast, reducescat
 from gtopk_hvd._keras import (check_tf_keras_optimizer, create_distributed_optimizer,
                               load_model_with)
 from gtopk_hvd.common.validation import check_positive_int
-from gtopk_hvd.tensorflow import Compression, GTopkState, init, shutdown
+from gtopk_hvd.tensorflow import Compression, GTopkState, Link, init, measure_link, shutdown
 from gtopk_hvd.tensorflow.gradient_tape import check_horovod_arguments, prepare_state
 from gtopk_hvd.tensorflow.keras import callbacks, elastic
 
 __all__ = [
     "init", "DistributedOptimizer", "load_model", "GTopkState", "callbacks", "elastic",
+    "Link", "measure_link",
     "Average", "Compression", "ProcessSet", "Sum", "add_process_set", "allgather", "allreduce",
     "broadcast", "reducescatter", "ccl_built", "cross_rank", "cross_size", "cuda_built",
     "ddl_built", "gloo_built", "gloo_enabled", "global_process_set", "is_initialized",
@@ -56,7 +57,7 @@ def DistributedOptimizer(optimizer, name=None,
                          process_set=global_process_set,
                          scale_local_gradients=True,
                          *, density=0.001, algorithm="gtopk", granularity="model",
-                         dense_threshold=0, gtopk_state=None):
+                         dense_threshold=0, gtopk_state=None, link=None):
     """Wrap a tf.keras optimizer so that it applies the gTop-k sparse average of the gradients.
 
     Arguments as ``horovod.tensorflow.keras.DistributedOptimizer``, plus (keyword-only):
@@ -66,14 +67,20 @@ def DistributedOptimizer(optimizer, name=None,
             :class:`~gtopk_hvd.common.density.DensitySchedule` or ``callable(step)``;
             k = max(1, ceil(density * buffer size)).  1.0 gives the dense average.  Change it
             during training with ``callbacks.DensityScheduleCallback``.
-        algorithm: ``"gtopk"`` (hypercube merge, O(k log P)) or ``"topk"`` (allgather of
-            every rank's top-k, O(kP)).
+        algorithm: ``"gtopk"`` (hypercube merge, O(k log P)), ``"topk"`` (allgather of
+            every rank's top-k, O(kP)) or ``"auto"``: per buffer the cheapest of a dense
+            allreduce and gTop-k by the cost model (gtopk_hvd.common.cost).
         granularity: ``"model"`` (one top-k over all gradients flattened together, as in the
             paper) or ``"layer"`` (one per tensor).
         dense_threshold: tensors with fewer elements are allreduced densely in float32 (0:
             sparsify everything, as the paper does).
         gtopk_state: a :class:`~gtopk_hvd.tensorflow.GTopkState` to use instead of a new one
             (then density and friends come from it).
+        link: for ``algorithm="auto"``: a :class:`~gtopk_hvd.common.cost.Link` or a tuple
+            (alpha, beta[, select[, overhead]]).  Keras traces the training step, and the
+            choice is made then: pass ``link=hvd.measure_link()`` (called eagerly on every
+            rank) and a constant density, or compile with ``run_eagerly=True`` (then the
+            link is measured after the first step).
 
     The residuals (float32, one per trainable variable, per rank) are created at the first
     step as variables of ``optimizer.gtopk_state``: ``tf.train.Checkpoint`` and Keras' TF-format
@@ -106,7 +113,7 @@ def DistributedOptimizer(optimizer, name=None,
     backward_passes_per_step = check_positive_int(backward_passes_per_step,
                                                   "backward_passes_per_step")
     gtopk_state = prepare_state(
-        gtopk_state, lambda: GTopkState(density, algorithm, granularity, dense_threshold),
+        gtopk_state, lambda: GTopkState(density, algorithm, granularity, dense_threshold, link),
         "gtopk_hvd.tensorflow.keras.init()", "DistributedOptimizer")
     return create_distributed_optimizer(
         optimizer=optimizer, name=name, sparse_as_dense=sparse_as_dense, op=op,
@@ -118,7 +125,8 @@ def DistributedOptimizer(optimizer, name=None,
 
 def load_model(filepath, custom_optimizers=None, custom_objects=None,
                compression=Compression.none, legacy_opts=False, *, density=0.001,
-               algorithm="gtopk", granularity="model", dense_threshold=0, gtopk_state=None):
+               algorithm="gtopk", granularity="model", dense_threshold=0, gtopk_state=None,
+               link=None):
     """Load a saved tf.keras model (``.keras``, ``.h5`` or SavedModel) with its optimizer
     wrapped again by the gTop-k :func:`DistributedOptimizer`, as ``hvd.load_model`` does with
     Horovod's; the optimizer's own state (slots, iterations) is restored.
@@ -134,5 +142,5 @@ def load_model(filepath, custom_optimizers=None, custom_objects=None,
         return DistributedOptimizer(optimizer, compression=compression, density=density,
                                     algorithm=algorithm,
                                     granularity=granularity, dense_threshold=dense_threshold,
-                                    gtopk_state=gtopk_state)
+                                    gtopk_state=gtopk_state, link=link)
     return load_model_with(wrap, filepath, custom_optimizers, custom_objects, legacy_opts)

@@ -286,21 +286,31 @@ def keras_minimize_equals_reference(tf, hvd, rec, rank, size):
         with rec(name):
             variables = make_variables(tf, prefix=f"min{legacy}")
             sgd = tf.keras.optimizers.legacy.SGD if legacy else tf.keras.optimizers.SGD
-            opt = hvd_keras.DistributedOptimizer(sgd(0.5), density=0.05)
+            # the legacy one runs algorithm="auto" (layer buffers, a link that sends the two
+            # small tensors densely): the reference of dense_threshold=20
+            auto = dict(algorithm="auto", granularity="layer", link=SPLIT_LINK) if legacy \
+                else {}
+            opt = hvd_keras.DistributedOptimizer(sgd(0.5), density=0.05, **auto)
 
             @tf.function
             def train_step(grads):
                 opt.minimize(lambda: linear_loss(tf, variables, grads), variables)
             for t in range(3):
                 train_step([tf.constant(g) for g in rank_grads(15, t, rank, SHAPES)])
-            ref = ReferenceModel(SHAPES, size, 0.05)
+            ref = ReferenceModel(SHAPES, size, 0.05, "layer", dense_threshold=20) if legacy \
+                else ReferenceModel(SHAPES, size, 0.05)
             w = [np.zeros(s, np.float32) for s in SHAPES]
             for t in range(3):
                 update = ref.step([rank_grads(15, t, p, SHAPES) for p in range(size)])
                 w = [wj + (-uj * np.float32(0.5)) for wj, uj in zip(w, update)]
             for j in range(len(SHAPES)):
-                assert_equal(variables[j], w[j], f"variable {j}")
+                if legacy:
+                    assert_split_equal(variables[j].numpy(), w[j], j, f"variable {j}")
+                else:
+                    assert_equal(variables[j], w[j], f"variable {j}")
             assert opt.gtopk_stats()["step"] == 3
+            if legacy:
+                assert opt.gtopk_stats()["methods"] == {"gtopk": 2, "dense": 2}
 
 
 def keras_backward_passes(tf, hvd, rec, rank, size):
@@ -549,6 +559,167 @@ def bad_arguments(tf, hvd, rec, rank, size):
         assert_equal(got[0], np.full(SHAPES[0], size, np.float32), "training after errors")
 
 
+# algorithm="auto" at density 0.05, layer granularity, P = 2..8: 'gtopk' for the 480- and
+# 36-entry tensors, 'dense' for the 12- and 3-entry ones (no latency, 1 ns a byte, 50 ns of
+# fixed work per sparse buffer and stage), i.e. the split of dense_threshold=20
+SPLIT_LINK = (0.0, 1e-9, 0.0, 5e-8)
+DENSE_LINK = (0.0, 1e-9, 0.0, 1e-3)  # 1 ms of fixed work a sparse buffer: all dense
+
+
+def assert_split_equal(got, want, j, what):
+    """Variable j of the dense_threshold=20 split against the reference: bit for bit where
+    gTop-k sent it, close where a dense allreduce did (Horovod's Average multiplies by 1/P)."""
+    if np.prod(SHAPES[j]) >= 20:
+        assert_equal(got, want, what)
+    else:
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6, err_msg=what)
+
+
+def auto_algorithm(tf, hvd, rec, rank, size):
+    from gtopk_hvd.common import PlanMismatchError
+    from gtopk_hvd.common.errors import GTopkError
+
+    def grads_at(seed, t):
+        return [tf.constant(g) for g in rank_grads(seed, t, rank, SHAPES)]
+
+    for mode in ("eager", "graph"):
+        with rec(f"tape_{mode}_auto_with_a_given_link_equals_reference_of_the_split_it_chose"):
+            prefix = f"auto{mode}"
+            variables = make_variables(tf, prefix=prefix)
+            state = hvd.GTopkState(0.05, algorithm="auto", granularity="layer", link=SPLIT_LINK)
+            step = tape_step_fn(tf, hvd, variables, mode, gtopk_state=state)
+            outputs = [[g.numpy() for g in step(grads_at(700, t))] for t in range(3)]
+            split = tape_step_fn(tf, hvd, make_variables(tf, prefix=f"split{mode}"), mode,
+                                 gtopk_state=hvd.GTopkState(0.05, granularity="layer",
+                                                            dense_threshold=20))
+            split_outputs = [[g.numpy() for g in split(grads_at(700, t))] for t in range(3)]
+            ref = ReferenceModel(SHAPES, size, 0.05, "layer", dense_threshold=20)
+            for t, (got, same) in enumerate(zip(outputs, split_outputs)):
+                want = ref.step([rank_grads(700, t, p, SHAPES) for p in range(size)])
+                for j in range(len(SHAPES)):
+                    assert_equal(got[j], same[j], f"step {t} variable {j} vs dense_threshold")
+                    assert_split_equal(got[j], want[j], j, f"step {t} variable {j}")
+            for j, eps in enumerate(ref.residuals(rank)):
+                assert_equal(state.residuals[f"{prefix}{j}"], eps, f"residual {j}")
+            assert state.methods == {f"{prefix}0": "gtopk", f"{prefix}1": "dense",
+                                     f"{prefix}2": "gtopk", f"{prefix}3": "dense"}, state.methods
+            stats = state.gtopk_stats()
+            assert stats["methods"] == {"gtopk": 2, "dense": 2}, stats
+            assert stats["link"]["overhead"] == SPLIT_LINK[3] and stats["step"] == 3, stats
+            assert stats["numel"] == 480 + 36 and stats["dense_numel"] == 12 + 3, stats
+    with rec("tape_auto_measures_the_link_after_the_first_eager_step_the_same_on_every_rank"):
+        variables = make_variables(tf, prefix="automeasure")
+        state = hvd.GTopkState(0.05, algorithm="auto", granularity="layer")
+        step = tape_step_fn(tf, hvd, variables, "eager", gtopk_state=state)
+        first = [g.numpy() for g in step(grads_at(710, 0))]
+        link, methods = state.link, state.methods
+        later = step(grads_at(710, 1))
+        links = hvd.allgather_object(link, name="auto.links")
+        chosen = hvd.allgather_object(state.methods, name="auto.methods")
+        same = same_on_every_rank(tf, hvd, later, "auto.same")
+        want = ReferenceModel(SHAPES, size, 0.05, "layer").step(
+            [rank_grads(710, 0, p, SHAPES) for p in range(size)])
+        for j in range(len(SHAPES)):
+            assert_equal(first[j], want[j], f"first step variable {j}")
+        assert set(methods.values()) == {"gtopk"}, methods  # before the link is known
+        assert link is not None and link.alpha >= 0 and link.beta >= 0, link
+        assert all(other == link for other in links), links
+        assert all(c == chosen[0] for c in chosen) and same, chosen
+    with rec("tape_auto_buffer_that_turns_dense_applies_its_residual_in_full"):
+        # the same gradients twice: step 1 (density 0.05) keeps a residual, step 2 (density 1,
+        # all dense) applies it, so the two steps together apply twice the mean gradient
+        variables = make_variables(tf, prefix="autoturn")
+        state = hvd.GTopkState(StepwiseDensity([0.05, 1.0], steps_per_epoch=1),
+                               algorithm="auto", granularity="layer", link=SPLIT_LINK)
+        step = tape_step_fn(tf, hvd, variables, "eager", gtopk_state=state)
+        out1 = [g.numpy() for g in step(grads_at(720, 0))]
+        norms_1 = {n: float(tf.norm(e)) for n, e in state.residuals.items()}
+        methods_1 = state.methods
+        out2 = [g.numpy() for g in step(grads_at(720, 0))]
+        mean = [np.mean([rank_grads(720, 0, p, SHAPES)[j] for p in range(size)], axis=0)
+                for j in range(len(SHAPES))]
+        assert methods_1["autoturn0"] == "gtopk" and norms_1["autoturn0"] > 0, norms_1
+        assert set(state.methods.values()) == {"dense"}, state.methods
+        for name, eps in state.residuals.items():
+            assert not np.any(eps.numpy()), f"residual {name} not cleared"
+        for j in range(len(SHAPES)):
+            np.testing.assert_allclose(out1[j] + out2[j], 2 * mean[j], rtol=1e-5, atol=1e-6)
+    with rec("tape_auto_nan_on_one_rank_gives_nan_everywhere_and_keeps_the_residuals"):
+        for i, link in enumerate((SPLIT_LINK, DENSE_LINK)):  # sparse exchange / header-only
+            variables = make_variables(tf, prefix=f"autonan{i}x")
+            state = hvd.GTopkState(0.05, algorithm="auto", granularity="layer", link=link)
+            step = tape_step_fn(tf, hvd, variables, "eager", gtopk_state=state)
+            step(grads_at(730, 0))
+            kept = {n: e.numpy().copy() for n, e in state.residuals.items()}
+            grads = grads_at(730, 1)
+            if rank == size - 1:  # a tensor sent densely, on one rank
+                grads[1] = tf.tensor_scatter_nd_update(grads[1], [[3]], [float("nan")])
+            bad = step(grads)
+            stats = state.gtopk_stats()
+            residuals = {n: e.numpy().copy() for n, e in state.residuals.items()}
+            after = step(grads_at(730, 2))
+            same = same_on_every_rank(tf, hvd, after, "auto.nan.same")
+            assert all(np.isnan(g.numpy()).all() for g in bad), "not NaN everywhere"
+            assert not stats["finite"] and stats["nonfinite_steps"] == 1, stats
+            assert stats["step"] == 1, stats
+            assert set(residuals) == set(kept), (set(residuals), set(kept))
+            for name, eps in kept.items():  # as the non-finite step found them
+                assert_equal(residuals[name], eps, f"residual {name}")
+            if link == SPLIT_LINK:
+                assert np.any(kept["autonan0x0"]), "no residual to keep"
+            assert same and all(np.isfinite(g.numpy()).all() for g in after)
+    with rec("tape_auto_set_ups_that_differ_raise_plan_mismatch_on_every_rank"):
+        # rank 0 sends everything densely (another link), the others two tensors by gTop-k
+        variables = make_variables(tf, prefix="automismatch")
+        state = hvd.GTopkState(0.05, algorithm="auto", granularity="layer",
+                               link=DENSE_LINK if rank == 0 else SPLIT_LINK)
+        step = tape_step_fn(tf, hvd, variables, "eager", gtopk_state=state)
+        try:
+            step(grads_at(740, 0))
+        except PlanMismatchError as exc:
+            assert "gTop-k set-ups differ" in str(exc), exc
+        else:
+            raise AssertionError("methods that differ across ranks were not refused")
+        got = tape_step_fn(tf, hvd, variables, "eager", density=0.05)(grads_at(740, 1))
+        assert same_on_every_rank(tf, hvd, got, "auto.after.mismatch")
+    with rec("tape_auto_bad_input_is_refused_before_communicating"):
+        import gtopk_hvd.tensorflow.keras as hvd_keras
+        variables = make_variables(tf, prefix="autobad")
+        cases = [
+            (lambda: hvd.GTopkState(0.05, algorithm="auto", link=(1e-4, -1e-9)),
+             ValueError, "link beta"),
+            (lambda: hvd.DistributedGradientTape(tf.GradientTape(), algorithm="auto",
+                                                 link="fast"), ValueError, "link must be"),
+            (lambda: hvd_keras.DistributedOptimizer(tf.keras.optimizers.SGD(0.1),
+                                                    algorithm="auto", link=(1.0,)),
+             ValueError, "link must be"),
+            (lambda: hvd.gtopk_allreduce(tf.ones([4]), algorithm="auto"), ValueError,
+             "not available in gtopk_allreduce"),
+            (lambda: hvd.Compression.gtopk(algorithm="auto"), ValueError,
+             "not available in Compression.gtopk"),
+            # inside tf.function the choice is made at trace time: it needs the link and a
+            # constant density
+            # constant density (AutoGraph re-raises a GTopkError of a traced step as its
+            # StagingError, with the GTopkError and its message in the text)
+            (lambda: tape_step_fn(tf, hvd, variables, "graph", gtopk_state=hvd.GTopkState(
+                0.05, algorithm="auto"))(grads_at(750, 0)), Exception, "needs the link"),
+            (lambda: tape_step_fn(tf, hvd, variables, "graph", gtopk_state=hvd.GTopkState(
+                StepwiseDensity([0.05, 0.01], steps_per_epoch=1), algorithm="auto",
+                link=SPLIT_LINK))(grads_at(750, 0)), Exception, "constant density"),
+            (lambda: tf.function(hvd.measure_link)(), Exception, "runs eagerly")]
+        for make, error, text in cases:
+            try:
+                make()
+            except error as exc:
+                assert text in str(exc), (text, exc)
+                assert isinstance(exc, (ValueError, GTopkError)) or "GTopkError" in str(exc), exc
+            else:
+                raise AssertionError(f"{text}: did not raise")
+        got = tape_step_fn(tf, hvd, variables, "eager", density=0.05, algorithm="auto",
+                           link=SPLIT_LINK)(grads_at(750, 1))
+        assert same_on_every_rank(tf, hvd, got, "auto.after.bad")
+
+
 def main():
     tf, hvd, rec = start()
     rank, size = hvd.rank(), hvd.size()
@@ -559,7 +730,7 @@ def main():
                      tape_checkpoint_restore, tape_world_size_change, tape_sparse_gradients,
                      keras_minimize_equals_reference, keras_backward_passes,
                      keras_fit_with_callbacks, keras_checkpoint_restore, keras_load_model,
-                     predivide, fp16_compression, bad_arguments,
+                     predivide, fp16_compression, bad_arguments, auto_algorithm,
                      *compressor_worker.SCENARIOS):
         scenario(tf, hvd, rec, rank, size)
     finish(tf, hvd, rec)
