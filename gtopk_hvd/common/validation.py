@@ -36,6 +36,18 @@ SUPPORTED_OPS = ("Average", "Sum")
 MAX_BUFFER_NUMEL = 2 ** 31 - 1
 
 
+def check_auto_link(algorithm, link, elastic, measure):
+    """Refuse ``algorithm="auto"`` without a link under Horovod Elastic (``elastic``): a
+    worker that joins would measure the link while the others train.  ``measure`` names the
+    framework's ``measure_link``."""
+    if algorithm == "auto" and link is None and elastic:
+        raise ValueError(
+            f"algorithm='auto' under Horovod Elastic needs link=...: a worker that joins would "
+            f"measure the link while the others train. Measure it once in a fixed-size job "
+            f"({measure}()) and pass link=(alpha, beta, select, overhead), or pick "
+            f"algorithm='gtopk'")
+
+
 def check_algorithm(algorithm, auto=False, where=None):
     """``algorithm`` if valid.  ``auto``: whether ``"auto"`` (the cheapest method per buffer
     by the cost model, gtopk_hvd.common.cost) is accepted; ``where`` names the API that

@@ -17,8 +17,9 @@ import tensorflow as tf
 from gtopk_hvd.common.cost import as_link
 from gtopk_hvd.common.density import as_schedule
 from gtopk_hvd.common.errors import GTopkError
-from gtopk_hvd.common.process_sets import prepare_exchange_sets
-from gtopk_hvd.common.validation import (check_algorithm, check_gradient_predivide_factor,
+from gtopk_hvd.common.process_sets import is_elastic, prepare_exchange_sets
+from gtopk_hvd.common.validation import (check_algorithm, check_auto_link,
+                                         check_gradient_predivide_factor,
                                          check_global_process_set, check_granularity,
                                          check_compression, check_no_groups,
                                          check_non_negative_int, check_op)
@@ -76,6 +77,8 @@ def prepare_state(gtopk_state, make_state, init_call, what):
     elif not isinstance(gtopk_state, GTopkState):
         raise TypeError(f"gtopk_state must be a gtopk_hvd.tensorflow.GTopkState, got "
                         f"{type(gtopk_state).__name__}")
+    check_auto_link(gtopk_state.algorithm, gtopk_state.link, is_elastic(),
+                    "gtopk_hvd.tensorflow.measure_link")
     if not hvd.is_initialized():
         raise GTopkError(f"Horovod is not initialised: call {init_call} on every rank before "
                          f"building a gTop-k {what}")

@@ -42,7 +42,8 @@ from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.plan import make_plan, plan_digest
 from gtopk_hvd.common.process_sets import is_elastic, prepare_exchange_sets
-from gtopk_hvd.common.validation import (check_buffer_numel, check_global_process_set,
+from gtopk_hvd.common.validation import (check_auto_link, check_buffer_numel,
+                                         check_global_process_set,
                                          check_compression, check_gradient_predivide_factor,
                                          check_no_groups, check_op, check_parameter_names,
                                          check_positive_int)
@@ -744,12 +745,7 @@ def DistributedOptimizer(optimizer, named_parameters=None,
     check_global_process_set(process_set)
     state = GTopkState(density, algorithm, granularity, dense_threshold, link)
     bucket_cap_mb = _check_buckets(state, bucket_cap_mb)
-    if state.algorithm == "auto" and state.link is None and is_elastic():
-        raise ValueError(
-            "algorithm='auto' under Horovod Elastic needs link=...: a worker that joins would "
-            "measure the link while the others train. Measure it once in a fixed-size job "
-            "(gtopk_hvd.torch.measure_link()) and pass link=(alpha, beta, select, overhead), "
-            "or pick algorithm='gtopk'")
+    check_auto_link(state.algorithm, state.link, is_elastic(), "gtopk_hvd.torch.measure_link")
     named = _named_parameters(optimizer, named_parameters)
     if not hvd.is_initialized():
         raise GTopkError("Horovod is not initialised: call gtopk_hvd.torch.init() on every "

@@ -201,3 +201,12 @@ def test_measure_link_on_one_rank_has_no_network_terms():
     link = measure_link(lambda n: None, lambda n: None, lambda v: v, 1, repeats=1,
                         clock=iter(range(100)).__next__)
     assert (link.alpha, link.beta) == (0.0, 0.0)
+
+
+def test_auto_without_a_link_is_refused_under_elastic_only():
+    from gtopk_hvd.common.validation import check_auto_link
+    with pytest.raises(ValueError, match="algorithm='auto' under Horovod Elastic needs link="):
+        check_auto_link("auto", None, True, "gtopk_hvd.torch.measure_link")
+    check_auto_link("auto", Link(0.0, 1e-9), True, "m")  # given: fine
+    check_auto_link("auto", None, False, "m")  # measured after the first step: fine
+    check_auto_link("gtopk", None, True, "m")

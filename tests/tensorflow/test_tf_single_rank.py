@@ -26,3 +26,33 @@ def test_float16_overflow_on_a_single_rank_is_nonfinite():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[0, 1] [0, 1]", proc.stdout
+
+
+ELASTIC = """
+import tensorflow as tf
+import gtopk_hvd.tensorflow as hvd
+import gtopk_hvd.tensorflow.keras as hvd_keras
+for make in (lambda: hvd.DistributedGradientTape(tf.GradientTape(), algorithm="auto"),
+             lambda: hvd_keras.DistributedOptimizer(tf.keras.optimizers.SGD(0.1),
+                                                    algorithm="auto")):
+    try:
+        make()
+    except ValueError as exc:
+        print("refused", "Horovod Elastic needs link=" in str(exc))
+try:
+    hvd.DistributedGradientTape(tf.GradientTape(), algorithm="auto", link=(0.0, 1e-9))
+except Exception as exc:
+    print("with a link", type(exc).__name__)
+"""
+
+
+def test_auto_without_a_link_is_refused_under_elastic_before_horovod_is_touched():
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3",
+               HOROVOD_ELASTIC="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", ELASTIC], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # with a link it gets as far as the next check: Horovod is not initialised
+    assert proc.stdout.strip().splitlines()[-3:] == [
+        "refused True", "refused True", "with a link GTopkError"], proc.stdout
