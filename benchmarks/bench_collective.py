@@ -6,6 +6,10 @@ rank of an emulated cluster (benchmarks/cluster.py) calls, on a random float32 g
 - ``hvd.allreduce_`` (dense ring allreduce, the baseline);
 - ``gtopk_allreduce_(..., algorithm="topk")``: every rank's top-k gathered by one allgather;
 - ``gtopk_allreduce_(..., algorithm="gtopk")``: the log2 P hypercube of merge-and-truncate;
+- ``auto`` (``--methods ...,auto``): what ``algorithm="auto"`` of the optimizers would send
+  this tensor by (gtopk_hvd.common.cost.buffer_methods on a link measured once per job with
+  ``measure_link()``), i.e. the dense allreduce or gTop-k, timed the same way; the table
+  says what it chose;
 
 (all three in place, as an optimizer uses them: no gradient-sized output is allocated per
 call)
@@ -41,7 +45,7 @@ from benchmarks.common import (RESULTS, SETTINGS, WireCounter, load_config,  # n
                                markdown_table, median, merge_rows, read_csv, run_workers,
                                save_result, setup_logging, wait_for_quiet, worker_env,
                                write_csv)
-from gtopk_hvd.common.cost import cost_of, fit_alpha_beta  # noqa: E402
+from gtopk_hvd.common.cost import buffer_methods, cost_of, fit_alpha_beta  # noqa: E402
 from gtopk_hvd.common.density import k_for  # noqa: E402
 
 logger = logging.getLogger("gtopk_bench.collective")
@@ -117,6 +121,8 @@ def worker():
     protocol = [_pair_allgather(hvd, counter, k, barrier_tx)
                 for k in cfg.get("protocol_k", [])]
     protocol = hvd.allgather_object(protocol, name="gather.protocol")
+    # algorithm="auto": the link measured once, as the optimizers do after their first step
+    link = gtopk.measure_link("bench.link") if "auto" in cfg["methods"] else None
     rows = []
     for d in cfg["sizes"]:
         g0 = torch.randn(d, generator=torch.Generator().manual_seed(1000 + rank))
@@ -126,14 +132,16 @@ def worker():
         for method, density in cases:
             state = {"residual": None}
             name = f"{method}.{d}.{density}"
+            sends = buffer_methods("auto", [d], density, size, link)[0] if method == "auto" \
+                else method
 
             def call():
                 # in place, both: hvd.allreduce_ / gtopk_allreduce_ write the result into g
                 # (a fresh 100 MB output tensor per call costs more than a pass over it)
-                if method == "dense":
+                if sends == "dense":
                     hvd.allreduce_(g, op=hvd.Average, name=name)
                     return {}
-                res = gtopk.gtopk_allreduce_(g, density=density, name=name, algorithm=method,
+                res = gtopk.gtopk_allreduce_(g, density=density, name=name, algorithm=sends,
                                              residual=state["residual"], profile=True)
                 state["residual"] = res.residual
                 return res.timings
@@ -141,7 +149,7 @@ def worker():
             for _ in range(cfg["warmup"]):
                 g.copy_(g0)
                 call()
-            reps = cfg["reps"] if not (method == "dense" and d >= 10_000_000) \
+            reps = cfg["reps"] if not (sends == "dense" and d >= 10_000_000) \
                 else cfg["reps_dense_large"]
             hvd.barrier()
             counter.start()
@@ -165,6 +173,11 @@ def worker():
             if rank == 0:
                 rows.append(_summarise(everyone, method, d, density, size, cfg, barrier_tx,
                                        idle_tx_rate))
+                if method == "auto":
+                    rows[-1].update(chose=sends, **{f"link_{key}": value for key, value
+                                                    in vars(link).items()})
+                    if sends == "dense":  # the whole call is the exchange
+                        rows[-1].update(exchange_s=rows[-1]["time_s"], other_s=0.0)
                 logger.info("P=%d d=%d %s rho=%g: %.4f s", size, d, method, density,
                             rows[-1]["time_s"])
     if rank == 0:
@@ -270,8 +283,13 @@ def _merge(old, new):
                                        -r["density"], r["method"]))
 
 
+def _sent_by(r):
+    """The method a row's tensor was sent by (``auto`` rows: what it chose)."""
+    return r.get("chose") or r["method"]
+
+
 def _comm_time(r):
-    return r["time_s"] if r["method"] == "dense" else r["exchange_s"]
+    return r["time_s"] if _sent_by(r) == "dense" else r["exchange_s"]
 
 
 def add_model(rows):
@@ -280,11 +298,11 @@ def add_model(rows):
     for group in sorted({(r["setting"], r["network"]) for r in rows}):
         sel = [r for r in rows if (r["setting"], r["network"]) == group and r["P"] > 1
                and _comm_time(r) > 0]
-        costs = [cost_of(r["method"], r["d"], r["density"], r["P"]) for r in sel]
+        costs = [cost_of(_sent_by(r), r["d"], r["density"], r["P"]) for r in sel]
         if len(sel) >= 2:
             fits[group] = fit_alpha_beta(costs, [_comm_time(r) for r in sel])
     for r in rows:
-        c = cost_of(r["method"], r["d"], r["density"], r["P"])
+        c = cost_of(_sent_by(r), r["d"], r["density"], r["P"])
         alpha, beta = fits.get((r["setting"], r["network"]), (float("nan"), float("nan")))
         r.update(model_bytes=c.bytes, model_comm_s=c.time(alpha, beta), alpha_s=alpha,
                  beta_s_per_byte=beta, comm_s=_comm_time(r),
@@ -328,6 +346,22 @@ def targets(rows, selection_rows, setting):
         out.append((f"gTop-k tx bytes / (8k log2 P), worst of all {len(netns)} rows "
                     f"(k={worst['k']}, P={worst['P']}, {worst['network']})",
                     worst["bytes_over_model"], "<= 1.15"))
+    autos = []  # auto against the best fixed method and against dense, same tensor
+    for r in (r for r in rows if r["method"] == "auto"):
+        same = dict(network=r["network"], P=r["P"], d=r["d"])
+        fixed = [f for f in (_find(rows, **same, method="dense"),
+                             _find(rows, **same, density=r["density"], method="gtopk"),
+                             _find(rows, **same, density=r["density"], method="topk")) if f]
+        if fixed and fixed[0]["method"] == "dense":
+            autos.append((r, ratio(r, min(fixed, key=lambda f: f["time_s"])),
+                          ratio(r, fixed[0])))
+    for label, pos, goal in (("best fixed method", 1, "<= 1.1"), ("dense", 2, "<= 1.0")):
+        if autos:
+            worst = max(autos, key=lambda a: a[pos])
+            r = worst[0]
+            out.append((f"auto / {label}, worst of {len(autos)} rows (d={r['d'] / 1e6:g}M, "
+                        f"rho={r['density']:g}, P={r['P']}, {r['network']}, chose "
+                        f"{r['chose']})", worst[pos], goal))
     for r in selection_rows:
         if r.get("setting") == setting and r["threads"] == 1 and r["density"] == 0.001:
             out.append(("select_topk / one acc.abs(), d=25M, rho=0.001, 1 thread",
@@ -338,6 +372,7 @@ def targets(rows, selection_rows, setting):
 
 
 def plot(rows, path_prefix):
+    rows = [r for r in rows if r["method"] != "auto"]  # the fixed methods; auto: the table
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -438,7 +473,8 @@ def report(rows, fits, selection_rows, proto=()):
             ("decomp+resid", lambda r: r["decompress_s"] + r["residual_s"], ".4f"),
             ("other", "other_s", ".4f"), ("model comm", "model_comm_s", ".4f"),
             ("tx B/rank", "tx_bytes_mean", ".4g"), ("model B", "model_bytes", ".4g"),
-            ("tx/model", "bytes_over_model", ".3f")]
+            ("tx/model", "bytes_over_model", ".3f"),
+            ("auto chose", lambda r: r.get("chose") or "", "")]
     lines = ["## Collective, per call", "", markdown_table(rows, cols), "",
              "Alpha-beta fit per (setting, network), on the communication times (dense: the "
              "whole call; Top-k / gTop-k: the exchange phase):", ""]
