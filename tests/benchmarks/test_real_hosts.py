@@ -43,8 +43,11 @@ def test_end_to_end_benchmark_runs_under_horovodrun_and_rank_0_reports(tmp_path)
 
 
 def test_collective_benchmark_runs_under_horovodrun(tmp_path):
-    _horovodrun(tmp_path, "bench_collective.py", "--sizes", "100000", "--densities", "0.01",
-                "--procs", "2", "--networks", "1gbit", "--reps", "2")
+    out = _horovodrun(tmp_path, "bench_collective.py", "--sizes", "100000", "--densities",
+                      "0.01", "--procs", "2", "--networks", "1gbit", "--reps", "2",
+                      "--methods", "dense,gtopk,auto")
     rows = _rows(tmp_path / "collective.csv")
     assert rows and all(r["network"] == "hosts" and r["P"] == "2" for r in rows), rows
-    assert {"dense", "gtopk"} <= {r["method"] for r in rows}, rows
+    assert {r["method"] for r in rows} == {"dense", "gtopk", "auto"}, rows
+    assert [r["chose"] for r in rows if r["method"] == "auto"][0] in ("dense", "gtopk"), rows
+    assert "auto / best fixed method, worst of 1 rows" in out, out[-3000:]
