@@ -16,12 +16,15 @@ every trace.
 Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
 Sparsification for Low Bandwidth Networks", ICDCS 2019.
 """
+import functools
 import logging
 
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
+from gtopk_hvd.common.collective import MISMATCH, VERDICT_TAIL, tail_verdict, verdict_tail
 from gtopk_hvd.common.plan import make_plan
+from gtopk_hvd.common.process_sets import is_elastic
 from gtopk_hvd.common.validation import check_buffer_numel
 from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, compensate,
                                              decompress, dense_allreduce_bytes, exchange,
@@ -72,6 +75,43 @@ def _split(flat, sizes):
 def _unflatten(flat, like):
     parts = _split(flat, [g.shape.num_elements() for g in like])
     return [tf.cast(tf.reshape(p, g.shape), g.dtype) for p, g in zip(parts, like)]
+
+
+def _concat(parts):
+    return tf.concat(parts, 0) if len(parts) > 1 else parts[0]
+
+
+def _dense_allreduce(flat, name, op, predivide, wire):
+    return hvd.allreduce(flat, name=name, op=op, prescale_factor=1.0 / predivide,
+                         postscale_factor=predivide,
+                         compression=hvd.Compression.fp16 if wire == "float16"
+                         else hvd.Compression.none)
+
+
+def _dense_first(state):
+    """Whether the dense allreduce goes first and carries the verdict (the plan digest's bits
+    and the finiteness flag, gtopk_hvd.common.collective.verdict_tail), as the PyTorch
+    optimizer does: with algorithm='auto', eagerly, once a finite step exchanged with headers
+    found every rank with the same plan; then a step that sends everything densely costs
+    one allreduce, no header-only exchange.  Not in a graph (traced before any step), not
+    under Elastic (a joining rank has had no first step while the others have)."""
+    return (state.algorithm == "auto" and tf.executing_eagerly() and state.is_verified()
+            and not is_elastic())
+
+
+def _dense_allreduce_with_verdict(reduce_dense, parts, digest, flags, average):
+    """(flat, verdict): the dense allreduce of ``parts`` with the verdict tail.  Ranks whose
+    dense parts differ in size make Horovod refuse the allreduce on every rank: a
+    mismatch."""
+    tail = tf.constant(verdict_tail(int(digest), int(flags)), tf.float32)
+    try:
+        flat = reduce_dense(_concat(parts + [tail]))
+    except tf.errors.OpError as error:
+        if "Mismatched" not in str(error):
+            raise
+        return None, MISMATCH
+    verdict = tail_verdict(flat[-VERDICT_TAIL:].numpy().tolist(), hvd.size(), average)
+    return flat, verdict
 
 
 def _when(finite, value, fallback):
@@ -186,14 +226,25 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
                       for (_, members), eps_list in zip(by_dense, dense_eps)]
     flags = nonfinite_flag(accs + [it.grad for it in dense] + by_dense_parts)
     digest = plan_digest_tensor(plan, ks, runtime_scale)
-    carriers = list(zip(buffers, accs, ks, eps_vars)) or [(None, tf.zeros([0]), 0, [])]
-    finite, k_total, numel_total, sent = True, 0, 0, 0
+    dense_parts = ([_flatten([it.grad for it in dense])] if dense else []) + by_dense_parts
+    reduce_dense = functools.partial(_dense_allreduce, name=f"{name}.dense", op=op,
+                                     predivide=predivide, wire=wire)
+    finite, k_total, numel_total, sent, flat = True, 0, 0, 0, None
+    if _dense_first(state):  # the dense allreduce carries the verdict: no header-only round
+        flat, verdict = _dense_allreduce_with_verdict(reduce_dense, dense_parts, digest, flags,
+                                                      op_name(op) == "Average")
+        finite = check_verdict(verdict, plan, ks, runtime_scale)
+        sent += dense_allreduce_bytes(sum(int(p.shape[0]) for p in dense_parts) + VERDICT_TAIL,
+                                      size)
+    carriers = list(zip(buffers, accs, ks, eps_vars))
+    if flat is None and not carriers:  # the verdict and the digest still travel
+        carriers = [(None, tf.zeros([0]), 0, [])]
     grouped = None
-    if algorithm == "gtopk" and len(carriers) > 1:  # one allgather a stage for all
-        grouped = exchange_grouped([c[1] for c in carriers], [c[2] for c in carriers],
+    if algorithm == "gtopk" and len(carriers) > 1 and finite is not False:  # one allgather a
+        grouped = exchange_grouped([c[1] for c in carriers], [c[2] for c in carriers],  # stage
                                    name=op_name_safe(name), digest=digest, flags=flags,
                                    wire=wire)
-    for i, (buffer, acc, k, eps_list) in enumerate(carriers):
+    for i, (buffer, acc, k, eps_list) in enumerate(carriers if finite is not False else []):
         if grouped is not None:
             result = grouped[i]
         else:
@@ -223,19 +274,17 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     by_dense_items = [it for _, members in by_dense for it in members]
     dense_numel = sum(it.numel for it in dense + by_dense_items)
     if (dense or by_dense) and finite is not False:
-        parts = ([_flatten([it.grad for it in dense])] if dense else []) + by_dense_parts
-        flat = hvd.allreduce(after_verdict(finite, tf.concat(parts, 0) if len(parts) > 1
-                                           else parts[0]),
-                             name=f"{name}.dense", op=op, prescale_factor=1.0 / predivide,
-                             postscale_factor=predivide,
-                             compression=hvd.Compression.fp16 if wire == "float16"
-                             else hvd.Compression.none)
+        if flat is None:
+            flat = reduce_dense(after_verdict(finite, _concat(dense_parts)))
+            sent += dense_allreduce_bytes(dense_numel, size)
         reduced_items = dense + by_dense_items
-        for it, value in zip(reduced_items, _unflatten(flat, [it.grad for it in reduced_items])):
+        for it, value in zip(reduced_items, _unflatten(flat[:dense_numel],
+                                                       [it.grad for it in reduced_items])):
             out[it.index] = value
         for eps in (eps for eps_list in dense_eps for eps in eps_list):
             eps.assign(_when(finite, tf.zeros_like(eps), eps.read_value))
-        sent += dense_allreduce_bytes(dense_numel, size)
+    if finite is True and tf.executing_eagerly():
+        state.verified()
     if state.algorithm == "auto" and state.link is None and tf.executing_eagerly():
         # every rank got here with the same verdict, so with the same plan: measure now
         state.link = measure_link(op_name_safe(f"{name}.link"))

@@ -47,6 +47,7 @@ class _Untracked:
         self.world = None     # the (size, rank) this process last wrote into _world
         self.methods = {}     # buffer name -> method of the last step (algorithm="auto")
         self.said = None      # what was last logged of those methods
+        self.verified = False  # a finite eager step found every rank with the same plan
 
 
 class GTopkState(tf.Module):
@@ -162,6 +163,14 @@ class GTopkState(tf.Module):
                 self._book.said = said
         self._book.methods = dict(zip(names, methods))
         return methods
+
+    def verified(self):
+        """Note that a finite eager step found every rank with the same plan (see
+        gtopk_hvd.tensorflow.gradients._dense_first)."""
+        self._book.verified = True
+
+    def is_verified(self):
+        return self._book.verified
 
     @property
     def methods(self):

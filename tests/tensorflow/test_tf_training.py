@@ -43,6 +43,8 @@ SCENARIOS = [
     "tape_auto_buffer_that_turns_dense_applies_its_residual_in_full",
     "tape_auto_nan_on_one_rank_gives_nan_everywhere_and_keeps_the_residuals",
     "tape_auto_set_ups_that_differ_raise_plan_mismatch_on_every_rank",
+    "tape_auto_after_a_first_eager_step_the_dense_allreduce_carries_the_verdict",
+    "tape_auto_set_ups_that_differ_after_the_first_step_raise_plan_mismatch",
     "tape_auto_bad_input_is_refused_before_communicating",
     # horovod.tensorflow's own tape and Keras optimizer with Compression.gtopk
     *[f"horovod_tape_{m}_{a}_compressor_equals_layer_reference"
