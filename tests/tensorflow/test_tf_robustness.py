@@ -12,7 +12,8 @@ from tests.harness import check_scenario, horovodrun
 
 WORKER = "tests/tensorflow/workers/robustness_worker.py"
 SCENARIOS = [
-    *[f"tape_{m}_unnamed_collectives_after_every_step" for m in ("eager", "graph")],
+    *[f"tape_{m}_{a}unnamed_collectives_after_every_step" for m in ("eager", "graph")
+      for a in ("", "auto_")],
     *[f"tape_{m}_{g}_nan_on_one_rank_gives_nan_everywhere_residuals_kept"
       for m in ("eager", "graph") for g in ("model", "layer")],
     *[f"tape_{m}_variable_without_gradient_on_some_ranks_counts_as_zero"

@@ -11,7 +11,8 @@ import horovod.tensorflow as plain_hvd
 import numpy as np
 from _common import assert_equal, same_on_every_rank, start
 from reference_steps import ReferenceModel, rank_grads
-from training_worker import SHAPES, make_variables, tape_step_fn
+from training_worker import (SHAPES, SPLIT_LINK, assert_split_equal, make_variables,
+                             tape_step_fn)
 
 from gtopk_hvd.common import PlanMismatchError
 
@@ -19,17 +20,25 @@ MODES = ("eager", "graph")
 
 
 def unnamed_collectives(tf, hvd, rec, rank, size):
-    for mode in MODES:
-        with rec(f"tape_{mode}_unnamed_collectives_after_every_step"):
-            variables = make_variables(tf, prefix=f"u{mode}")
-            state = hvd.GTopkState(0.1)
+    for mode, auto in [(m, a) for a in (False, True) for m in MODES]:
+        # auto: algorithm="auto" with the link that sends the two small tensors densely at
+        # density 0.05 (training_worker.SPLIT_LINK; from the second eager step the dense
+        # allreduce goes first, carrying the verdict)
+        with rec(f"tape_{mode}_{'auto_' if auto else ''}unnamed_collectives_after_every_step"):
+            variables = make_variables(tf, prefix=f"u{mode}{auto}")
+            state = hvd.GTopkState(0.05, algorithm="auto", granularity="layer",
+                                   link=SPLIT_LINK) if auto else hvd.GTopkState(0.1)
             step = tape_step_fn(tf, hvd, variables, mode, gtopk_state=state)
-            ref = ReferenceModel(SHAPES, size, 0.1)
+            ref = ReferenceModel(SHAPES, size, 0.05, "layer", dense_threshold=20) if auto \
+                else ReferenceModel(SHAPES, size, 0.1)
             for t in range(3):
                 got = step([tf.constant(g) for g in rank_grads(7, t, rank, SHAPES)])
                 want = ref.step([rank_grads(7, t, p, SHAPES) for p in range(size)])
                 for j in range(len(SHAPES)):
-                    assert_equal(got[j], want[j], f"step {t} variable {j}")
+                    if auto:
+                        assert_split_equal(got[j], want[j], j, f"step {t} variable {j}")
+                    else:
+                        assert_equal(got[j], want[j], f"step {t} variable {j}")
                 # what users write between steps: no name= anywhere
                 total = hvd.allreduce(tf.constant([float(rank)]), op=hvd.Sum)
                 assert float(total[0]) == size * (size - 1) / 2, total
