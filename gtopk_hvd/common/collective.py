@@ -114,6 +114,8 @@ class TensorOps:
     merge_truncate(low, high, k): union of two (values, indices) sets, values added (low + high)
         where an index is in both, then the k largest |value| (ties by lower index), sorted by
         index.
+    merge_truncate_many(lows, highs, ks): [merge_truncate(lows[b], highs[b], ks[b]) for each
+        b], the same results (an adapter may do them together).
     isin(a, b): bool mask over a, True where a's element is in b.
     logical_and(a, b), full_mask(k): bool helpers.
     """
@@ -359,10 +361,7 @@ def gtopk_exchange_grouped(ops, accs, ks, rank, size, process_set_for, name="gto
                                           (*mine, their_meta, mismatch))
                 blocks[member] = tuple(block)
         split = {m: ops.split_set(b[0], b[1], ks) for m, b in blocks.items() if st.sends(m)}
-        for b in range(n):
-            values[b], indices[b], alive[b] = _merge_stage(
-                ops, st, {m: sets[b] for m, sets in split.items()}, alive[b], local[b], ks[b],
-                v, size)
+        values, indices, alive = _merge_stage_many(ops, st, split, alive, local, ks, v, size)
         timer.lap("merge", values[-1])
     verdict, sent_bytes = ops.flags_of(meta), gtopk_wire_bytes(total, rank, size, wire)
     # the group's bytes are counted once, on the first buffer
@@ -387,6 +386,31 @@ def _merge_stage(ops, st, sets, alive, local, k, v, size):
     # stage s: the lower virtual rank's set first, keep the k largest
     values, indices = ops.merge_truncate(merged_sets[st.low], merged_sets[st.high], k)
     alive = ops.logical_and(alive, ops.isin(local, indices))
+    return values, indices, alive
+
+
+def _merge_stage_many(ops, st, sets, alive, local, ks, v, size):
+    """:func:`_merge_stage` of every buffer of a grouped exchange, each merge done for all
+    buffers at once (``ops.merge_truncate_many``): ``sets`` {sending member: [(values,
+    indices) per buffer]}, ``alive`` / ``local`` per buffer.  Returns (values, indices,
+    alive), lists over the buffers."""
+    def pairs(merged):
+        return [m[0] for m in merged], [m[1] for m in merged]
+
+    merged_sets = {}
+    for x in (st.low, st.high):
+        members = [m for m in st.group if virtual_rank(m, size) == x and st.sends(m)]
+        merged = sets[members[0]]
+        if len(members) > 1:  # fold: the virtual rank's sets merged with its mirror's
+            merged = ops.merge_truncate_many(merged, sets[members[1]], ks)
+            if x == v:
+                alive = [ops.logical_and(a, ops.isin(mine, m[1]))
+                         for a, mine, m in zip(alive, local, merged)]
+        merged_sets[x] = merged
+    values, indices = pairs(ops.merge_truncate_many(merged_sets[st.low], merged_sets[st.high],
+                                                    ks))
+    alive = [ops.logical_and(a, ops.isin(mine, idx)) for a, mine, idx in zip(alive, local,
+                                                                            indices)]
     return values, indices, alive
 
 

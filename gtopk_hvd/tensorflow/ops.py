@@ -280,6 +280,10 @@ class TFOps:
     def merge_truncate(self, low, high, k):
         return merge_truncate(low, high, k)
 
+    def merge_truncate_many(self, lows, highs, ks):
+        # one merge per buffer (a graph holds them all in one traced step)
+        return [merge_truncate(low, high, k) for low, high, k in zip(lows, highs, ks)]
+
     def isin(self, a, b):
         return isin(a, b)
 

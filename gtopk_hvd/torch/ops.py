@@ -189,6 +189,54 @@ def merge_truncate(low, high, k):
     return values, indices.to(torch.int32)
 
 
+_MANY_MAX = 1 << 16  # merge_truncate_many: one segmented merge up to this many kept entries
+
+
+def merge_truncate_many(lows, highs, ks):
+    """:func:`merge_truncate` of every pair ``(lows[b], highs[b])`` with ``ks[b]``, the same
+    results bit for bit, in a few tensor operations for all of them: buffer b's indices are
+    keyed ``b << 32 | index``, so one union adds every buffer's low and high values, one
+    stable sort by magnitude (NaN lowest, then by index) followed by one by buffer ranks each
+    buffer's entries, and the first ``ks[b]`` of each are kept, back in index order.  Many
+    small buffers (``granularity="layer"``) merge at the cost of a few large operations;
+    beyond ``_MANY_MAX`` entries in all, one merge per buffer (linear-time selection, no
+    sort of the values).  Returns a list of (values, indices)."""
+    n = len(ks)
+    if n == 1 or sum(ks) > _MANY_MAX:
+        return [merge_truncate(low, high, k) for low, high, k in zip(lows, highs, ks)]
+    device = lows[0][1].device
+
+    def keyed(sets):
+        sizes = torch.tensor([i.numel() for _, i in sets], device=device)
+        buffer = torch.repeat_interleave(torch.arange(n, device=device), sizes)
+        keys = torch.cat([i for _, i in sets]).long() | (buffer << 32)
+        return torch.cat([v for v, _ in sets]), keys
+
+    low_values, low_keys = keyed(lows)
+    high_values, high_keys = keyed(highs)
+    keys, inverse = torch.unique(torch.cat([low_keys, high_keys]), sorted=True,
+                                 return_inverse=True)
+    n_low = low_keys.numel()
+    values = torch.zeros(keys.numel(), dtype=torch.float32, device=device)
+    values[inverse[:n_low]] = low_values  # low + high, as merge_truncate
+    values.index_add_(0, inverse[n_low:], high_values)
+    buffer = keys >> 32
+    # rank within the buffer by (|value| descending, NaN last, index ascending): entries are
+    # in (buffer, index) order, so two stable sorts give (buffer, magnitude, index) order
+    magnitude = torch.nan_to_num(values.abs(), nan=-1.0)
+    order = torch.sort(magnitude, descending=True, stable=True).indices
+    order = order[torch.sort(buffer[order], stable=True).indices]
+    counts = torch.bincount(buffer, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(keys.numel(), device=device) - starts[buffer[order]]
+    limit = torch.tensor(list(ks), device=device)
+    keep = torch.sort(order[rank < limit[buffer[order]]]).values  # back in (buffer, index)
+    values, keys = values[keep], keys[keep]
+    kept = torch.bincount(keys >> 32, minlength=n).tolist()
+    indices = (keys & 0xFFFFFFFF).to(torch.int32)
+    return list(zip(torch.split(values, kept), torch.split(indices, kept)))
+
+
 class TorchOps:
     """The :class:`~gtopk_hvd.common.collective.TensorOps` of PyTorch.
 
@@ -276,6 +324,9 @@ class TorchOps:
 
     def merge_truncate(self, low, high, k):
         return merge_truncate(low, high, k)
+
+    def merge_truncate_many(self, lows, highs, ks):
+        return merge_truncate_many(lows, highs, ks)
 
     def isin(self, a, b):
         return torch.isin(a, b)

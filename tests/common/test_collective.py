@@ -120,6 +120,9 @@ class NumpyOps:
                            SparseSet(high[1].astype(np.int64), high[0])), k)
         return s.values, s.indices.astype(np.int32)
 
+    def merge_truncate_many(self, lows, highs, ks):
+        return [self.merge_truncate(low, high, k) for low, high, k in zip(lows, highs, ks)]
+
     def isin(self, a, b):
         return np.isin(a, b)
 

@@ -7,7 +7,8 @@ import torch
 from gtopk_hvd.common.reference import SparseSet, merge, truncate
 from gtopk_hvd.common.reference import select_topk as ref_select_topk
 from gtopk_hvd.common.collective import NONFINITE, make_meta
-from gtopk_hvd.torch.ops import TorchOps, all_finite, merge_truncate, select_topk
+from gtopk_hvd.torch.ops import (TorchOps, all_finite, merge_truncate, merge_truncate_many,
+                                 select_topk)
 
 LARGE = 600_000  # above 4 * 2^16: the threshold-estimate path
 
@@ -102,6 +103,49 @@ def test_merge_truncate_adds_low_then_high_where_indices_meet():
     high = (torch.tensor([-2.0, 4.0]), torch.tensor([5, 9], dtype=torch.int32))
     values, indices = merge_truncate(low, high, 2)
     assert indices.tolist() == [3, 9] and values.tolist() == [1.0, 4.0]  # 5 summed to 0
+
+
+def _torch_set(s):
+    return torch.from_numpy(s.values), torch.from_numpy(s.indices).int()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_truncate_many_equals_one_merge_per_buffer_bit_for_bit(seed):
+    """Many buffers of all sizes (empty sets, k above and below the union, ties, NaN, Inf,
+    -0.0, indices up to 2**31 - 2): the segmented merge keeps what merge_truncate keeps."""
+    rng = np.random.default_rng(seed)
+    lows, highs, ks = [], [], []
+    for b in range(int(rng.integers(2, 40))):
+        d = int(rng.choice([1, 5, 60, 300, 2 ** 31 - 1]))
+        n_low, n_high = (int(rng.integers(0, min(d, 40) + 1)) for _ in range(2))
+        low, high = (_sparse(rng, min(d, 300), n, seed % 2 == 0) for n in (n_low, n_high))
+        if d > 300:  # far indices: the key must keep all 31 bits
+            low.indices, high.indices = low.indices + (d - 301), high.indices + (d - 301)
+        for sset in (low, high):
+            if sset.values.size and rng.random() < 0.3:
+                sset.values[rng.integers(sset.values.size)] = rng.choice(
+                    [np.nan, np.inf, -np.inf, -0.0, 0.0])
+        lows.append(_torch_set(low))
+        highs.append(_torch_set(high))
+        ks.append(int(rng.integers(1, 50)))
+    got = merge_truncate_many(lows, highs, ks)
+    assert len(got) == len(ks)
+    for b, (low, high, k) in enumerate(zip(lows, highs, ks)):
+        want_values, want_indices = merge_truncate(low, high, k)
+        values, indices = got[b]
+        assert indices.dtype == torch.int32 and values.dtype == torch.float32
+        np.testing.assert_array_equal(indices.numpy(), want_indices.numpy(), f"buffer {b}")
+        np.testing.assert_array_equal(values.numpy().view(np.int32),
+                                      want_values.numpy().view(np.int32), f"buffer {b}")
+
+
+def test_merge_truncate_many_of_one_buffer_or_many_entries_is_the_plain_merge():
+    rng = np.random.default_rng(7)
+    low, high = _sparse(rng, 60, 20, False), _sparse(rng, 60, 20, False)
+    (got,) = merge_truncate_many([_torch_set(low)], [_torch_set(high)], [7])
+    want = truncate(merge(low, high), 7)
+    np.testing.assert_array_equal(got[1].numpy(), want.indices)
+    np.testing.assert_array_equal(got[0].numpy(), want.values)
 
 
 def test_messages_round_trip_through_pack_and_unpack():
