@@ -89,6 +89,8 @@ class TensorOps:
     ``meta`` an int32 scalar (tensor).
 
     select_topk(acc, k): sorted-ascending indices of the k largest |acc|, ties by lower index.
+    select_topk_many(accs, ks): [select_topk(acc, k) for each buffer], the same indices (an
+        adapter may select small buffers together).
     take(x, indices): x[indices].
     meta(digest, flags): this rank's header meta, as :func:`make_meta`.
     take_none(values, indices): the empty set a header-only message carries.
@@ -333,7 +335,7 @@ def gtopk_exchange_grouped(ops, accs, ks, rank, size, process_set_for, name="gto
                                flags, profile, sync, wire)]
     timer = _Timer(profile, sync)
     total = sum(ks)
-    local = [ops.select_topk(acc, k) for acc, k in zip(accs, ks)]
+    local = ops.select_topk_many(accs, ks)
     values = [ops.round_to_wire(ops.take(acc, chosen), wire) for acc, chosen in zip(accs, local)]
     if wire == "float16":  # beyond float16's range: a non-finite step for every rank
         for vals in values:

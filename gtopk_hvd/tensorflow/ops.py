@@ -190,6 +190,9 @@ class TFOps:
     def select_topk(self, acc, k):
         return select_topk(acc, k)
 
+    def select_topk_many(self, accs, ks):
+        return [select_topk(acc, k) for acc, k in zip(accs, ks)]
+
     def take(self, x, indices):
         return tf.gather(x, indices)
 

@@ -136,6 +136,41 @@ def select_topk(acc, k):
     return _topk_positions(acc.abs(), k).to(torch.int32)
 
 
+_SMALL_SELECT = 4096  # select_topk_many: buffers up to this size are selected together
+
+
+def select_topk_many(accs, ks):
+    """[select_topk(acc, k) for each buffer], the same indices: the buffers of at most
+    ``_SMALL_SELECT`` entries (a layer's biases and norms) ranked together by one segmented
+    ranking (two stable sorts, as :func:`merge_truncate_many`), the others one by one."""
+    out = [None] * len(accs)
+    small = [b for b, acc in enumerate(accs) if acc.numel() <= _SMALL_SELECT]
+    if len(small) > 1:
+        for b in small:
+            if not 0 <= ks[b] <= accs[b].numel():
+                raise ValueError(f"k must be in [0, {accs[b].numel()}], got {ks[b]}")
+        for b, chosen in zip(small, _select_segmented([accs[b] for b in small],
+                                                      [ks[b] for b in small])):
+            out[b] = chosen
+    return [select_topk(acc, k) if chosen is None else chosen
+            for acc, k, chosen in zip(accs, ks, out)]
+
+
+def _select_segmented(accs, ks):
+    device = accs[0].device
+    sizes = torch.tensor([acc.numel() for acc in accs], device=device)
+    buffer = torch.repeat_interleave(torch.arange(len(accs), device=device), sizes)
+    magnitude = torch.nan_to_num(torch.cat([acc.reshape(-1) for acc in accs]).abs(), nan=-1.0)
+    order = torch.sort(magnitude, descending=True, stable=True).indices
+    order = order[torch.sort(buffer[order], stable=True).indices]  # (buffer, |acc|, position)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(magnitude.numel(), device=device) - starts[buffer[order]]
+    limit = torch.tensor(list(ks), device=device)
+    keep = torch.sort(order[rank < limit[buffer[order]]]).values
+    positions = (keep - starts[buffer[keep]]).to(torch.int32)
+    return torch.split(positions, list(ks))
+
+
 _polite = {}  # (id of the Horovod module, local size) -> whether wait() sleeps
 
 
@@ -251,6 +286,9 @@ class TorchOps:
 
     def select_topk(self, acc, k):
         return select_topk(acc, k)
+
+    def select_topk_many(self, accs, ks):
+        return select_topk_many(accs, ks)
 
     def take(self, x, indices):
         return x.index_select(0, indices)

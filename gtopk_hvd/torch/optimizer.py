@@ -238,6 +238,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         values = result.values / average_over if average_over != 1 else result.values
         values = values * postscale if postscale != 1.0 else values
         indices = result.indices.long()
+        if len(params) == 1:  # one tensor (granularity='layer'): no slicing by offsets
+            p = params[0]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            else:
+                p.grad.zero_()
+            p.grad.view(-1)[indices] = values.to(p.grad.dtype)
+            return
         starts = [0]
         for p in params:
             starts.append(starts[-1] + p.numel())

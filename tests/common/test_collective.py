@@ -120,6 +120,9 @@ class NumpyOps:
                            SparseSet(high[1].astype(np.int64), high[0])), k)
         return s.values, s.indices.astype(np.int32)
 
+    def select_topk_many(self, accs, ks):
+        return [self.select_topk(acc, k) for acc, k in zip(accs, ks)]
+
     def merge_truncate_many(self, lows, highs, ks):
         return [self.merge_truncate(low, high, k) for low, high, k in zip(lows, highs, ks)]
 

@@ -8,7 +8,7 @@ from gtopk_hvd.common.reference import SparseSet, merge, truncate
 from gtopk_hvd.common.reference import select_topk as ref_select_topk
 from gtopk_hvd.common.collective import NONFINITE, make_meta
 from gtopk_hvd.torch.ops import (TorchOps, all_finite, merge_truncate, merge_truncate_many,
-                                 select_topk)
+                                 select_topk, select_topk_many)
 
 LARGE = 600_000  # above 4 * 2^16: the threshold-estimate path
 
@@ -146,6 +146,27 @@ def test_merge_truncate_many_of_one_buffer_or_many_entries_is_the_plain_merge():
     want = truncate(merge(low, high), 7)
     np.testing.assert_array_equal(got[1].numpy(), want.indices)
     np.testing.assert_array_equal(got[0].numpy(), want.values)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_select_topk_many_equals_one_selection_per_buffer(seed):
+    """Small and large buffers, k = 0, 1, n and in between, ties (integers, zeros), NaN, Inf."""
+    rng = np.random.default_rng(100 + seed)
+    accs, ks = [], []
+    for _ in range(int(rng.integers(2, 30))):
+        n = int(rng.choice([1, 3, 64, 700, 4096, 5000]))
+        acc = (rng.integers(-2, 3, n) if seed % 2 else rng.standard_normal(n)).astype(np.float32)
+        for _ in range(int(rng.integers(0, 3))):
+            acc[rng.integers(n)] = rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0])
+        accs.append(torch.from_numpy(acc))
+        ks.append(int(rng.choice([0, 1, n, max(0, n // 3), min(n, 7)])))
+    got = select_topk_many(accs, ks)
+    for b, (acc, k) in enumerate(zip(accs, ks)):
+        want = select_topk(acc, k)
+        assert got[b].dtype == torch.int32, b
+        np.testing.assert_array_equal(got[b].numpy(), want.numpy(), f"buffer {b}, k={k}")
+    with pytest.raises(ValueError, match="k must be in"):
+        select_topk_many([torch.ones(3), torch.ones(2)], [1, 3])
 
 
 def test_messages_round_trip_through_pack_and_unpack():
