@@ -160,15 +160,27 @@ def _select_segmented(accs, ks):
     device = accs[0].device
     sizes = torch.tensor([acc.numel() for acc in accs], device=device)
     buffer = torch.repeat_interleave(torch.arange(len(accs), device=device), sizes)
-    magnitude = torch.nan_to_num(torch.cat([acc.reshape(-1) for acc in accs]).abs(), nan=-1.0)
-    order = torch.sort(magnitude, descending=True, stable=True).indices
-    order = order[torch.sort(buffer[order], stable=True).indices]  # (buffer, |acc|, position)
-    starts = torch.cumsum(sizes, 0) - sizes
-    rank = torch.arange(magnitude.numel(), device=device) - starts[buffer[order]]
-    limit = torch.tensor(list(ks), device=device)
-    keep = torch.sort(order[rank < limit[buffer[order]]]).values
+    keep, starts = _largest_per_segment(torch.cat([acc.reshape(-1) for acc in accs]), buffer,
+                                        ks)
     positions = (keep - starts[buffer[keep]]).to(torch.int32)
     return torch.split(positions, list(ks))
+
+
+def _largest_per_segment(values, segment, ks):
+    """(keep, starts): the ascending positions of the ks[b] largest |values| of each segment b
+    (NaN below every number, ties by lower position, as :func:`_topk_positions`), and where
+    each segment starts.  ``segment``: the segment of each entry, non-decreasing.  Entries
+    come in (segment, position) order, so a stable sort by magnitude then one by segment rank
+    every segment's entries."""
+    device = values.device
+    magnitude = torch.nan_to_num(values.abs(), nan=-1.0)
+    order = torch.sort(magnitude, descending=True, stable=True).indices
+    order = order[torch.sort(segment[order], stable=True).indices]
+    counts = torch.bincount(segment, minlength=len(ks))
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(values.numel(), device=device) - starts[segment[order]]
+    limit = torch.tensor(list(ks), device=device)
+    return torch.sort(order[rank < limit[segment[order]]]).values, starts
 
 
 _polite = {}  # (id of the Horovod module, local size) -> whether wait() sleeps
@@ -255,17 +267,7 @@ def merge_truncate_many(lows, highs, ks):
     values = torch.zeros(keys.numel(), dtype=torch.float32, device=device)
     values[inverse[:n_low]] = low_values  # low + high, as merge_truncate
     values.index_add_(0, inverse[n_low:], high_values)
-    buffer = keys >> 32
-    # rank within the buffer by (|value| descending, NaN last, index ascending): entries are
-    # in (buffer, index) order, so two stable sorts give (buffer, magnitude, index) order
-    magnitude = torch.nan_to_num(values.abs(), nan=-1.0)
-    order = torch.sort(magnitude, descending=True, stable=True).indices
-    order = order[torch.sort(buffer[order], stable=True).indices]
-    counts = torch.bincount(buffer, minlength=n)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(keys.numel(), device=device) - starts[buffer[order]]
-    limit = torch.tensor(list(ks), device=device)
-    keep = torch.sort(order[rank < limit[buffer[order]]]).values  # back in (buffer, index)
+    keep, _ = _largest_per_segment(values, keys >> 32, ks)
     values, keys = values[keep], keys[keep]
     kept = torch.bincount(keys >> 32, minlength=n).tolist()
     indices = (keys & 0xFFFFFFFF).to(torch.int32)
