@@ -373,29 +373,19 @@ def gtopk_exchange_grouped(ops, accs, ks, rank, size, process_set_for, name="gto
 
 
 def _merge_stage(ops, st, sets, alive, local, k, v, size):
-    """One buffer's merges at stage ``st``: ``sets`` {sending member: (values, indices)}; the
-    fold first (a virtual rank's set with its mirror's), then the lower virtual rank's set with
-    the higher one's, keeping k.  Returns (values, indices, alive)."""
-    merged_sets = {}
-    for x in (st.low, st.high):
-        members = [m for m in st.group if virtual_rank(m, size) == x and st.sends(m)]
-        merged = sets[members[0]]
-        if len(members) > 1:  # fold: the virtual rank's set merged with its mirror's
-            merged = ops.merge_truncate(merged, sets[members[1]], k)
-            if x == v:
-                alive = ops.logical_and(alive, ops.isin(local, merged[1]))
-        merged_sets[x] = merged
-    # stage s: the lower virtual rank's set first, keep the k largest
-    values, indices = ops.merge_truncate(merged_sets[st.low], merged_sets[st.high], k)
-    alive = ops.logical_and(alive, ops.isin(local, indices))
-    return values, indices, alive
+    """One buffer's merges at stage ``st``: ``sets`` {sending member: (values, indices)}.
+    Returns (values, indices, alive); see :func:`_merge_stage_many`."""
+    values, indices, alive = _merge_stage_many(ops, st, {m: [s] for m, s in sets.items()},
+                                               [alive], [local], [k], v, size)
+    return values[0], indices[0], alive[0]
 
 
 def _merge_stage_many(ops, st, sets, alive, local, ks, v, size):
-    """:func:`_merge_stage` of every buffer of a grouped exchange, each merge done for all
-    buffers at once (``ops.merge_truncate_many``): ``sets`` {sending member: [(values,
-    indices) per buffer]}, ``alive`` / ``local`` per buffer.  Returns (values, indices,
-    alive), lists over the buffers."""
+    """The merges of stage ``st`` for every buffer of an exchange, each merge done for all
+    buffers at once (``ops.merge_truncate_many``): the fold first (a virtual rank's sets with
+    its mirror's), then the lower virtual rank's sets with the higher one's, keeping k_b.
+    ``sets`` {sending member: [(values, indices) per buffer]}, ``alive`` / ``local`` per
+    buffer.  Returns (values, indices, alive), lists over the buffers."""
     def pairs(merged):
         return [m[0] for m in merged], [m[1] for m in merged]
 
