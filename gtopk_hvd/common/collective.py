@@ -29,7 +29,8 @@ __all__ = ["TensorOps", "gtopk_exchange", "gtopk_exchange_steps", "drive",
            "gtopk_exchange_grouped", "topk_allgather_exchange",
            "ExchangeResult", "GTopkResult", "reduce_op_name", "dense_allreduce_bytes", "NONFINITE", "MISMATCH",
            "make_meta", "merge_meta", "ring_bytes", "gtopk_wire_bytes", "topk_wire_bytes",
-           "message_bytes", "VERDICT_TAIL", "verdict_tail", "tail_verdict"]
+           "message_bytes", "VERDICT_TAIL", "verdict_tail", "tail_verdict",
+           "allreduce_with_verdict"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,24 @@ def tail_verdict(reduced, size, average):
     if any(not (q < margin or q > 1 - margin) for q in fractions[:-1]):
         verdict |= MISMATCH
     return verdict
+
+
+def allreduce_with_verdict(allreduce, digest, flags, size, average, refused):
+    """(flat, verdict) of a dense allreduce that carries the verdict of the gTop-k headers.
+
+    ``allreduce(tail)`` reduces the dense parts with ``tail`` (the floats of
+    :func:`verdict_tail`) appended and returns (flat, the reduced tail as a list of floats).
+    Ranks whose dense parts differ in size make Horovod refuse the allreduce on every rank
+    with an error naming "Mismatched" shapes (one of the exception types ``refused``): that
+    is a MISMATCH, as the headers would have found; flat is then None.  ``average``: the
+    allreduce averages (else it sums)."""
+    try:
+        flat, tail = allreduce(verdict_tail(digest, flags))
+    except refused as error:
+        if "Mismatched" not in str(error):
+            raise
+        return None, MISMATCH
+    return flat, tail_verdict(tail, size, average)
 
 
 class TensorOps:

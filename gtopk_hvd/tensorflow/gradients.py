@@ -22,7 +22,7 @@ import logging
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
-from gtopk_hvd.common.collective import MISMATCH, VERDICT_TAIL, tail_verdict, verdict_tail
+from gtopk_hvd.common.collective import VERDICT_TAIL, allreduce_with_verdict
 from gtopk_hvd.common.plan import make_plan
 from gtopk_hvd.common.process_sets import is_elastic
 from gtopk_hvd.common.validation import check_buffer_numel
@@ -100,18 +100,13 @@ def _dense_first(state):
 
 
 def _dense_allreduce_with_verdict(reduce_dense, parts, digest, flags, average):
-    """(flat, verdict): the dense allreduce of ``parts`` with the verdict tail.  Ranks whose
-    dense parts differ in size make Horovod refuse the allreduce on every rank: a
-    mismatch."""
-    tail = tf.constant(verdict_tail(int(digest), int(flags)), tf.float32)
-    try:
-        flat = reduce_dense(_concat(parts + [tail]))
-    except tf.errors.OpError as error:
-        if "Mismatched" not in str(error):
-            raise
-        return None, MISMATCH
-    verdict = tail_verdict(flat[-VERDICT_TAIL:].numpy().tolist(), hvd.size(), average)
-    return flat, verdict
+    """(flat, verdict): the dense allreduce of ``parts`` with the verdict tail (eagerly;
+    gtopk_hvd.common.collective.allreduce_with_verdict)."""
+    def allreduce(tail):
+        flat = reduce_dense(_concat(parts + [tf.constant(tail, tf.float32)]))
+        return flat, flat[-VERDICT_TAIL:].numpy().tolist()
+    return allreduce_with_verdict(allreduce, int(digest), int(flags), hvd.size(), average,
+                                  tf.errors.OpError)
 
 
 def _when(finite, value, fallback):

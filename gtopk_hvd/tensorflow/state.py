@@ -150,13 +150,15 @@ class GTopkState(tf.Module):
                     f"the step is traced, so it needs a constant density, got "
                     f"{self.schedule!r}: pass a float density, run the steps eagerly, or "
                     f"pick algorithm='gtopk'")
-        with tf.init_scope():
-            density = self.density()
+        density = None  # only "auto" reads it
+        if self.algorithm == "auto":
+            with tf.init_scope():
+                density = self.density()
         methods = buffer_methods(self.algorithm, numels, density, size, self.link,
                                  dense_paid=dense_paid)
         if self.algorithm == "auto" and self.link is not None:
             said = describe_methods(methods)
-            if said != getattr(self._book, "said", None):
+            if said != self._book.said:
                 logger.log(logging.INFO if rank == 0 else logging.DEBUG,
                            "gtopk_hvd: algorithm='auto' at density %g on %d ranks (%s): %s",
                            density, size, self.link, said)

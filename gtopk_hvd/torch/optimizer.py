@@ -35,8 +35,8 @@ import torch
 from horovod.common.exceptions import HorovodInternalError
 
 from gtopk_hvd.common.buckets import DEFAULT_BUCKET_CAP_MB, check_bucket_cap_mb, make_buckets
-from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, VERDICT_TAIL, tail_verdict,
-                                         verdict_tail)
+from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, VERDICT_TAIL,
+                                         allreduce_with_verdict)
 from gtopk_hvd.common.cost import buffer_methods, describe_methods
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
@@ -238,25 +238,22 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         values = result.values / average_over if average_over != 1 else result.values
         values = values * postscale if postscale != 1.0 else values
         indices = result.indices.long()
-        if len(params) == 1:  # one tensor (granularity='layer'): no slicing by offsets
-            p = params[0]
-            if p.grad is None:
-                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            else:
-                p.grad.zero_()
-            p.grad.view(-1)[indices] = values.to(p.grad.dtype)
-            return
         starts = [0]
         for p in params:
             starts.append(starts[-1] + p.numel())
-        bounds = torch.searchsorted(indices, torch.tensor(starts, device=indices.device)).tolist()
+        if len(params) == 1:  # one tensor (granularity='layer'): all of the set is its
+            bounds = [0, indices.numel()]
+        else:
+            bounds = torch.searchsorted(indices, torch.tensor(starts, device=indices.device))
+            bounds = bounds.tolist()
         for i, p in enumerate(params):
             if p.grad is None:
                 p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
             else:
                 p.grad.zero_()
             lo, hi = bounds[i], bounds[i + 1]
-            p.grad.view(-1)[indices[lo:hi] - starts[i]] = values[lo:hi].to(p.grad.dtype)
+            mine = indices[lo:hi] - starts[i] if starts[i] else indices[lo:hi]
+            p.grad.view(-1)[mine] = values[lo:hi].to(p.grad.dtype)
 
     def _loss_scale(self):
         """The scale the gradients carry (GradScaler), 1.0 without one."""
@@ -542,16 +539,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def _dense_allreduce_with_verdict(self, parts, digest, flags):
         """The dense allreduce with the verdict tail; (flat, verdict).  Ranks whose dense
         parts differ in size make Horovod refuse the allreduce on every rank: a mismatch."""
-        tail = torch.tensor(verdict_tail(digest, flags), dtype=torch.float32)
-        try:
-            flat = self._dense_allreduce(parts + [tail])
-        except HorovodInternalError as error:
-            if "Mismatched" not in str(error):
-                raise
-            return None, MISMATCH
-        verdict = tail_verdict(flat[-VERDICT_TAIL:].tolist(), hvd.size(),
-                               self._op_name == "Average")
-        return flat, verdict
+        def allreduce(tail):
+            flat = self._dense_allreduce(parts + [torch.tensor(tail, dtype=torch.float32)])
+            return flat, flat[-VERDICT_TAIL:].tolist()
+        return allreduce_with_verdict(allreduce, digest, flags, hvd.size(),
+                                      self._op_name == "Average", HorovodInternalError)
 
     def _nonfinite_step(self, params, plan):
         """Some rank's gradients were not finite: NaN in every gradient on every rank (as a
