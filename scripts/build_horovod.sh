@@ -59,6 +59,20 @@ tail = """        std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
 """
 new_head = """  try {
+  if (gtopk_hvd_loop_failed) {
+    // gtopk_hvd patch: the background loop died of a peer's failure.  Reset every connection
+    // of every set (a survivor blocked in a receive from this rank wakes with an error now,
+    // not after HOROVOD_GLOO_TIMEOUT_SECONDS), and do not negotiate over the global context.
+#if HAVE_GLOO
+    for (auto id : ids_copy) {
+      auto& gc = id_to_process_set_[id].gloo_context;
+      for (auto* c : {&gc.ctx, &gc.global_ctx, &gc.local_ctx, &gc.cross_ctx}) {
+        if (*c) (*c)->closeConnections();
+      }
+    }
+#endif
+    throw std::runtime_error("the background loop failed");
+  }
   for (auto id : ids_copy) {
     if (id == 0) {"""
 new_tail = tail + """  } catch (const std::exception& ex) {
@@ -73,8 +87,28 @@ new_tail = tail + """  } catch (const std::exception& ex) {
     id_to_be_removed_ = NO_PENDING_REMOVAL;
   }
 """
-assert src.count(old) == 1 and src.count(tail) == 1, "process_set.cc changed: update the patch"
-src = src.replace(old, new_head).replace(tail, new_tail)
+ns = "namespace horovod {\nnamespace common {\n"
+flag = ns + "\n// gtopk_hvd patch: set by the background loop when it ends on an exception\nbool gtopk_hvd_loop_failed = false;\n"
+assert src.count(old) == 1 and src.count(tail) == 1 and src.count(ns) == 1, \
+    "process_set.cc changed: update the patch"
+src = src.replace(old, new_head).replace(tail, new_tail).replace(ns, flag)
+open(path, "w").write(src)
+PATCH
+# A survivor whose background loop died of a peer's failure must not negotiate the process
+# sets' removal over the global context either: a send to the dead peer can block for the whole
+# HOROVOD_GLOO_TIMEOUT_SECONDS while the other survivors are already re-initialising (Elastic).
+"$PY" - "$src/horovod/common/operations.cc" <<'PATCH' || die "patch failed: operations.cc"
+import sys
+path = sys.argv[1]
+src = open(path).read()
+ns = "namespace horovod {\nnamespace common {\n"
+loop = "  // Iterate until shutdown.\n  try {\n"
+caught = """        << "Horovod background loop uncaught exception: " << ex.what();\n"""
+assert src.count(ns) == 1 and src.count(loop) == 1 and src.count(caught) == 1, \
+    "operations.cc changed: update the patch"
+src = src.replace(ns, ns + "\nextern bool gtopk_hvd_loop_failed;  // gtopk_hvd patch (process_set.cc)\n")
+src = src.replace(loop, "  // Iterate until shutdown.\n  gtopk_hvd_loop_failed = false;  // gtopk_hvd patch\n  try {\n")
+src = src.replace(caught, caught + "    gtopk_hvd_loop_failed = true;  // gtopk_hvd patch\n")
 open(path, "w").write(src)
 PATCH
 # horovodrun checks which frameworks Horovod was built with by importing each extension in a
@@ -98,6 +132,8 @@ PATCH
 grep -q 'gtopk_hvd patch: mute C++ output' "$src/horovod/common/util.py" || die "patch failed: util.py"
 grep -q 'gtopk_hvd patch: a peer is gone' "$src/horovod/common/process_set.cc" \
   || die "patch failed: process_set.cc"
+grep -q 'gtopk_hvd_loop_failed = true' "$src/horovod/common/operations.cc" \
+  || die "patch failed: operations.cc"
 grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" || die "patch failed: torch CMakeLists"
 grep -q '&& HAVE_GPU' "$src/horovod/tensorflow/xla_mpi_ops.cc" || die "patch failed: xla_mpi_ops.cc"
 grep -q 'from tensorflow.keras import backend' "$src/horovod/tensorflow/keras/callbacks.py" \
