@@ -94,9 +94,11 @@ assert src.count(old) == 1 and src.count(tail) == 1 and src.count(ns) == 1, \
 src = src.replace(old, new_head).replace(tail, new_tail).replace(ns, flag)
 open(path, "w").write(src)
 PATCH
-# A survivor whose background loop died of a peer's failure must not negotiate the process
-# sets' removal over the global context either: a send to the dead peer can block for the whole
-# HOROVOD_GLOO_TIMEOUT_SECONDS while the other survivors are already re-initialising (Elastic).
+# operations.cc only records that the background loop ended on an exception
+# (gtopk_hvd_loop_failed); process_set.cc (above) then closes every Gloo connection instead of
+# negotiating.  Without it, after a peer died, a survivor's old connections stayed open and
+# another survivor blocked in a receive from it waited out HOROVOD_GLOO_TIMEOUT_SECONDS while
+# the rest were already re-initialising under Elastic (their rendezvous has the same bound).
 "$PY" - "$src/horovod/common/operations.cc" <<'PATCH' || die "patch failed: operations.cc"
 import sys
 path = sys.argv[1]
