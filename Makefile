@@ -4,12 +4,16 @@ PY := .venv/bin/python
 NP ?= 4
 PYTEST_ARGS ?=
 
-.PHONY: env test test-fast demo bench clean-env
+.PHONY: env test test-fast test-stress demo bench clean-env
 env:
 	@bash scripts/setup_env.sh
 
 test: env
 	@bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+# the races that show up now and then (a plain shutdown or exit after the last step), ten runs
+test-stress: env
+	@GTOPK_TEST_REPEAT=10 bash scripts/run_tests.sh tests/torch/test_torch_robustness.py -k repeated $(PYTEST_ARGS)
 
 test-fast: env
 	@$(PY) -m pytest -q tests/common $(PYTEST_ARGS)

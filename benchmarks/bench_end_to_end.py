@@ -67,17 +67,17 @@ PHASES = ("compute", "selection", "communication", "merge", "other")
 def _instrument(record):
     """Have the gTop-k optimizer's collective record its per-phase timings into ``record``.
 
-    Wraps ``gtopk_hvd.torch.optimizer.exchange_grouped`` (the library's collective entry
-    point; one call per step for all buffers) with ``profile=True``; returns False if the
-    library is organised differently.
+    Wraps ``gtopk_hvd.torch.step.TorchStep.exchange`` (the library's collective entry point;
+    one call per step for all buffers) with profiling on; returns False if the library is
+    organised differently.
     """
-    import gtopk_hvd.torch.optimizer as gopt
-    orig = getattr(gopt, "exchange_grouped", None)
+    import gtopk_hvd.torch.step as gstep
+    orig = getattr(getattr(gstep, "TorchStep", None), "exchange", None)
     if orig is None:
         return False
 
-    def exchange_grouped(accs, ks, algorithm="gtopk", name="gtopk", profile=False, **kwargs):
-        results = orig(accs, ks, algorithm, name, True, **kwargs)
+    def exchange(self, accs, ks, algorithm, *args, **kwargs):
+        results = orig(self, accs, ks, algorithm, *args, **kwargs)
         if algorithm == "gtopk" and len(results) > 1:
             record.append(results[0].timings)  # one timer for the whole group
         else:
@@ -85,7 +85,8 @@ def _instrument(record):
                 record.append(res.timings)
         return results
 
-    gopt.exchange_grouped = exchange_grouped
+    gstep.TorchStep.profile = True
+    gstep.TorchStep.exchange = exchange
     return True
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import gtopk_hvd.torch as hvd  # noqa: E402
-import gtopk_hvd.torch.optimizer as gopt  # noqa: E402
+from gtopk_hvd.torch.step import TorchStep  # noqa: E402
 from benchmarks.models import MODELS  # noqa: E402
 from gtopk_hvd.torch.collective import exchange_each  # noqa: E402
 
@@ -49,16 +49,20 @@ def time_method(method, model, grads, density, iters, warmup, notes):
                                        named_parameters=model.named_parameters(),
                                        density=density, granularity=granularity,
                                        algorithm="auto" if method.startswith("auto") else "gtopk")
-        grouped = gopt.exchange_grouped
+        grouped = TorchStep.exchange
+
+        def sequential(self, accs, ks, algorithm, name, digest, flags, wire):
+            return exchange_each(accs, ks, algorithm, name, digest=digest, flags=flags,
+                                 wire=wire)
 
         def step():
             for p, g in zip(params, grads):
                 p.grad = g.clone()
-            gopt.exchange_grouped = exchange_each if method == "layer_sequential" else grouped
+            TorchStep.exchange = sequential if method == "layer_sequential" else grouped
             try:
                 opt.synchronize()
             finally:
-                gopt.exchange_grouped = grouped
+                TorchStep.exchange = grouped
     times = []
     for i in range(warmup + iters):
         hvd.barrier()

@@ -48,7 +48,7 @@ def worker():
     import torch.nn.functional as F
 
     import gtopk_hvd.torch as gtopk
-    import gtopk_hvd.torch.optimizer as gopt
+    from gtopk_hvd.torch.step import TorchStep
     from benchmarks.models import MODELS
     from gtopk_hvd.common.schedule import stages_for
     from gtopk_hvd.torch.ops import TorchOps
@@ -57,7 +57,7 @@ def worker():
     gtopk.init()
     rank, size = hvd.rank(), hvd.size()
     events, merges = [], []
-    plain_allgather, plain_grouped = TorchOps.allgather, gopt.exchange_grouped
+    plain_allgather, plain_grouped = TorchOps.allgather, TorchStep.exchange
 
     def allgather(self, message, process_set, name):
         start = time.time()
@@ -66,12 +66,13 @@ def worker():
                        "received": (gathered.numel() - message.numel()) * 4})
         return gathered
 
-    def exchange_grouped(accs, ks, algorithm="gtopk", name="gtopk", profile=False, **kw):
-        results = plain_grouped(accs, ks, algorithm, name, True, **kw)
+    def exchange(self, *args, **kw):
+        results = plain_grouped(self, *args, **kw)
         merges.append(results[0].timings.get("merge", 0.0))
         return results
 
-    TorchOps.allgather, gopt.exchange_grouped = allgather, exchange_grouped
+    TorchStep.profile = True
+    TorchOps.allgather, TorchStep.exchange = allgather, exchange
     stages = stages_for(rank, size)
     rows = []
     for model_name in cfg["models"]:
@@ -97,7 +98,8 @@ def worker():
         if rank == 0:
             rows += _summarise(everyone, groups, model_name, size, cfg)
         del model, opt
-    TorchOps.allgather, gopt.exchange_grouped = plain_allgather, plain_grouped
+    TorchOps.allgather, TorchStep.exchange = plain_allgather, plain_grouped
+    TorchStep.profile = False
     if rank == 0:
         save_result(out, {"rows": rows})
     hvd.barrier()

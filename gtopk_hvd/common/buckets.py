@@ -23,7 +23,7 @@ before any other bucket's operation is issued, so ranks whose buckets differ (an
 from gtopk_hvd.common.validation import check_positive_number
 
 __all__ = ["FIRST_BUCKET_MB", "DEFAULT_BUCKET_CAP_MB", "make_buckets", "pipeline_order",
-           "check_bucket_cap_mb"]
+           "check_bucket_cap_mb", "check_bucket_arguments"]
 
 FIRST_BUCKET_MB = 1.0
 DEFAULT_BUCKET_CAP_MB = 25.0
@@ -35,6 +35,22 @@ def check_bucket_cap_mb(bucket_cap_mb):
     """``bucket_cap_mb`` as a float, or a clear error."""
     return float(check_positive_number(bucket_cap_mb, "bucket_cap_mb",
                                        "for example 25 (MiB of float32 per bucket, as DDP)"))
+
+
+def check_bucket_arguments(algorithm, granularity, bucket_cap_mb):
+    """``bucket_cap_mb`` for an optimizer (the default when None), refused where it means
+    nothing: without granularity='bucket', or with an algorithm buckets do not run."""
+    if granularity != "bucket":
+        if bucket_cap_mb is not None:
+            raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} applies to "
+                             f"granularity='bucket', got granularity={granularity!r}; "
+                             f"pass granularity='bucket' or drop bucket_cap_mb")
+        return DEFAULT_BUCKET_CAP_MB
+    if algorithm != "gtopk":
+        raise ValueError(f"granularity='bucket' runs gTop-k, got algorithm={algorithm!r}; pass "
+                         f"algorithm='gtopk' or use granularity='model' / 'layer' with "
+                         f"{algorithm!r}")
+    return DEFAULT_BUCKET_CAP_MB if bucket_cap_mb is None else check_bucket_cap_mb(bucket_cap_mb)
 
 
 def make_buckets(numels, bucket_cap_mb=DEFAULT_BUCKET_CAP_MB):

@@ -286,9 +286,8 @@ def gtopk_exchange(ops, acc, k, rank, size, process_set_for, name="gtopk", diges
     Returns:
         :class:`ExchangeResult`.
     """
-    steps = gtopk_exchange_steps(ops, acc, k, rank, size, process_set_for, name, digest, flags,
-                                 _Timer(profile, sync), wire)
-    return drive(steps, ops.allgather)
+    return gtopk_exchange_grouped(ops, [acc], [k], rank, size, process_set_for, name, digest,
+                                  flags, profile, sync, wire)[0]
 
 
 def drive(steps, allgather):
@@ -302,59 +301,36 @@ def drive(steps, allgather):
         return done.value
 
 
-def gtopk_exchange_steps(ops, acc, k, rank, size, process_set_for, name="gtopk", digest=0,
-                         flags=0, timer=None, wire="float32"):
-    """:func:`gtopk_exchange` one stage at a time, for a caller that overlaps stages with other
-    work: a generator that selects, then yields one request per stage, a tuple
-    (message, process_set, op name) for Horovod's allgather, takes the gathered tensor back
-    (``send``) and merges; its return value (``StopIteration.value``) is the
-    :class:`ExchangeResult`.  The same requests, in the same order, on every rank."""
-    timer = timer or _Timer(False, None)
-    local = ops.select_topk(acc, k)
-    values, indices = ops.round_to_wire(ops.take(acc, local), wire), local
-    local_values = values
-    if wire == "float16":  # beyond float16's range: a non-finite step for every rank
-        flags = ops.or_nonfinite(flags, values)
-    timer.lap("selection", values)
-    alive = ops.full_mask(k)
-    meta = ops.meta(digest, flags)
-    v = virtual_rank(rank, size)
-    for st in stages_for(rank, size):
-        mine = (values, indices) if st.sends(rank) else ops.take_none(values, indices)
-        gathered = yield ops.pack(*mine, meta, wire), process_set_for(st), f"{name}.s{st.index}"
-        timer.lap("exchange", gathered)
-        blocks = dict(zip(st.group, ops.unpack(gathered, len(st.group), wire)))
-        for member, (_, _, their_meta) in blocks.items():
-            if member != rank:
-                meta = ops.merge_meta(meta, their_meta)
-        values, indices, alive = _merge_stage(
-            ops, st, {m: b[:2] for m, b in blocks.items() if st.sends(m)}, alive, local, k, v,
-            size)
-        timer.lap("merge", values)
-    return ExchangeResult(values, indices, local, alive, ops.flags_of(meta),
-                          gtopk_wire_bytes(k, rank, size, wire), timer.timings, local_values, wire)
-
-
 def gtopk_exchange_grouped(ops, accs, ks, rank, size, process_set_for, name="gtopk", digest=0,
                            flags=0, profile=False, sync=None, wire="float32"):
-    """gTop-k on several buffers at once, one allgather per stage for all of them.
+    """gTop-k on several buffers at once, one allgather per stage for all of them: the
+    requests of :func:`gtopk_exchange_steps` issued with ``ops.allgather``.  Returns one
+    :class:`ExchangeResult` per buffer (with the same verdict)."""
+    return drive(gtopk_exchange_steps(ops, accs, ks, rank, size, process_set_for, name, digest,
+                                      flags, _Timer(profile, sync), wire), ops.allgather)
 
-    Each buffer runs exactly the schedule of :func:`gtopk_exchange` (same sets, same merges,
-    same results); at every stage a sending rank's sets of all buffers travel end to end in
-    one message with one header, so a step of L buffers costs log2 P latency rounds instead of
+
+def gtopk_exchange_steps(ops, accs, ks, rank, size, process_set_for, name="gtopk", digest=0,
+                         flags=0, timer=None, wire="float32"):
+    """The stage loop of gTop-k (ALGORITHM.md, step 3) for one or more buffers, one stage at a
+    time: a generator that selects, then yields one request per stage, a tuple
+    (message, process_set, op name ``{name}.s<stage>``) for Horovod's allgather, takes the
+    gathered tensor back (``send``) and merges; its return value (``StopIteration.value``) is
+    one :class:`ExchangeResult` per buffer.  The same requests, in the same order, on every
+    rank; a caller may overlap the stages with other work (gtopk_hvd.torch.buckets).
+
+    Each buffer runs exactly the schedule of ALGORITHM.md (same sets, same merges, same
+    results); at every stage a sending rank's sets of all buffers travel end to end in one
+    message with one header, so a step of L buffers costs log2 P latency rounds instead of
     L x log2 P.  Every set a rank sends has exactly k_b entries (a local top-k, or a merge
     truncated to k_b), so the receiver splits the message by its own ``ks``; a sender whose
     entry count differs (set-ups that disagree) raises the MISMATCH flag and its message is
-    not read.  One verdict for all buffers.  ``ks``: k per buffer.  Returns one
-    :class:`ExchangeResult` per buffer (with the same verdict).
+    not read.  One verdict for all buffers.
     """
-    n = len(accs)
-    if n == 1:
-        return [gtopk_exchange(ops, accs[0], ks[0], rank, size, process_set_for, name, digest,
-                               flags, profile, sync, wire)]
-    timer = _Timer(profile, sync)
-    total = sum(ks)
-    local = ops.select_topk_many(accs, ks)
+    timer = timer or _Timer(False, None)
+    n, total = len(accs), (ks[0] if len(ks) == 1 else sum(ks))
+    # 1. local select: this rank's top-k of every buffer, as it goes on the wire
+    local = ops.select_topk_many(accs, ks) if n > 1 else [ops.select_topk(accs[0], ks[0])]
     values = [ops.round_to_wire(ops.take(acc, chosen), wire) for acc, chosen in zip(accs, local)]
     if wire == "float16":  # beyond float16's range: a non-finite step for every rank
         for vals in values:
@@ -365,24 +341,25 @@ def gtopk_exchange_grouped(ops, accs, ks, rank, size, process_set_for, name="gto
     meta = ops.meta(digest, flags)
     v = virtual_rank(rank, size)
     for st in stages_for(rank, size):
-        mine = ops.concat_sets(list(zip(values, indices)))
+        # stage s: swap sets inside the stage's group (a pair, or the fold's three ranks)
+        mine = ops.concat_sets(list(zip(values, indices))) if n > 1 else (values[0], indices[0])
         sent = mine if st.sends(rank) else ops.take_none(*mine)
-        gathered = ops.allgather(ops.pack(*sent, meta, wire), process_set_for(st),
-                                 f"{name}.s{st.index}")
+        gathered = yield ops.pack(*sent, meta, wire), process_set_for(st), f"{name}.s{st.index}"
         timer.lap("exchange", gathered)
         blocks = dict(zip(st.group, ops.unpack(gathered, len(st.group), wire)))
         for member, (their_values, their_indices, their_meta) in blocks.items():
             if member == rank:
                 continue
             meta = ops.merge_meta(meta, their_meta)
-            if st.sends(member):  # another entry count cannot be split: read ours, flag it
+            if st.sends(member) and n > 1:  # another entry count cannot be split: flag it
                 mismatch = ops.merge_meta(meta, ops.meta(digest + 1, MISMATCH))
                 *block, meta = ops.choose(ops.holds(their_values, total),
                                           (their_values, their_indices, their_meta, meta),
                                           (*mine, their_meta, mismatch))
                 blocks[member] = tuple(block)
-        split = {m: ops.split_set(b[0], b[1], ks) for m, b in blocks.items() if st.sends(m)}
-        values, indices, alive = _merge_stage_many(ops, st, split, alive, local, ks, v, size)
+        split = {m: (ops.split_set(b[0], b[1], ks) if n > 1 else [b[:2]])
+                 for m, b in blocks.items() if st.sends(m)}
+        values, indices, alive = _merge_stage(ops, st, split, alive, local, ks, v, size)
         timer.lap("merge", values[-1])
     verdict, sent_bytes = ops.flags_of(meta), gtopk_wire_bytes(total, rank, size, wire)
     # the group's bytes are counted once, on the first buffer
@@ -391,23 +368,13 @@ def gtopk_exchange_grouped(ops, accs, ks, rank, size, process_set_for, name="gto
             for b in range(n)]
 
 
-def _merge_stage(ops, st, sets, alive, local, k, v, size):
-    """One buffer's merges at stage ``st``: ``sets`` {sending member: (values, indices)}.
-    Returns (values, indices, alive); see :func:`_merge_stage_many`."""
-    values, indices, alive = _merge_stage_many(ops, st, {m: [s] for m, s in sets.items()},
-                                               [alive], [local], [k], v, size)
-    return values[0], indices[0], alive[0]
-
-
-def _merge_stage_many(ops, st, sets, alive, local, ks, v, size):
+def _merge_stage(ops, st, sets, alive, local, ks, v, size):
     """The merges of stage ``st`` for every buffer of an exchange, each merge done for all
     buffers at once (``ops.merge_truncate_many``): the fold first (a virtual rank's sets with
-    its mirror's), then the lower virtual rank's sets with the higher one's, keeping k_b.
+    its mirror's), then the lower virtual rank's sets with the higher one's, keeping k_b;
+    alive &= (I in S) after every merge this rank's virtual rank took part in.
     ``sets`` {sending member: [(values, indices) per buffer]}, ``alive`` / ``local`` per
     buffer.  Returns (values, indices, alive), lists over the buffers."""
-    def pairs(merged):
-        return [m[0] for m in merged], [m[1] for m in merged]
-
     merged_sets = {}
     for x in (st.low, st.high):
         members = [m for m in st.group if virtual_rank(m, size) == x and st.sends(m)]
@@ -418,8 +385,8 @@ def _merge_stage_many(ops, st, sets, alive, local, ks, v, size):
                 alive = [ops.logical_and(a, ops.isin(mine, m[1]))
                          for a, mine, m in zip(alive, local, merged)]
         merged_sets[x] = merged
-    values, indices = pairs(ops.merge_truncate_many(merged_sets[st.low], merged_sets[st.high],
-                                                    ks))
+    merged = ops.merge_truncate_many(merged_sets[st.low], merged_sets[st.high], ks)
+    values, indices = [m[0] for m in merged], [m[1] for m in merged]
     alive = [ops.logical_and(a, ops.isin(mine, idx)) for a, mine, idx in zip(alive, local,
                                                                             indices)]
     return values, indices, alive

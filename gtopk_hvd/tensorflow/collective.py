@@ -78,17 +78,16 @@ def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False, digest=0, f
     return _finalized(ops, result)
 
 
-def exchange_grouped(accs, ks, name="gtopk", profile=False, digest=0, flags=0,
+def exchange_grouped(accs, ks, name="gtopk.0", profile=False, digest=0, flags=0,
                      wire="float32"):
     """gTop-k :func:`exchange` of several buffers, one ExchangeResult each sharing one
-    verdict: all buffers' sets of a stage travel in one allgather (``{name}.0.s<stage>``, the
-    names of a single buffer's exchange ``{name}.0``): log2 P rounds whatever the number of
-    buffers, as in PyTorch.  (Top-k exchanges one buffer a call.)"""
+    verdict: all buffers' sets of a stage travel in one allgather (``{name}.s<stage>``): log2
+    P rounds whatever the number of buffers, as in PyTorch."""
     ops = TFOps(hvd)
     sets = exchange_sets(hvd)
     results = gtopk_exchange_grouped(ops, accs, ks, hvd.rank(), hvd.size(),
                                      lambda stage: process_set_for_stage(sets, stage),
-                                     name=f"{name}.0", digest=digest, flags=flags,
+                                     name=name, digest=digest, flags=flags,
                                      profile=profile and tf.executing_eagerly(), wire=wire)
     return [_finalized(ops, result) for result in results]
 

@@ -66,7 +66,7 @@ class BucketPipeline:
                 self.accs[bucket] = acc
                 ops = TorchOps(hvd, device=acc.device)
                 self._steps[bucket] = gtopk_exchange_steps(
-                    ops, acc, k, self.rank, self.size,
+                    ops, [acc], [k], self.rank, self.size,
                     lambda st: process_set_for_stage(self._sets, st),
                     name=f"{self._name}.{bucket}", digest=self._digest, flags=flags,
                     wire=self._wire)
@@ -86,8 +86,8 @@ class BucketPipeline:
         try:
             message, process_set, op = next(steps) if gathered is None else steps.send(gathered)
         except StopIteration as finished:
-            self.results[bucket] = finished.value
-            self.verdict |= int(finished.value.verdict)
+            self.results[bucket] = finished.value[0]
+            self.verdict |= int(finished.value[0].verdict)
             self._steps[bucket] = self._handles[bucket] = None
             return
         self._handles[bucket] = hvd.allgather_async(message, name=op, process_set=process_set)

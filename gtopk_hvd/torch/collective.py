@@ -81,22 +81,16 @@ def exchange(acc, k, algorithm="gtopk", name="gtopk", profile=False, digest=0, f
                           wire=wire)
 
 
-def exchange_grouped(accs, ks, algorithm="gtopk", name="gtopk", profile=False, digest=0, flags=0,
+def exchange_grouped(accs, ks, name="gtopk.0", profile=False, digest=0, flags=0,
                      wire="float32"):
-    """:func:`exchange` of several buffers; one ExchangeResult each, sharing one verdict.
-    gTop-k sends all buffers' sets of a stage in one allgather (``{name}.0.s<stage>``: log2 P
-    rounds whatever the number of buffers); Top-k runs one allgather per buffer
-    (``{name}.{i}``)."""
-    if algorithm != "gtopk" or len(accs) < 2:
-        return exchange_each(accs, ks, algorithm, name, profile, digest, flags, wire)
+    """gTop-k :func:`exchange` of several buffers, one ExchangeResult each sharing one
+    verdict: all buffers' sets of a stage travel in one allgather (``{name}.s<stage>``), so a
+    step costs log2 P rounds whatever the number of buffers."""
     ops = TorchOps(hvd, device=accs[0].device)
     sets = exchange_sets(hvd)
     sync = (lambda t: torch.cuda.synchronize(t.device)) if accs[0].is_cuda else None
-    # named as the first of exchange_each's: a rank with one buffer (another granularity)
-    # meets this exchange, and both see the set-ups differ
     return gtopk_exchange_grouped(ops, accs, ks, hvd.rank(), hvd.size(),
-                                  lambda stage: process_set_for_stage(sets, stage),
-                                  name=f"{name}.0",
+                                  lambda stage: process_set_for_stage(sets, stage), name=name,
                                   digest=digest, flags=flags, profile=profile, sync=sync,
                                   wire=wire)
 

@@ -37,7 +37,8 @@ from gtopk_hvd.common.density import check_density, k_for
 from gtopk_hvd.common.plan import plan_digest
 from gtopk_hvd.common.validation import check_algorithm, check_buffer_numel
 from gtopk_hvd.torch.collective import (check_verdict, compensate, decompress,
-                                        exchange_grouped, op_name, update_residual)
+                                        exchange_each, exchange_grouped, op_name,
+                                        update_residual)
 from gtopk_hvd.torch.ops import all_finite
 from gtopk_hvd.torch.state import GTopkState
 
@@ -113,9 +114,13 @@ class GTopkCompressor(Compressor):
         plan = compressor_plan(state.algorithm, ",".join(e.op for e in pending), buffers)
         digest = plan_digest(plan)
         flags = 0 if all_finite([e.acc for e in pending]) else NONFINITE
-        results = exchange_grouped([e.acc for e in pending], [k for _, _, k in buffers],
-                                   state.algorithm, COMPRESSOR_PREFIX, digest=digest,
-                                   flags=flags)
+        accs, ks = [e.acc for e in pending], [k for _, _, k in buffers]
+        if state.algorithm == "gtopk":
+            results = exchange_grouped(accs, ks, name=f"{COMPRESSOR_PREFIX}.0", digest=digest,
+                                       flags=flags)
+        else:
+            results = exchange_each(accs, ks, state.algorithm, COMPRESSOR_PREFIX,
+                                    digest=digest, flags=flags)
         finite = check_verdict(results[0].verdict, plan, name=f"{COMPRESSOR_PREFIX}.plan")
         for entry, result, (name, numel, _) in zip(pending, results, buffers):
             if finite:

@@ -108,8 +108,8 @@ def _pipelined(rank, size, ops, accs, ks, seed):
                 steps[b].send(gathered)
             handles[b] = mailbox.submit(group, rank, message, name)
         except StopIteration as done:
-            results[b] = done.value
-            verdict[0] |= done.value.verdict
+            results[b] = done.value[0]
+            verdict[0] |= done.value[0].verdict
 
     def advance(block):
         while pos[0] < len(order):
@@ -117,7 +117,7 @@ def _pipelined(rank, size, ops, accs, ks, seed):
             if s == 0:
                 if not (block or b in ready):
                     return
-                steps[b] = gtopk_exchange_steps(ops, accs[b], ks[b], rank, size, _group,
+                steps[b] = gtopk_exchange_steps(ops, [accs[b]], [ks[b]], rank, size, _group,
                                                 name=f"p.{b}", digest=len(accs))
                 resume(b, None)
             else:
@@ -183,8 +183,8 @@ def test_the_generator_requests_one_allgather_per_stage_named_by_stage(size):
         def allgather(message, group, name):
             names.setdefault(rank, []).append(name)
             return ops.allgather(message, group, name)
-        steps = gtopk_exchange_steps(ops, accs[rank], 9, rank, size, _group, name="a")
-        return drive(steps, allgather)
+        steps = gtopk_exchange_steps(ops, [accs[rank]], [9], rank, size, _group, name="a")
+        return drive(steps, allgather)[0]
 
     want = gtopk_step(accs, 9)
     for rank, result in enumerate(_run_ranks(size, body)):

@@ -45,6 +45,11 @@ SCENARIOS = [
     "bucket_unused_parameter_and_synchronize_without_backward",
     "bucket_zero_grad_while_exchanging_is_refused_then_training_goes_on",
     "bucket_bad_arguments_are_refused_before_communicating",
+    *[f"optimizer_subclass_with_colliding_attributes_{g}_keeps_them_and_equals_reference"
+      for g in ("model", "bucket")],
+    "lbfgs_with_a_closure_equals_reference_with_every_evaluation_synchronised",
+    "gtopk_state_passed_in_holds_the_residuals_and_equals_reference",
+    "adam_amsgrad_with_lambda_lr_equals_reference_every_step",
 ]
 
 

@@ -4,9 +4,12 @@ real training programs).
 - P = 3, 5, 6, 7 (extra ranks in every case): unnamed collectives between steps, NaN / Inf on
   one rank, GradScaler, set-ups that differ (workers/robustness_worker.py; every rank checks
   itself against the reference or against the other ranks);
-- P = 3: a plain ``hvd.shutdown()`` or a plain exit right after the last step, 10 runs each;
+- P = 3: a plain ``hvd.shutdown()`` or a plain exit right after the last step (once each;
+  ten times each with GTOPK_TEST_REPEAT=10, `make test-stress`);
 - P = 3 and 4: a rank killed with SIGKILL; the survivors catch HorovodInternalError.
 """
+import os
+
 import pytest
 
 from tests.harness import check_scenario, horovodrun
@@ -42,9 +45,13 @@ def test_job_ran_exactly_the_listed_scenarios(robustness_job):
         assert sorted(res) == sorted(SCENARIOS), f"rank {rank}"
 
 
+# a race shows up now and then: once each in `make test`, ten times in `make test-stress`
+REPEAT = int(os.environ.get("GTOPK_TEST_REPEAT", "1"))
+
+
 @pytest.mark.parametrize("how", ["shutdown", "exit"])
-def test_plain_shutdown_or_exit_after_the_last_step_at_p3_ten_times(how):
-    for run in range(10):
+def test_plain_shutdown_or_exit_after_the_last_step_at_p3_repeated(how):
+    for run in range(REPEAT):
         results = horovodrun(3, "tests/torch/workers/shutdown_worker.py", how, attempts=1)
         check_scenario(results, "train_then_exit")
 

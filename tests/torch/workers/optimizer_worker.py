@@ -637,7 +637,7 @@ def auto_algorithm(hvd, rec, rank, size):
             if rank == 0 and how == "shape":
                 opt.gtopk_state.link = Link(*DENSE_LINK)
             if rank == 0 and how == "loss_scale_all_dense":
-                opt._loss_scale = lambda: 2.0  # as if its GradScaler had another scale
+                opt._gtopk_sync.loss_scale = lambda: 2.0  # as if its GradScaler had another scale
             try:
                 train(hvd, model, opt, loss, steps=1)
                 outcomes.append(f"{how}: no error")
@@ -693,7 +693,7 @@ def bucket_granularity(hvd, rec, rank, size):
                 for j in range(passes):
                     loss(model, rank, j).backward()
                 # after the first step the exchanges start inside backward
-                started.append(opt._pipeline is not None and opt._pipeline.started)
+                started.append(opt._gtopk_sync.pipeline is not None and opt._gtopk_sync.pipeline.started)
                 opt.step()
                 loss.step += 1
                 got.append(flat_params(model).clone())
@@ -757,7 +757,126 @@ def bucket_granularity(hvd, rec, rank, size):
                 raise AssertionError(f"{kw}: did not raise")
 
 
+# every name the wrapper set on the user's optimizer class up to 0.1 (methods and attributes);
+# a user class may well use such names for itself
+_WRAPPER_NAMES_OF_OLD = (
+    "_sync_step", "_register_hooks", "_count_backward_pass", "_params", "_current_layout",
+    "_flat_grads", "_compensate", "_set_grads", "_scatter_grads", "_loss_scale", "_methods",
+    "_plan", "_log_methods", "_measure_link", "_check_sparse", "_synchronize", "_finish_step",
+    "_overlaps", "_bucket_hook", "_start_pipeline", "_synchronize_buckets", "_dense_part",
+    "_dense_first", "_dense_allreduce", "_dense_allreduce_with_verdict", "_nonfinite_step",
+    "_state_init_step", "_parameter_names", "_gtopk", "_grad_scaler", "_predivide",
+    "_compression", "_wire", "_layout", "_bucket_cap_mb", "_pipeline", "_plan_cache", "_passes",
+    "_synchronized", "_should_synchronize", "_published_step", "_verified",
+    "_sparse_algorithm")
+
+
+class CollidingSGD(torch.optim.SGD):
+    """An SGD subclass that keeps attributes of its own under the wrapper's old names."""
+
+    def __init__(self, params, lr=LR):
+        super().__init__(params, lr=lr)
+        for name in _WRAPPER_NAMES_OF_OLD:
+            setattr(self, name, f"user value of {name}")
+
+
+def user_optimizers(hvd, rec, rank, size):
+    """Optimizers as users write them: own attributes, a closure (LBFGS), a scheduler."""
+    for granularity in ("model", "bucket"):
+        with rec(f"optimizer_subclass_with_colliding_attributes_{granularity}_keeps_them_"
+                 f"and_equals_reference"):
+            _, opt = compare_trajectories(hvd, CollidingSGD, seed=3100, steps=3, density=0.1,
+                                          granularity=granularity)
+            lost = [n for n in _WRAPPER_NAMES_OF_OLD
+                    if getattr(opt, n, None) != f"user value of {n}"]
+            assert not lost, f"the wrapper overwrote the user's attributes {lost}"
+    with rec("lbfgs_with_a_closure_equals_reference_with_every_evaluation_synchronised"):
+        def lbfgs(params):
+            return torch.optim.LBFGS(params, lr=0.5, max_iter=4, history_size=3)
+        model = make_model(3200)
+        opt = hvd.DistributedOptimizer(lbfgs(model.parameters()),
+                                       named_parameters=model.named_parameters(), density=0.2)
+        ref = ReferenceRun(model, lbfgs, size, 0.2)
+        loss, ref_loss = loss_for(3200), loss_for(3200)
+
+        def closure():
+            opt.zero_grad()
+            value = loss(model, rank, 0)
+            value.backward()
+            return value
+
+        def ref_closure():
+            grads = ref.rank_grads(ref_loss)
+            with torch.no_grad():
+                losses = [float(ref_loss(ref.model, r, 0)) for r in range(size)]
+            ref.combine(grads)
+            return torch.tensor(sum(losses) / size, dtype=torch.float64)
+
+        got, want, evaluations = [], [], []
+        for _ in range(3):
+            opt.step(closure)
+            ref.opt.step(ref_closure)
+            loss.step += 1
+            ref_loss.step += 1
+            got.append(flat_params(model).clone())
+            want.append(flat_params(ref.model).clone())
+            evaluations.append(opt.gtopk_state.step)
+        for t, (g, w) in enumerate(zip(got, want)):
+            assert_equal(g, w.numpy(), f"params after LBFGS step {t + 1}")
+        assert evaluations[-1] == ref.steps > 3, (evaluations, ref.steps)
+        assert same_on_every_rank(hvd, got[-1], "lbfgs.same")
+    with rec("gtopk_state_passed_in_holds_the_residuals_and_equals_reference"):
+        state = hvd.GTopkState(0.1, granularity="layer")
+        model = make_model(3400)
+        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(),
+                                       gtopk_state=state)
+        ref = ReferenceRun(model, sgd, size, 0.1, "layer")
+        got = train(hvd, model, opt, loss_for(3400), steps=3)
+        want = simulate(ref, loss_for(3400), steps=3)
+        for t, (g, w) in enumerate(zip(got, want)):
+            assert_equal(g, w.numpy(), f"params after step {t + 1}")
+        assert opt.gtopk_state is state and state.step == 3 and len(state.residuals) == 4
+        assert_equal(state.residuals["0.weight"], ref.residual(rank, 0), "residual 0.weight")
+        try:
+            hvd.DistributedOptimizer(sgd(model.parameters()), gtopk_state={"density": 0.1})
+        except TypeError as error:
+            assert "gtopk_state must be a gtopk_hvd.torch.GTopkState" in str(error), error
+        else:
+            raise AssertionError("a gtopk_state of the wrong type was accepted")
+    with rec("adam_amsgrad_with_lambda_lr_equals_reference_every_step"):
+        def adam(params):
+            return torch.optim.Adam(params, lr=0.01, amsgrad=True)
+        model = make_model(3300)
+        opt = hvd.DistributedOptimizer(adam(model.parameters()),
+                                       named_parameters=model.named_parameters(), density=0.1)
+        ref = ReferenceRun(model, adam, size, 0.1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 / (1 + epoch))
+        ref_schedule = torch.optim.lr_scheduler.LambdaLR(ref.opt, lambda epoch: 1.0 / (1 + epoch))
+        got = train_scheduled(hvd, model, opt, schedule, loss_for(3300), steps=4)
+        want = []
+        ref_loss = loss_for(3300)
+        for _ in range(4):
+            ref.step(ref_loss)
+            ref_schedule.step()
+            ref_loss.step += 1
+            want.append(flat_params(ref.model).clone())
+        for t, (g, w) in enumerate(zip(got, want)):
+            assert_equal(g, w.numpy(), f"params after Adam step {t + 1}")
+        assert opt.param_groups[0]["lr"] == ref.opt.param_groups[0]["lr"] == 0.01 / 5
+        assert same_on_every_rank(hvd, got[-1], "adam.lambda.same")
+
+
+def train_scheduled(hvd, model, opt, schedule, loss, steps):
+    """:func:`train` with ``schedule.step()`` after every optimizer step."""
+    history = []
+    for _ in range(steps):
+        history += train(hvd, model, opt, loss, steps=1)
+        schedule.step()
+    return history
+
+
 SCENARIOS = (trajectories, identical_across_ranks, density_one, accumulation, checkpoint,
              world_size_policy, missing_gradients, half_precision, sparse_gradients,
              dense_threshold, schedule_and_stats, synchronize_api, resume_idioms, predivide,
-             fp16_compression, bad_input, auto_algorithm, bucket_granularity)
+             fp16_compression, bad_input, auto_algorithm, bucket_granularity, user_optimizers)

@@ -57,6 +57,12 @@ class ReferenceRun:
 
     def apply(self, grads):
         """One synchronisation on the P ranks' ``grads[rank][param]``, then the optimizer step."""
+        self.combine(grads)
+        self.opt.step()
+
+    def combine(self, grads):
+        """One synchronisation on the P ranks' ``grads[rank][param]``: p.grad of the model is
+        the result, the residuals and the schedule step advance (no optimizer step)."""
         density = self.schedule(self.steps)
         combine = gtopk_step if self.algorithm == "gtopk" else topk_allgather_step
         self.last_k = 0
@@ -79,7 +85,6 @@ class ReferenceRun:
             mean = np.mean([flat32(grads[r][i], p.numel()).astype(np.float64)
                             for r in range(self.size)], axis=0)
             p.grad = torch.from_numpy(mean.astype(np.float32)).view_as(p).to(p.dtype)
-        self.opt.step()
         self.steps += 1
 
     def step(self, loss_for_rank, passes=1):

@@ -251,7 +251,7 @@ def mismatches(rec, rank, size):
         try:
             opt.zero_grad()
             loss_for(43)(model, rank, 0).backward()
-            started = opt._pipeline is not None and opt._pipeline.started
+            started = opt._gtopk_sync.pipeline is not None and opt._gtopk_sync.pipeline.started
             opt.step()
         except PlanMismatchError as exc:
             assert "buffers[0]" in str(exc) and f"rank {size - 1}" in str(exc), exc

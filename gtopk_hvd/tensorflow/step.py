@@ -1,0 +1,154 @@
+"""The TensorFlow :class:`~gtopk_hvd.common.step.StepBackend`: one step's tensor operations
+over a list of gradients, their variables and the residuals of a
+:class:`~gtopk_hvd.tensorflow.state.GTopkState`.
+
+gtopk_hvd.common.step runs the step with it, eagerly or inside ``tf.function``: in a graph
+``finite`` is a bool tensor, so what depends on the verdict is computed after it
+(:func:`~gtopk_hvd.tensorflow.collective.after_verdict`) and residuals are assigned only on a
+finite step.  The reduced gradients are collected in ``out`` (one per variable, in order).
+"""
+import horovod.tensorflow as hvd
+import tensorflow as tf
+
+from gtopk_hvd.common.collective import VERDICT_TAIL, allreduce_with_verdict
+from gtopk_hvd.common.step import StepBackend
+from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, compensate,
+                                             decompress, exchange, exchange_grouped,
+                                             nonfinite_flag, plan_digest_tensor,
+                                             update_residual)
+from gtopk_hvd.tensorflow.ops import op_name_safe
+
+__all__ = ["TFStep", "Item"]
+
+
+class Item:
+    """One gradient to reduce: its position in the list, the (dense) gradient, its variable."""
+
+    def __init__(self, index, grad, variable):
+        self.index, self.grad, self.variable = index, grad, variable
+        self.numel = variable.shape.num_elements()
+
+
+def _flatten(tensors):
+    return tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
+
+
+def _split(flat, sizes):
+    return tf.split(flat, sizes) if len(sizes) > 1 else [flat]
+
+
+def _unflatten(flat, like):
+    parts = _split(flat, [g.shape.num_elements() for g in like])
+    return [tf.cast(tf.reshape(p, g.shape), g.dtype) for p, g in zip(parts, like)]
+
+
+def when(finite, value, fallback):
+    """``value`` on a finite step, else ``fallback()`` (Python bool eagerly, tensor in a
+    graph)."""
+    if isinstance(finite, bool):
+        return value if finite else fallback()
+    return tf.cond(finite, lambda: tf.identity(value), fallback)
+
+
+class TFStep(StepBackend):
+    """One synchronisation of ``items`` (:class:`Item`) with ``state``'s residuals.
+
+    config: the step's :class:`~gtopk_hvd.common.step.StepConfig`; op: Horovod's reduce op;
+    finish: ``finish(finite, stats)``, the state's record of the step.
+    """
+
+    def __init__(self, state, config, items, op, finish):
+        self.size = hvd.size()
+        self.state, self.config, self.op, self._finish = state, config, op, finish
+        self.out = [it.grad for it in items]
+        self.average_over = self.size if config.op == "Average" else 1
+
+    def _residuals(self, buffer):
+        return [self.state.residual(it.variable) for it in buffer.members]
+
+    # 1. compensate ---------------------------------------------------------------------
+
+    def compensate(self, buffer, scale, predivide):
+        acc = compensate(_flatten([it.grad for it in buffer.members]),
+                         _flatten([eps.read_value() for eps in self._residuals(buffer)]), scale)
+        return acc * (1.0 / predivide) if predivide != 1.0 else acc
+
+    def flat_grads(self, members):
+        return _flatten([it.grad for it in members])
+
+    def concat(self, parts):
+        return tf.concat(parts, 0) if len(parts) > 1 else parts[0]
+
+    # 2. plan and verdict -----------------------------------------------------------------
+
+    def nonfinite_flag(self, tensors):
+        return nonfinite_flag(tensors)
+
+    def digest(self, plan, ks, runtime_scale):
+        return plan_digest_tensor(plan, ks, runtime_scale)
+
+    def check_verdict(self, verdict, plan, ks, runtime_scale):
+        return check_verdict(verdict, plan, ks, runtime_scale)
+
+    def after_verdict(self, finite, tensor):
+        return after_verdict(finite, tensor)
+
+    # 3. exchange -------------------------------------------------------------------------
+
+    def exchange(self, accs, ks, algorithm, name, digest, flags, wire):
+        name = op_name_safe(name)
+        if algorithm == "gtopk":
+            return exchange_grouped(accs, ks, name=name, digest=digest, flags=flags, wire=wire)
+        return [exchange(accs[0], ks[0], algorithm, name=name, digest=digest, flags=flags,
+                         wire=wire)]
+
+    def empty(self):
+        return tf.zeros([0])
+
+    def dense_allreduce(self, flat):
+        predivide = self.config.predivide
+        return hvd.allreduce(flat, name=op_name_safe(f"{self.config.name}.dense"), op=self.op,
+                             prescale_factor=1.0 / predivide, postscale_factor=predivide,
+                             compression=hvd.Compression.fp16 if self.config.wire == "float16"
+                             else hvd.Compression.none)
+
+    def dense_allreduce_with_verdict(self, parts, digest, flags):
+        def allreduce(tail):  # eagerly only (dense_first)
+            flat = self.dense_allreduce(self.concat(parts + [tf.constant(tail, tf.float32)]))
+            return flat, flat[-VERDICT_TAIL:].numpy().tolist()
+        return allreduce_with_verdict(allreduce, int(digest), int(flags), self.size,
+                                      self.config.op == "Average", tf.errors.OpError)
+
+    # 4. scatter and residual -----------------------------------------------------------
+
+    def write_sparse(self, buffer, result, finite):
+        # a mismatch may have sent indices of another layout: only read them once checked
+        result.values = after_verdict(finite, result.values)
+        result.indices = after_verdict(finite, result.indices)
+        reduced = decompress(result, buffer.numel, self.config.sparse_algorithm,
+                             self.average_over, self.config.predivide)
+        self.write_dense(buffer.members, reduced)
+
+    def commit(self, buffer, acc, result, carried, finite):
+        rest = update_residual(acc, result, carried)
+        for eps, value in zip(self._residuals(buffer),
+                              _split(rest, [it.numel for it in buffer.members])):
+            eps.assign(when(finite, value, eps.read_value))
+
+    def write_dense(self, members, flat):
+        for it, value in zip(members, _unflatten(flat, [it.grad for it in members])):
+            self.out[it.index] = value
+
+    def clear_residual(self, buffer, finite):
+        for eps in self._residuals(buffer):
+            eps.assign(when(finite, tf.zeros_like(eps), eps.read_value))
+
+    def nonfinite(self, finite):
+        self.out = [when(finite, g, lambda g=g: tf.fill(tf.shape(g),
+                                                        tf.constant(float("nan"), g.dtype)))
+                    for g in self.out]
+
+    # 5. statistics -----------------------------------------------------------------------
+
+    def finish(self, finite, stats):
+        self._finish(finite, stats)

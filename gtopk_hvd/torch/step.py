@@ -1,0 +1,203 @@
+"""The PyTorch :class:`~gtopk_hvd.common.step.StepBackend`: one step's tensor operations over
+parameters, their ``p.grad`` and the residuals of a :class:`~gtopk_hvd.torch.state.GTopkState`.
+
+gtopk_hvd.common.step runs the step with it; the optimizer (gtopk_hvd.torch.synchronizer)
+builds one per synchronisation.  Everything here is eager: ``finite`` is a Python bool.
+"""
+import horovod.torch as hvd
+import torch
+from horovod.common.exceptions import HorovodInternalError
+
+from gtopk_hvd.common.collective import NONFINITE, VERDICT_TAIL, allreduce_with_verdict
+from gtopk_hvd.common.plan import plan_digest
+from gtopk_hvd.common.step import StepBackend
+from gtopk_hvd.torch.collective import (check_verdict, decompress, exchange,
+                                        exchange_grouped, update_residual)
+from gtopk_hvd.torch.ops import all_finite, wait
+
+__all__ = ["TorchStep", "flat_grads", "compensate_into", "set_grads", "nan_grads"]
+
+
+def _dense(grad):
+    return grad.to_dense() if grad.is_sparse else grad
+
+
+def flat_grads(params):
+    """The gradients of ``params`` laid end to end, float32; zeros for a parameter without a
+    gradient on this rank (another rank may have one)."""
+    parts = [torch.zeros(p.numel(), dtype=torch.float32, device=p.device) if p.grad is None
+             else _dense(p.grad).reshape(-1).to(torch.float32) for p in params]
+    return torch.cat(parts) if len(parts) != 1 else parts[0]
+
+
+def compensate_into(params, eps, out, scale):
+    """out = the gradients of ``params`` laid end to end + scale * eps (float32)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        if p.grad is None:  # not computed here: counts as zero, another rank may have one
+            torch.mul(eps[offset:offset + n], scale, out=out[offset:offset + n])
+        else:
+            torch.add(_dense(p.grad).reshape(-1), eps[offset:offset + n], alpha=scale,
+                      out=out[offset:offset + n])
+        offset += n
+    return out
+
+
+def set_grads(params, flat):
+    """p.grad = the matching slice of ``flat`` (in the gradient's dtype, sparse if it was)."""
+    offset = 0
+    for p in params:
+        chunk = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if p.grad is None:
+            p.grad = chunk.to(p.dtype, copy=True)
+        elif p.grad.is_sparse:  # sparse_as_dense: hand the optimizer a sparse gradient
+            p.grad = chunk.to(p.grad.dtype).to_sparse()
+        else:
+            p.grad.copy_(chunk)
+
+
+def nan_grads(params):
+    """Every gradient NaN, as a dense allreduce would spread a NaN (GradScaler then skips)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.full_like(p, float("nan"), memory_format=torch.contiguous_format)
+        elif p.grad.is_sparse:
+            p.grad = torch.full(p.shape, float("nan"), dtype=p.grad.dtype,
+                                device=p.device).to_sparse()
+        else:
+            p.grad.fill_(float("nan"))
+
+
+class TorchStep(StepBackend):
+    """One synchronisation of a torch optimizer's parameters.
+
+    state: the :class:`~gtopk_hvd.torch.state.GTopkState` (residuals, spares).
+    config: the step's :class:`~gtopk_hvd.common.step.StepConfig`.
+    params: every parameter of the step (all of them become NaN on a non-finite step).
+    compression: Horovod's Compression for the dense allreduce; op: Horovod's reduce op.
+    finish: ``finish(finite, stats)``, the optimizer's record of the step.
+    ``profile`` (class attribute): record per-phase timings in the ExchangeResults (the
+    benchmarks set it).
+    """
+
+    profile = False
+
+    def __init__(self, state, config, params, compression, op, finish):
+        self.size = hvd.size()
+        self.state, self.config, self.params = state, config, params
+        self.compression, self.op, self._finish = compression, op, finish
+        self.average_over = self.size if config.op == "Average" else 1
+
+    # 1. compensate ---------------------------------------------------------------------
+
+    def compensate(self, buffer, scale, predivide):
+        st, ps = self.state, buffer.members
+        if predivide == 1.0 and buffer.method == "dense" and buffer.name not in st.residuals:
+            return flat_grads(ps)  # sent densely and nothing held back: the gradients
+        device = ps[0].device
+        acc = compensate_into(ps, st.residual(buffer.name, buffer.numel, device),
+                              st.spare(buffer.name, buffer.numel, device), scale)
+        return acc.mul_(1.0 / predivide) if predivide != 1.0 else acc
+
+    def flat_grads(self, members):
+        return flat_grads(members)
+
+    def concat(self, parts):
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    # 2. plan and verdict -----------------------------------------------------------------
+
+    def nonfinite_flag(self, tensors):
+        return 0 if all_finite([_dense(t) for t in tensors]) else NONFINITE
+
+    def digest(self, plan, ks, runtime_scale):
+        return plan_digest(plan)
+
+    def check_verdict(self, verdict, plan, ks, runtime_scale):
+        return check_verdict(verdict, plan)
+
+    def after_verdict(self, finite, tensor):
+        return tensor
+
+    # 3. exchange -------------------------------------------------------------------------
+
+    def exchange(self, accs, ks, algorithm, name, digest, flags, wire):
+        if algorithm == "gtopk":
+            return exchange_grouped(accs, ks, name=name, profile=self.profile, digest=digest,
+                                    flags=flags, wire=wire)
+        return [exchange(accs[0], ks[0], algorithm, name, profile=self.profile, digest=digest,
+                         flags=flags, wire=wire)]
+
+    def empty(self):
+        return torch.zeros(0, dtype=torch.float32)
+
+    def dense_allreduce(self, flat):
+        compressed, ctx = self.compression.compress(flat)
+        predivide = self.config.predivide
+        reduced = wait(hvd, hvd.allreduce_async(
+            compressed, name=f"{self.config.name}.dense", op=self.op,
+            prescale_factor=1.0 / predivide, postscale_factor=predivide))
+        return self.compression.decompress(reduced, ctx)
+
+    def dense_allreduce_with_verdict(self, parts, digest, flags):
+        def allreduce(tail):
+            flat = self.dense_allreduce(self.concat(parts + [torch.tensor(tail,
+                                                                          dtype=torch.float32)]))
+            return flat, flat[-VERDICT_TAIL:].tolist()
+        return allreduce_with_verdict(allreduce, digest, flags, self.size,
+                                      self.config.op == "Average", HorovodInternalError)
+
+    # 4. scatter and residual -----------------------------------------------------------
+
+    def write_sparse(self, buffer, result, finite):
+        """p.grad = the global set divided by P (times the predivide factor), written
+        straight into the gradients: the gTop-k indices are sorted and unique, so each
+        parameter gets a slice of them (no buffer of the whole model)."""
+        params, numel = buffer.members, buffer.numel
+        postscale = self.config.predivide
+        if self.config.sparse_algorithm != "gtopk" or any(
+                p.grad is not None and (p.grad.is_sparse or not p.grad.is_contiguous())
+                for p in params):
+            set_grads(params, decompress(result, numel, self.config.sparse_algorithm,
+                                         self.average_over, postscale=postscale))
+            return
+        values = result.values / self.average_over if self.average_over != 1 else result.values
+        values = values * postscale if postscale != 1.0 else values
+        indices = result.indices.long()
+        starts = [0]
+        for p in params:
+            starts.append(starts[-1] + p.numel())
+        if len(params) == 1:  # one tensor: all of the set is its
+            bounds = [0, indices.numel()]
+        else:
+            bounds = torch.searchsorted(indices, torch.tensor(starts, device=indices.device))
+            bounds = bounds.tolist()
+        for i, p in enumerate(params):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            else:
+                p.grad.zero_()
+            lo, hi = bounds[i], bounds[i + 1]
+            mine = indices[lo:hi] - starts[i] if starts[i] else indices[lo:hi]
+            p.grad.view(-1)[mine] = values[lo:hi].to(p.grad.dtype)
+
+    def commit(self, buffer, acc, result, carried, finite):
+        self.state.commit(buffer.name, update_residual(acc, result, carried))
+
+    def write_dense(self, members, flat):
+        set_grads(members, flat)
+
+    def clear_residual(self, buffer, finite):
+        self.state.residuals.pop(buffer.name, None)
+        self.state.spares.pop(buffer.name, None)
+
+    def nonfinite(self, finite):
+        if not finite:
+            nan_grads(self.params)
+
+    # 5. statistics -----------------------------------------------------------------------
+
+    def finish(self, finite, stats):
+        self._finish(finite, stats)

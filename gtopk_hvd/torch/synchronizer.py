@@ -1,0 +1,337 @@
+"""What a gTop-k ``DistributedOptimizer`` holds: the layout of its parameters into buffers,
+the gradient hooks, and the synchronisation of one step.
+
+The optimizer class (gtopk_hvd.torch.optimizer) carries only Horovod's method names; this
+object, kept in its ``_gtopk_sync`` attribute, does the rest, so nothing collides with the
+attributes of the user's optimizer class.  A synchronisation (``granularity="model"`` or
+``"layer"``) is gtopk_hvd.common.step.run_step over :class:`~gtopk_hvd.torch.step.TorchStep`;
+``granularity="bucket"`` starts the buckets' exchanges from the gradient hooks
+(gtopk_hvd.torch.buckets) and finishes them in ``synchronize()`` with the same scatter and
+residual update.
+"""
+import logging
+import weakref
+
+import horovod.torch as hvd
+import torch
+
+from gtopk_hvd.common.buckets import make_buckets
+from gtopk_hvd.common.collective import MISMATCH, NONFINITE
+from gtopk_hvd.common.cost import buffer_methods, describe_methods
+from gtopk_hvd.common.density import k_for
+from gtopk_hvd.common.errors import GTopkError
+from gtopk_hvd.common.plan import make_plan, plan_digest
+from gtopk_hvd.common.process_sets import is_elastic, prepare_exchange_sets
+from gtopk_hvd.common.step import Buffer, StepConfig, finish_exchanged, run_step
+from gtopk_hvd.common.validation import check_buffer_numel
+from gtopk_hvd.torch.buckets import BucketPipeline
+from gtopk_hvd.torch.collective import check_verdict, dense_allreduce_bytes, measure_link
+from gtopk_hvd.torch.ops import all_finite
+from gtopk_hvd.torch.step import TorchStep, flat_grads
+
+__all__ = ["Synchronizer", "STEP_KEY"]
+
+logger = logging.getLogger(__name__)
+
+# the schedule step, also kept in param_groups[0]: the one place that Horovod's own
+# broadcast_optimizer_state (and torch's load_state_dict) carries from rank 0 to every rank
+STEP_KEY = "gtopk_step"
+
+
+class _Layout:
+    """Which parameters go into which sparsified buffer ((name, [params]) each), and which are
+    reduced densely; ``bucket_of``: {parameter: its buffer's position}."""
+
+    def __init__(self, params, names, granularity, dense_threshold, bucket_cap_mb):
+        sparse = [p for p in params if p.numel() >= max(1, dense_threshold)]
+        self.dense = [p for p in params if p.numel() < max(1, dense_threshold)]
+        if granularity == "model":
+            self.buffers = [("model", sparse)] if sparse else []
+        elif granularity == "bucket":
+            self.buffers = [(f"bucket.{b}", [sparse[i] for i in positions]) for b, positions
+                            in enumerate(make_buckets([p.numel() for p in sparse],
+                                                      bucket_cap_mb))]
+        else:
+            self.buffers = [(names[p], [p]) for p in sparse]
+        self.bucket_of = {p: b for b, (_, ps) in enumerate(self.buffers) for p in ps}
+        self.numels = [sum(p.numel() for p in ps) for _, ps in self.buffers]
+        for (name, _), numel in zip(self.buffers, self.numels):
+            check_buffer_numel(numel, name)
+        self.key = tuple(id(p) for p in params)
+
+
+class Synchronizer:
+    """The gTop-k synchronisation of one optimizer's gradients (see the module docstring).
+
+    Holds the :class:`~gtopk_hvd.torch.state.GTopkState` (``state``), the Horovod arguments,
+    the count of backward passes per parameter, and whether this step was synchronised."""
+
+    def __init__(self, optimizer, names, op, op_name, sparse_as_dense, state, grad_scaler,
+                 predivide, compression, wire, bucket_cap_mb):
+        self._optimizer = weakref.ref(optimizer)
+        self.names, self.op, self.sparse_as_dense = names, op, sparse_as_dense
+        self.state, self.grad_scaler, self.compression = state, grad_scaler, compression
+        self.config = StepConfig(state.algorithm, op_name, state.granularity,
+                                 state.dense_threshold, predivide, wire)
+        self.bucket_cap_mb = bucket_cap_mb
+        self.layout = None
+        self.pipeline = None  # granularity='bucket': the step's BucketPipeline, once started
+        self.passes = {}
+        self.synchronized = False
+        self.should_synchronize = True
+        self.verified = False  # a step found every rank with the same plan (dense_first)
+        self._published_step = None
+        self._logged_methods = None
+        self.publish_step()
+        if self.config.sparse_algorithm == "gtopk":
+            prepare_exchange_sets(hvd)  # collective registration; every check ran first
+
+    @property
+    def optimizer(self):
+        return self._optimizer()
+
+    # the schedule step ---------------------------------------------------------------------
+
+    def publish_step(self):
+        """Keep the schedule step also in ``param_groups[0][STEP_KEY]``: a value written there
+        from outside (a broadcast, a loaded state) is adopted."""
+        group = self.optimizer.param_groups[0]
+        seen = group.get(STEP_KEY)
+        if seen is not None and seen != self._published_step:
+            self.state.step = int(seen)
+        group[STEP_KEY] = self._published_step = self.state.step
+
+    def forget_published_step(self):
+        self.optimizer.param_groups[0].pop(STEP_KEY, None)
+        self._published_step = None
+
+    # hooks ---------------------------------------------------------------------------------
+
+    def register_hooks(self):
+        this = weakref.ref(self)
+
+        def hook(p):
+            sync = this()
+            if sync is not None:
+                sync.count_backward_pass(p)
+                if sync.state.granularity == "bucket" and sync.verified:
+                    sync.bucket_hook(p)
+
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(hook)
+
+    def count_backward_pass(self, p):
+        passes = self.passes[p] = self.passes.get(p, 0) + 1
+        allowed = self.optimizer.backward_passes_per_step
+        if passes > allowed:
+            raise AssertionError(
+                f"Gradients were computed {passes} times before step(), more than "
+                f"backward_passes_per_step={allowed}. Increase backward_passes_per_step to "
+                f"accumulate gradients locally.")
+
+    def reset(self, pipeline_running_ok=True):
+        """Forget the step in progress (zero_grad, a loaded state)."""
+        if not pipeline_running_ok and self.pipeline is not None and self.pipeline.started:
+            raise AssertionError(
+                "optimizer.zero_grad() was called after loss.backward() but before "
+                "optimizer.step() or optimizer.synchronize(): with granularity='bucket' the "
+                "gradients are already being exchanged. Call step() (or synchronize()) first")
+        self.pipeline = None
+        self.passes.clear()
+
+    # what a step is made of ----------------------------------------------------------------
+
+    def params(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]
+                if p.requires_grad]
+
+    def current_layout(self, params):
+        if self.layout is None or self.layout.key != tuple(id(p) for p in params):
+            missing = [p for p in params if p not in self.names]
+            for i, p in enumerate(missing):  # added later with add_param_group
+                self.names[p] = f"gtopk.noname.added.{i}.{len(self.names)}"
+            st = self.state
+            self.layout = _Layout(params, self.names, st.granularity, st.dense_threshold,
+                                  self.bucket_cap_mb)
+        return self.layout
+
+    def loss_scale(self):
+        """The scale the gradients carry (GradScaler), 1.0 without one."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        per_opt = getattr(scaler, "_per_optimizer_states", {}).get(id(self.optimizer), {})
+        if getattr(per_opt.get("stage"), "name", "") == "UNSCALED":
+            raise GTopkError(
+                "the gradients were unscaled (scaler.unscale_ or scaler.step) before gTop-k "
+                "synchronised them, so a rank whose gradients overflowed would skip the step "
+                "alone. Use Horovod's pattern: scaler.scale(loss).backward(); "
+                "optimizer.synchronize(); scaler.unscale_(optimizer); with "
+                "optimizer.skip_synchronize(): scaler.step(optimizer); scaler.update()")
+        return float(scaler.get_scale())
+
+    def methods(self, layout, density):
+        """Per buffer: the algorithm, or with ``algorithm="auto"`` the cheaper of 'dense' and
+        'gtopk' by the cost model (all 'gtopk' until the link is measured)."""
+        st = self.state
+        # the dense allreduce runs every step (it carries the verdict): its rounds are paid
+        methods = tuple(buffer_methods(st.algorithm, layout.numels, density, hvd.size(),
+                                       st.link, dense_paid=True))
+        if st.algorithm == "auto" and st.link is not None:
+            said = describe_methods(methods)
+            if said != self._logged_methods and hvd.rank() == 0:
+                logger.info("gtopk_hvd: algorithm='auto' at density %g on %d ranks (%s): %s",
+                            density, hvd.size(), st.link, said)
+            self._logged_methods = said
+        return methods
+
+    def check_sparse(self, params):
+        for p in params:  # before any communication
+            if p.grad is not None and p.grad.is_sparse and not self.sparse_as_dense:
+                raise ValueError(
+                    f"parameter {self.names.get(p)!r} has a sparse gradient (for example "
+                    f"nn.Embedding(sparse=True)); gTop-k works on dense buffers: pass "
+                    f"sparse_as_dense=True or use a dense embedding")
+
+    def dense_first(self):
+        """Whether the dense allreduce goes first and carries the verdict: with
+        algorithm='auto' once a first step, exchanged with headers, found every rank with the
+        same plan; then a step with nothing to sparsify costs what Horovod's dense allreduce
+        costs.  Not under Elastic, where a joining rank has had no first step."""
+        return self.state.algorithm == "auto" and self.verified and not is_elastic()
+
+    def backend(self, params):
+        return TorchStep(self.state, self.config, params, self.compression, self.op,
+                         self.finish)
+
+    # the step ------------------------------------------------------------------------------
+
+    def synchronize(self):
+        params = self.params()
+        if self.state.granularity == "bucket":
+            self.synchronize_buckets(params)
+        else:
+            self.check_sparse(params)
+            layout = self.current_layout(params)
+            self.publish_step()
+            st = self.state
+            density, scale = st.density(), self.loss_scale()
+            methods = self.methods(layout, density)
+            buffers = [Buffer(name, ps, numel, m) for (name, ps), numel, m
+                       in zip(layout.buffers, layout.numels, methods)]
+            ks = [k_for(b.numel, density) for b in buffers if b.method != "dense"]
+            dense = [(self.names[p], p, p.numel()) for p in layout.dense]
+            run_step(self.backend(params), self.config, buffers, dense, ks, density, scale,
+                     dense_first=self.dense_first())
+            st.methods = {b.name: b.method for b in buffers}
+        if self.state.algorithm == "auto" and self.state.link is None:
+            # every rank got here with the same verdict, so with the same plan: measure now
+            self.state.link = measure_link("gtopk.link")
+
+    def finish(self, finite, stats):
+        """A synchronisation is done: statistics and the schedule step (finite), or the count
+        of non-finite steps, residuals and schedule step as they were."""
+        st = self.state
+        self.verified = True  # the verdict reached every rank: the set-ups agree
+        if finite:
+            st.step += 1
+            self.publish_step()
+            st.last = dict(stats, finite=True)
+        else:
+            st.nonfinite_steps += 1
+            st.last = dict(st.last, finite=False, bytes_sent=0)
+            # with loss scaling an overflow now and then is the scaler's business
+            log = logger.info if self.grad_scaler is not None else logger.warning
+            log("gtopk_hvd: non-finite gradients on some rank at step %d: every rank gets NaN "
+                "gradients, residuals are kept (%d such steps so far)", st.step,
+                st.nonfinite_steps)
+        self.passes.clear()
+        self.synchronized = True
+
+    # granularity='bucket' ------------------------------------------------------------------
+
+    def bucket_hook(self, p):
+        """A gradient is complete: its bucket may be, and the exchanges advance as far as they
+        can without waiting."""
+        if self.passes[p] != self.optimizer.backward_passes_per_step:
+            return
+        try:
+            if self.pipeline is None:
+                self.pipeline = self.start_pipeline()
+            bucket = self.pipeline.layout.bucket_of.get(p)
+            if bucket is not None:
+                self.pipeline.arrived(bucket)
+            self.pipeline.advance(block=False)
+        except BaseException:
+            self.pipeline = None  # nothing of a failed step carries over
+            raise
+
+    def start_pipeline(self):
+        """This step's BucketPipeline: the plan of every bucket, fixed at its first gradient
+        (the loss scale and the density do not change within a backward pass)."""
+        st, layout, config = self.state, self.current_layout(self.params()), self.config
+        self.publish_step()
+        density, scale = st.density(), self.loss_scale()
+        ks = [k_for(numel, density) for numel in layout.numels]
+        plan = make_plan(config.algorithm, config.op, config.granularity,
+                         config.dense_threshold,
+                         [(name, numel, k) for (name, _), numel, k
+                          in zip(layout.buffers, layout.numels, ks)],
+                         [(self.names[p], p.numel()) for p in layout.dense], scale,
+                         config.predivide, config.wire)
+        backend = self.backend(self.params())
+
+        def prepare(bucket):
+            if not layout.buffers:  # the verdict and the digest still travel
+                return torch.zeros(0, dtype=torch.float32), 0, 0
+            name, ps = layout.buffers[bucket]
+            self.check_sparse(ps)
+            acc = backend.compensate(Buffer(name, ps, layout.numels[bucket], "gtopk"), scale,
+                                     config.predivide)
+            return acc, ks[bucket], backend.nonfinite_flag([acc])
+
+        pipe = BucketPipeline([len(ps) for _, ps in layout.buffers] or [0], prepare,
+                              plan_digest(plan), config.wire)
+        pipe.layout, pipe.plan, pipe.density, pipe.scale = layout, plan, density, scale
+        return pipe
+
+    def synchronize_buckets(self, params):
+        """Finish the exchanges the backward pass started (all of them on the first step),
+        then the dense allreduce; apply only if every bucket and the dense part are finite on
+        every rank (steps 4 and 5 of gtopk_hvd.common.step, as run_step does them)."""
+        pipe, self.pipeline = self.pipeline, None
+        if pipe is None:
+            self.check_sparse(params)  # before any communication
+            pipe = self.start_pipeline()
+            pipe.advance(block=True)
+        else:
+            try:  # what the hooks could not see: unscaled since, a sparse gradient
+                self.loss_scale()
+                self.check_sparse(params)
+            finally:  # the ranks' hooks went more or less far along one order: finish it on
+                # every rank alike, so that no operation is left without its partner
+                pipe.advance(block=True)
+        backend, layout, verdict = self.backend(params), pipe.layout, pipe.verdict
+        dense_numel = sum(p.numel() for p in layout.dense)
+        flat = None
+        if layout.dense and not verdict & MISMATCH:  # the digest covered the dense sizes
+            flat = backend.dense_allreduce(flat_grads(layout.dense))
+            verdict |= 0 if all_finite([flat]) else NONFINITE  # the same bits on every rank
+        finite = check_verdict(verdict, pipe.plan)
+        k_total = numel = sent = 0
+        if finite:
+            carried = pipe.scale / self.config.predivide
+            sent = sum(result.bytes_sent for result in pipe.results)
+            for (name, ps), acc, result in zip(layout.buffers, pipe.accs, pipe.results):
+                buffer = Buffer(name, ps, acc.numel(), "gtopk")
+                backend.write_sparse(buffer, result, finite)
+                backend.commit(buffer, acc, result, carried, finite)
+                k_total, numel = k_total + result.local_indices.numel(), numel + acc.numel()
+            if layout.dense:
+                backend.write_dense(layout.dense, flat)
+                sent += dense_allreduce_bytes(dense_numel, hvd.size())
+        backend.nonfinite(finite)
+        finish_exchanged(backend, finite, pipe.density, k_total, numel, dense_numel, sent,
+                         pipe.scale)
