@@ -16,9 +16,8 @@ the adapter falls back to its own rule (documented there).
 """
 import sys
 
-from gtopk_hvd.common.validation import check_algorithm
 
-__all__ = ["horovod_call", "check_compressor_op", "compressor_plan", "op_from_call",
+__all__ = ["horovod_call", "check_compressor_op", "op_from_call",
            "require_name", "COMPRESSOR_PREFIX"]
 
 COMPRESSOR_PREFIX = "gtopk.compressor"
@@ -78,10 +77,3 @@ def check_compressor_op(op):
             f"or op=hvd.Sum to Horovod's optimizer (Adasum, Min, Max and Product are not sparse "
             f"reductions)")
     return op
-
-
-def compressor_plan(algorithm, op, buffers):
-    """The plan every rank of one compressor flush must agree on: all (name, numel, k), so a
-    rank that holds other tensors is refused at the first exchange (not left waiting)."""
-    from gtopk_hvd.common.plan import make_plan
-    return make_plan(check_algorithm(algorithm), op, "compressor", 0, buffers)

@@ -17,9 +17,9 @@ Horovod calls and where its gradients and residuals live).  On every rank:
    set-ups (``dense_first``), the dense allreduce's tail.  Ranks that disagree raise
    PlanMismatchError together; a non-finite step ends here on every rank (eagerly; in a
    graph the rest runs and is discarded), with NaN gradients and every residual kept;
-4. scatter and residual: the global set divided by P into the gradients, the dense result
-   into the dense ones; eps_b = (acc_b with what reached the result cleared) * f / S;
-   a buffer sent densely is applied in full, so its residual is cleared;
+4. residual and scatter: eps_b = (acc_b with what reached the result cleared) * f / S; the
+   global set divided by P into the gradients, the dense result into the dense ones; a
+   buffer sent densely is applied in full, so its residual is cleared;
 5. statistics: k, bytes sent, dense equivalent, loss scale, handed to the state.
 
 Every rank issues the same operations in the same order whatever its data: what decides an
@@ -89,11 +89,12 @@ class StepBackend:
     dense_allreduce(flat): Horovod's allreduce of the dense parts (op, predivide, wire).
     dense_allreduce_with_verdict(parts, digest, flags): (flat, verdict), the dense allreduce
         carrying the verdict tail (gtopk_hvd.common.collective.allreduce_with_verdict).
-    write_sparse(buffer, result, finite): the buffer's gradients = the global set over P
-        (times predivide).
     commit(buffer, acc, result, carried, finite): the buffer's new residual, acc with what
         reached the result cleared, divided by ``carried`` (the factor acc carries: loss
-        scale over predivide factor), kept only on a finite step.
+        scale over predivide factor), kept only on a finite step.  Called before
+        ``write_sparse``, which may then reuse acc's memory.
+    write_sparse(buffer, result, finite): the buffer's gradients = the global set over P
+        (times predivide).
     write_dense(members, flat): the members' gradients = ``flat`` laid end to end.
     clear_residual(buffer, finite): a buffer applied in full keeps nothing back.
     nonfinite(finite): every gradient becomes NaN where the step is not finite.
@@ -154,11 +155,11 @@ def run_step(backend, config, buffers, dense, ks, density, scale=1.0, runtime_sc
         backend.nonfinite(finite)
         finish_exchanged(backend, finite, density, k_total, numel, dense_numel, sent, scale)
         return finite
-    # 4. scatter and residual
+    # 4. residual and scatter
     carried = scale / predivide if predivide != 1.0 else scale  # what acc is scaled by
     for buffer, acc, k, result in zip(sparse, accs, ks, results):
+        backend.commit(buffer, acc, result, carried, finite)  # first: it reads acc
         backend.write_sparse(buffer, result, finite)
-        backend.commit(buffer, acc, result, carried, finite)
         k_total, numel = k_total + k, numel + buffer.numel
     sent += sum(r.bytes_sent for r in results)
     if dense_members:

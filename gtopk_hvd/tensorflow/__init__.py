@@ -34,7 +34,8 @@ from gtopk_hvd.common.errors import GTopkError, ProcessSetError
 from gtopk_hvd.common.process_sets import init_with_exchange_sets
 from gtopk_hvd.common.threads import host_cores, share_threads
 from gtopk_hvd.tensorflow.compression import Compression, GTopkCompressor
-from gtopk_hvd.tensorflow.collective import GTopkResult, gtopk_allreduce, measure_link
+from gtopk_hvd.tensorflow.collective import measure_link
+from gtopk_hvd.tensorflow.functional import GTopkResult, gtopk_allreduce
 from gtopk_hvd.tensorflow.gradient_tape import DistributedGradientTape
 from gtopk_hvd.tensorflow.gradients import allreduce_gradients
 from gtopk_hvd.tensorflow.ops import TFOps

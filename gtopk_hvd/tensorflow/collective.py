@@ -1,19 +1,18 @@
-"""gTop-k allreduce of one TensorFlow tensor: the functional form of one gTop-k S-SGD step.
+"""The collective pieces of the TensorFlow backend, used by every entry point's step.
 
-One call on every rank (ALGORITHM.md, "One step on worker p"), eagerly or in ``tf.function``:
-
-1. compensate: acc = tensor + residual, flat float32 (:func:`compensate`);
-2. select and communicate: the framework-free driver of gtopk_hvd.common.collective with
-   :class:`~gtopk_hvd.tensorflow.ops.TFOps` (hypercube gTop-k, or Top-k by allgather);
-3. decompress: scatter the global set into a dense tensor, divided by P for Average
-   (:func:`decompress`); bit-identical on every rank;
-4. update the residual: eps = acc, eps[local[alive]] = 0 (:func:`update_residual`).
+:func:`exchange` / :func:`exchange_grouped` run the framework-free stage loop of
+gtopk_hvd.common.collective with :class:`~gtopk_hvd.tensorflow.ops.TFOps` (hypercube gTop-k,
+or Top-k by allgather); :func:`check_verdict` turns the verdict the headers carried into an
+error on every rank or the step's finiteness (a bool tensor in a graph);
+:func:`decompress` scatters the global set into a dense tensor (bit-identical on every rank);
+:func:`update_residual` keeps what was not applied.  The step that composes them is
+gtopk_hvd.common.step (with gtopk_hvd.tensorflow.step); the functional form of one step on
+one tensor is gtopk_hvd.tensorflow.functional.
 
 Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
 Sparsification for Low Bandwidth Networks", ICDCS 2019.
 """
 import logging
-import time
 
 import horovod.tensorflow as hvd
 import tensorflow as tf
@@ -23,15 +22,13 @@ from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, GTopkResult,
                                          gtopk_exchange_grouped, reduce_op_name,
                                          topk_allgather_exchange)
 from gtopk_hvd.common.cost import measure_link as _measure_link
-from gtopk_hvd.common.density import check_density, k_for
+from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
-from gtopk_hvd.common.plan import make_plan, mismatch_error, plan_digest
+from gtopk_hvd.common.plan import mismatch_error, plan_digest
 from gtopk_hvd.common.process_sets import exchange_sets, process_set_for_stage
-from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
-                                         check_global_process_set, check_op)
 from gtopk_hvd.tensorflow.ops import TFOps, all_finite, select_topk
 
-__all__ = ["GTopkResult", "gtopk_allreduce", "compensate", "exchange", "exchange_grouped",
+__all__ = ["GTopkResult", "compensate", "exchange", "exchange_grouped",
            "nonfinite_flag",
            "plan_digest_tensor", "check_verdict", "after_verdict", "decompress", "update_residual",
            "exact_divide", "op_name", "dense_allreduce_bytes", "measure_link"]
@@ -226,88 +223,3 @@ def measure_link(name="gtopk.link"):
                              op=hvd.Max).numpy().tolist()
 
     return _measure_link(allreduce, select, agree, hvd.size())
-
-
-def _check_tensor(tensor, residual):
-    if not isinstance(tensor, (tf.Tensor, tf.Variable)) or isinstance(tensor, tf.IndexedSlices):
-        raise TypeError(f"tensor must be a tf.Tensor, got {type(tensor).__name__}")
-    if not tensor.dtype.is_floating:
-        raise ValueError(f"gTop-k reduces floating-point gradients, got dtype {tensor.dtype.name}; "
-                         f"use hvd.allreduce for integer tensors")
-    if not tensor.shape.is_fully_defined():
-        raise ValueError(f"gtopk_allreduce needs a tensor of static shape, got {tensor.shape}")
-    if residual is not None and (not isinstance(residual, (tf.Tensor, tf.Variable))
-                                 or residual.dtype != tf.float32
-                                 or residual.shape.num_elements() != tensor.shape.num_elements()):
-        raise ValueError(
-            f"residual must be a float32 tensor of {tensor.shape.num_elements()} elements (the "
-            f"residual returned by the previous call, or None for zeros), got "
-            f"{getattr(residual, 'dtype', type(residual).__name__)} with "
-            f"{getattr(residual, 'shape', '?')}")
-
-
-@tf.autograph.experimental.do_not_convert
-def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm="gtopk",
-                    residual=None, process_set=hvd.global_process_set, *, profile=False):
-    """Sparse allreduce of ``tensor`` by gTop-k with error feedback; call it on every rank.
-
-    Works eagerly and inside ``tf.function``.
-
-    1. acc = tensor + residual (float32);
-    2. local top-k of |acc|, k = max(1, ceil(density * numel)), ties by lower index;
-    3. log2(P) hypercube stages of pairwise merge-and-truncate to k (``algorithm="gtopk"``),
-       or an allgather of every rank's top-k (``algorithm="topk"``, O(kP));
-    4. output = the global set scattered into a dense tensor, divided by P for Average;
-    5. new residual = acc with this rank's entries that reached the result cleared.
-
-    Args:
-        tensor: the gradient (any static shape, floating point).
-        density: fraction of entries kept, in (0, 1].  1.0 gives the dense sum exactly.
-        name: prefix of the Horovod op names (the same on every rank).
-        op: ``hvd.Average`` or ``hvd.Sum``.
-        algorithm: ``"gtopk"`` or ``"topk"``.
-        residual: this rank's residual from the previous call (flat float32), or None.
-        process_set: only the global process set is supported.
-        profile: record per-phase wall times in ``result.timings`` (eager only).
-
-    Returns:
-        :class:`GTopkResult`; ``result.output`` is the dense tensor, ``result.residual`` the
-        residual to pass to the next call.
-
-    Example::
-
-        res = gtopk_allreduce(grad, density=0.01, name="w", residual=eps)
-        grad, eps = res.output, res.residual
-    """
-    _check_tensor(tensor, residual)
-    density = check_density(density)
-    check_op(op_name(op))
-    check_algorithm(algorithm, where="gtopk_allreduce")
-    check_global_process_set(process_set)
-    numel = check_buffer_numel(tensor.shape.num_elements(), name or "tensor")
-    k = k_for(numel, density)
-    size = hvd.size()
-    plan = make_plan(algorithm, op_name(op), "tensor", 0, [(name or "tensor", numel, k)])
-
-    acc = compensate(tensor, residual)
-    exchanged = exchange(acc, k, algorithm, name or "gtopk", profile,
-                         plan_digest_tensor(plan, [k]), nonfinite_flag([acc]))
-    finite = check_verdict(exchanged.verdict, plan, [k])
-    exchanged.indices = after_verdict(finite, exchanged.indices)
-    start = time.perf_counter()
-    dense = decompress(exchanged, numel, algorithm, size if op_name(op) == "Average" else 1)
-    new_residual = update_residual(acc, exchanged)
-    old_residual = tf.zeros([numel], tf.float32) if residual is None else residual
-    if tf.executing_eagerly() and not finite:  # the same NaN everywhere, the residual kept
-        dense, new_residual = tf.fill([numel], float("nan")), old_residual
-    elif not tf.executing_eagerly():
-        dense = tf.where(finite, dense, float("nan"))
-        new_residual = tf.cond(finite, lambda: new_residual, lambda: tf.identity(old_residual))
-    output = tf.cast(tf.reshape(dense, tensor.shape), tensor.dtype)
-    mid = time.perf_counter()
-    result = GTopkResult(output, new_residual, exchanged, k)
-    result.finite = finite
-    if profile and tf.executing_eagerly():
-        result.timings["decompress"] = mid - start
-        result.timings["residual"] = time.perf_counter() - mid
-    return result

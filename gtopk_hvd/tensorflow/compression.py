@@ -36,7 +36,8 @@ from gtopk_hvd.common.compression import (COMPRESSOR_PREFIX, horovod_call, op_fr
                                           require_name)
 from gtopk_hvd.common.density import check_density
 from gtopk_hvd.common.validation import check_algorithm, check_buffer_numel
-from gtopk_hvd.tensorflow.collective import gtopk_allreduce, op_name
+from gtopk_hvd.tensorflow.collective import op_name
+from gtopk_hvd.tensorflow.functional import gtopk_allreduce
 
 __all__ = ["Compression", "GTopkCompressor"]
 

@@ -7,10 +7,12 @@ gtopk_hvd.common.step runs the step with it, eagerly or inside ``tf.function``: 
 (:func:`~gtopk_hvd.tensorflow.collective.after_verdict`) and residuals are assigned only on a
 finite step.  The reduced gradients are collected in ``out`` (one per variable, in order).
 """
+import time
+
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
-from gtopk_hvd.common.collective import VERDICT_TAIL, allreduce_with_verdict
+from gtopk_hvd.common.collective import VERDICT_TAIL, GTopkResult, allreduce_with_verdict
 from gtopk_hvd.common.step import StepBackend
 from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, compensate,
                                              decompress, exchange, exchange_grouped,
@@ -18,7 +20,7 @@ from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, compe
                                              update_residual)
 from gtopk_hvd.tensorflow.ops import op_name_safe
 
-__all__ = ["TFStep", "Item"]
+__all__ = ["TFStep", "TensorStep", "Item"]
 
 
 class Item:
@@ -152,3 +154,59 @@ class TFStep(StepBackend):
 
     def finish(self, finite, stats):
         self._finish(finite, stats)
+
+
+class TensorStep(TFStep):
+    """The step backend of ``gtopk_allreduce``: one buffer, the tensor; the residual is the
+    caller's (None: zeros), returned new (or as it was on a non-finite step)."""
+
+    def __init__(self, config, tensor, residual, profile):
+        super().__init__(None, config, [], None, lambda finite, stats: None)
+        self.tensor, self.profile, self.timings = tensor, profile, {}
+        numel = tensor.shape.num_elements()
+        self.old_residual = tf.zeros([numel], tf.float32) if residual is None else residual
+        self.residual = residual
+        self.result = self.dense = None
+        self.new_residual, self.finite = self.old_residual, True
+
+    def compensate(self, buffer, scale, predivide):
+        self.acc = compensate(self.tensor, self.residual)
+        return self.acc
+
+    def exchange(self, accs, ks, algorithm, name, digest, flags, wire):
+        # one buffer: its stages are {name}.s<stage> (Top-k: {name}), as before the step driver
+        self.result = exchange(accs[0], ks[0], algorithm, self.config.name, self.profile,
+                               digest, flags, wire)
+        return [self.result]
+
+    def commit(self, buffer, acc, result, carried, finite):
+        start = time.perf_counter()
+        new = update_residual(acc, result)
+        old = self.old_residual
+        self.new_residual = new if isinstance(finite, bool) else \
+            tf.cond(finite, lambda: new, lambda: tf.identity(old))
+        self.timings["residual"] = time.perf_counter() - start
+
+    def write_sparse(self, buffer, result, finite):
+        start = time.perf_counter()
+        result.indices = after_verdict(finite, result.indices)
+        self.dense = decompress(result, buffer.numel, self.config.sparse_algorithm,
+                                self.average_over)
+        self.timings["decompress"] = time.perf_counter() - start
+
+    def nonfinite(self, finite):
+        if finite is False:  # eagerly: the same NaN everywhere, the residual as it was
+            self.finite = False
+            self.dense = tf.fill([self.tensor.shape.num_elements()], float("nan"))
+        elif not isinstance(finite, bool):
+            self.finite = finite
+            self.dense = tf.where(finite, self.dense, float("nan"))
+
+    def gtopk_result(self, k):
+        """The :class:`~gtopk_hvd.common.collective.GTopkResult` of the step."""
+        output = tf.cast(tf.reshape(self.dense, self.tensor.shape), self.tensor.dtype)
+        result = GTopkResult(output, self.new_residual, self.result, k)
+        result.finite = self.finite
+        if self.profile:
+            result.timings.update(self.timings)
+        return result

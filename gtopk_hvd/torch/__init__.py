@@ -26,8 +26,8 @@ from gtopk_hvd.common.density import (ConstantDensity, DensitySchedule,
 from gtopk_hvd.common.errors import GTopkError, ProcessSetError
 from gtopk_hvd.torch import elastic
 from gtopk_hvd.torch.compression import Compression, GTopkCompressor
-from gtopk_hvd.torch.collective import (GTopkResult, gtopk_allreduce, gtopk_allreduce_,
-                                        measure_link)
+from gtopk_hvd.torch.collective import measure_link
+from gtopk_hvd.torch.functional import GTopkResult, gtopk_allreduce, gtopk_allreduce_
 from gtopk_hvd.torch.functions import broadcast_optimizer_state, init, shutdown
 from gtopk_hvd.torch.ops import TorchOps
 from gtopk_hvd.torch.optimizer import DistributedOptimizer

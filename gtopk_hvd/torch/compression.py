@@ -30,17 +30,14 @@ import torch
 from horovod.torch.compression import Compression as _HorovodCompression
 from horovod.torch.compression import Compressor
 
-from gtopk_hvd.common.collective import NONFINITE, dense_allreduce_bytes
-from gtopk_hvd.common.compression import (COMPRESSOR_PREFIX, compressor_plan, horovod_call,
-                                          op_from_call, require_name)
+from gtopk_hvd.common.compression import (COMPRESSOR_PREFIX, horovod_call, op_from_call,
+                                          require_name)
 from gtopk_hvd.common.density import check_density, k_for
-from gtopk_hvd.common.plan import plan_digest
+from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_algorithm, check_buffer_numel
-from gtopk_hvd.torch.collective import (check_verdict, compensate, decompress,
-                                        exchange_each, exchange_grouped, op_name,
-                                        update_residual)
-from gtopk_hvd.torch.ops import all_finite
+from gtopk_hvd.torch.collective import compensate, decompress, op_name
 from gtopk_hvd.torch.state import GTopkState
+from gtopk_hvd.torch.step import TorchStep
 
 __all__ = ["Compression", "GTopkCompressor"]
 
@@ -104,41 +101,17 @@ class GTopkCompressor(Compressor):
         return output
 
     def _flush(self):
-        """Exchange every pending tensor, in name order, on every rank."""
+        """Exchange every pending tensor, in name order, on every rank: the step of
+        gtopk_hvd.common.step with one buffer per tensor."""
         pending = [self._pending[name] for name in sorted(self._pending)]
         self._pending = {}
         state = self.gtopk_state
         density = state.density()
-        size = hvd.size()
-        buffers = [(e.name, e.acc.numel(), k_for(e.acc.numel(), density)) for e in pending]
-        plan = compressor_plan(state.algorithm, ",".join(e.op for e in pending), buffers)
-        digest = plan_digest(plan)
-        flags = 0 if all_finite([e.acc for e in pending]) else NONFINITE
-        accs, ks = [e.acc for e in pending], [k for _, _, k in buffers]
-        if state.algorithm == "gtopk":
-            results = exchange_grouped(accs, ks, name=f"{COMPRESSOR_PREFIX}.0", digest=digest,
-                                       flags=flags)
-        else:
-            results = exchange_each(accs, ks, state.algorithm, COMPRESSOR_PREFIX,
-                                    digest=digest, flags=flags)
-        finite = check_verdict(results[0].verdict, plan, name=f"{COMPRESSOR_PREFIX}.plan")
-        for entry, result, (name, numel, _) in zip(pending, results, buffers):
-            if finite:
-                average_over = size if entry.op == "Average" else 1
-                dense = decompress(result, numel, state.algorithm, average_over)
-                state.commit(name, update_residual(entry.acc, result))
-            else:  # NaN on every rank (as a dense allreduce would give), residuals kept
-                dense = torch.full((numel,), float("nan"), device=entry.acc.device)
-            entry.output = dense.view(entry.shape).to(entry.dtype)
-        if finite:
-            state.step += 1
-        else:
-            state.nonfinite_steps += 1
-        stats = {"density": density, "finite": finite, "k": sum(k for _, _, k in buffers),
-                 "numel": sum(n for _, n, _ in buffers),
-                 "bytes_sent": sum(r.bytes_sent for r in results),
-                 "dense_bytes": sum(dense_allreduce_bytes(n, size) for _, n, _ in buffers)}
-        state.last = stats
+        buffers = [Buffer(e.name, [e], e.acc.numel(), state.algorithm) for e in pending]
+        config = StepConfig(state.algorithm, ",".join(e.op for e in pending), "compressor", 0,
+                            name=COMPRESSOR_PREFIX)
+        run_step(_CompressorStep(state, config, pending), config, buffers, [],
+                 [k_for(b.numel, density) for b in buffers], density)
 
     def gtopk_stats(self):
         """Statistics of the last synchronisation on this rank (see GTopkState.gtopk_stats)."""
@@ -155,6 +128,38 @@ class GTopkCompressor(Compressor):
 
     def __repr__(self):
         return f"Compression.gtopk({self.gtopk_state!r})"
+
+
+class _CompressorStep(TorchStep):
+    """The step backend of a compressor flush: a buffer per pending tensor, whose acc was
+    computed at ``compress``; the result goes to the tensor's ``output``."""
+
+    def __init__(self, state, config, pending):
+        super().__init__(state, config, [], None, None, self._record)
+        self.pending = pending
+
+    def compensate(self, buffer, scale, predivide):
+        return buffer.members[0].acc
+
+    def write_sparse(self, buffer, result, finite):
+        entry = buffer.members[0]
+        average_over = self.size if entry.op == "Average" else 1
+        dense = decompress(result, buffer.numel, self.config.sparse_algorithm, average_over)
+        entry.output = dense.view(entry.shape).to(entry.dtype)
+
+    def nonfinite(self, finite):
+        if not finite:  # NaN on every rank (as a dense allreduce would give), residuals kept
+            for entry in self.pending:
+                entry.output = torch.full(entry.shape, float("nan"), dtype=entry.dtype,
+                                          device=entry.acc.device)
+
+    def _record(self, finite, stats):
+        state = self.state
+        if finite:
+            state.step += 1
+        else:
+            state.nonfinite_steps += 1
+        state.last = dict(stats, finite=finite)
 
 
 class Compression(_HorovodCompression):

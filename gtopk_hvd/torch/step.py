@@ -4,18 +4,22 @@ parameters, their ``p.grad`` and the residuals of a :class:`~gtopk_hvd.torch.sta
 gtopk_hvd.common.step runs the step with it; the optimizer (gtopk_hvd.torch.synchronizer)
 builds one per synchronisation.  Everything here is eager: ``finite`` is a Python bool.
 """
+import time
+
 import horovod.torch as hvd
 import torch
 from horovod.common.exceptions import HorovodInternalError
 
-from gtopk_hvd.common.collective import NONFINITE, VERDICT_TAIL, allreduce_with_verdict
+from gtopk_hvd.common.collective import (NONFINITE, VERDICT_TAIL, GTopkResult,
+                                         allreduce_with_verdict)
 from gtopk_hvd.common.plan import plan_digest
 from gtopk_hvd.common.step import StepBackend
-from gtopk_hvd.torch.collective import (check_verdict, decompress, exchange,
+from gtopk_hvd.torch.collective import (check_verdict, compensate, decompress, exchange,
                                         exchange_grouped, update_residual)
 from gtopk_hvd.torch.ops import all_finite, wait
 
-__all__ = ["TorchStep", "flat_grads", "compensate_into", "set_grads", "nan_grads"]
+__all__ = ["TorchStep", "TensorStep", "flat_grads", "compensate_into", "set_grads",
+           "nan_grads"]
 
 
 def _dense(grad):
@@ -116,7 +120,7 @@ class TorchStep(StepBackend):
         return plan_digest(plan)
 
     def check_verdict(self, verdict, plan, ks, runtime_scale):
-        return check_verdict(verdict, plan)
+        return check_verdict(verdict, plan, name=f"{self.config.name}.plan")
 
     def after_verdict(self, finite, tensor):
         return tensor
@@ -201,3 +205,68 @@ class TorchStep(StepBackend):
 
     def finish(self, finite, stats):
         self._finish(finite, stats)
+
+
+class TensorStep(TorchStep):
+    """The step backend of ``gtopk_allreduce``: one buffer, the tensor; the residual is the
+    caller's (None: zeros).  In place on a contiguous float32 tensor, acc is computed in the
+    tensor's own memory and the output written back there: a step allocates no
+    tensor-sized buffer (on 25M entries a fresh 100 MB one costs as much as a pass)."""
+
+    def __init__(self, config, tensor, residual, in_place, profile):
+        super().__init__(None, config, [], None, None, lambda finite, stats: None)
+        self.tensor, self.residual, self.in_place = tensor, residual, in_place
+        self.direct = in_place and tensor.dtype == torch.float32 and tensor.is_contiguous()
+        self.profile = profile
+        self.result = self.output = None
+        self.new_residual, self.finite = residual, True
+        self.timings = {}
+
+    def compensate(self, buffer, scale, predivide):
+        # acc in a buffer of its own: the residual stays as it was until the step is finite
+        self.acc = compensate(self.tensor, self.residual,
+                              out=self.tensor.view(-1) if self.direct else None)
+        return self.acc
+
+    def exchange(self, accs, ks, algorithm, name, digest, flags, wire):
+        # one buffer: its stages are {name}.s<stage> (Top-k: {name}), as before the step driver
+        self.result = exchange(accs[0], ks[0], algorithm, self.config.name,
+                               profile=self.profile, digest=digest, flags=flags, wire=wire)
+        return [self.result]
+
+    def commit(self, buffer, acc, result, carried, finite):
+        start = time.perf_counter()
+        self.new_residual = update_residual(acc.clone() if self.residual is None
+                                            else self.residual.copy_(acc), result)
+        self.timings["residual"] = time.perf_counter() - start
+
+    def write_sparse(self, buffer, result, finite):
+        start = time.perf_counter()
+        dense = decompress(result, buffer.numel, self.config.sparse_algorithm,
+                           self.average_over, out=self.acc)
+        self._output(dense)
+        self.timings["decompress"] = time.perf_counter() - start
+
+    def nonfinite(self, finite):
+        if not finite:  # every rank: the same non-finite result, the residual as it was
+            self.finite = False
+            if self.residual is None:
+                self.new_residual = torch.zeros(self.acc.numel(), dtype=torch.float32,
+                                                device=self.tensor.device)
+            self._output(self.acc.fill_(float("nan")))
+
+    def _output(self, dense):
+        if self.direct:
+            self.output = self.tensor
+        elif self.in_place:
+            self.output = self.tensor.copy_(dense.view(self.tensor.shape))
+        else:
+            self.output = dense.view(self.tensor.shape).to(self.tensor.dtype)
+
+    def gtopk_result(self, k):
+        """The :class:`~gtopk_hvd.common.collective.GTopkResult` of the step."""
+        result = GTopkResult(self.output, self.new_residual, self.result, k)
+        result.finite = self.finite
+        if self.profile:
+            result.timings.update(self.timings)
+        return result

@@ -15,7 +15,7 @@ from torch import nn
 
 from gtopk_hvd.common.plan import PlanMismatchError
 from gtopk_hvd.torch import Compression
-from gtopk_hvd.torch.collective import gtopk_allreduce
+from gtopk_hvd.torch.functional import gtopk_allreduce
 
 
 def _horovod_optimizer(model, make_opt, compression, **kwargs):

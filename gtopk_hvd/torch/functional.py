@@ -1,0 +1,110 @@
+"""``gtopk_allreduce``: the functional form of one gTop-k S-SGD step on one PyTorch tensor.
+
+One call on every rank runs gtopk_hvd.common.step on a single buffer, the tensor
+(:class:`~gtopk_hvd.torch.step.TensorStep`):
+
+1. compensate: acc = tensor + residual, flat float32, and one finiteness check of acc;
+2. select and communicate: hypercube gTop-k (or Top-k by allgather); the headers carry this
+   rank's finiteness flag and plan digest, so every rank ends with the same verdict;
+3. the new residual: acc with this rank's entries that reached the result cleared;
+4. decompress: the global set scattered into a dense tensor, divided by P for Average;
+   bit-identical on every rank.
+
+A non-finite step (NaN or Inf in any rank's acc) gives every rank an all-NaN output and
+leaves every residual as it was.  ``gtopk_allreduce_`` computes acc in the tensor's own memory
+and reuses it for the output.
+
+Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
+Sparsification for Low Bandwidth Networks", ICDCS 2019.
+"""
+import horovod.torch as hvd
+import torch
+
+from gtopk_hvd.common.collective import GTopkResult
+from gtopk_hvd.common.density import check_density, k_for
+from gtopk_hvd.common.step import Buffer, StepConfig, run_step
+from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
+                                         check_global_process_set, check_op)
+from gtopk_hvd.torch.collective import op_name
+from gtopk_hvd.torch.step import TensorStep
+
+__all__ = ["GTopkResult", "gtopk_allreduce", "gtopk_allreduce_"]
+
+
+def _check_tensor(tensor, residual):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"gTop-k reduces floating-point gradients, got dtype {tensor.dtype}; "
+                         f"use hvd.allreduce for integer tensors")
+    if tensor.is_sparse:
+        raise ValueError("tensor is sparse; densify it first (tensor.to_dense())")
+    if residual is not None and (not isinstance(residual, torch.Tensor)
+                                 or residual.dtype != torch.float32
+                                 or residual.numel() != tensor.numel()):
+        raise ValueError(
+            f"residual must be a float32 tensor of {tensor.numel()} elements (the residual "
+            f"returned by the previous call, or None for zeros), got "
+            f"{getattr(residual, 'dtype', type(residual).__name__)} with "
+            f"{getattr(residual, 'shape', '?')}")
+
+
+def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm="gtopk",
+                    residual=None, process_set=hvd.global_process_set, *, profile=False):
+    """Sparse allreduce of ``tensor`` by gTop-k with error feedback; call it on every rank.
+
+    1. acc = tensor + residual (float32);
+    2. local top-k of |acc|, k = max(1, ceil(density * numel)), ties by lower index;
+    3. log2(P) hypercube stages of pairwise merge-and-truncate to k (``algorithm="gtopk"``),
+       or an allgather of every rank's top-k (``algorithm="topk"``, O(kP));
+    4. output = the global set scattered into a dense tensor, divided by P for Average;
+    5. new residual = acc with this rank's entries that reached the result cleared.
+
+    Args:
+        tensor: the gradient (any shape, floating point).
+        density: fraction of entries kept, in (0, 1].  1.0 gives the dense sum exactly.
+        name: prefix of the Horovod op names (the same on every rank).
+        op: ``hvd.Average`` or ``hvd.Sum``.
+        algorithm: ``"gtopk"`` or ``"topk"``.
+        residual: this rank's residual from the previous call (flat float32), or None.  It is
+            updated in place and returned as ``result.residual``.
+        process_set: only the global process set is supported.
+        profile: record per-phase wall times in ``result.timings``.
+
+    Returns:
+        :class:`GTopkResult`; ``result.output`` is the dense tensor, ``result.residual`` the
+        residual to pass to the next call (the same tensor as ``residual`` if one was given).
+
+    Example::
+
+        res = gtopk_allreduce(grad, density=0.01, name="w", residual=eps)
+        grad, eps = res.output, res.residual
+    """
+    return _gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set,
+                            profile, in_place=False)
+
+
+def gtopk_allreduce_(tensor, density=0.001, name=None, op=hvd.Average, algorithm="gtopk",
+                     residual=None, process_set=hvd.global_process_set, *, profile=False):
+    """In-place :func:`gtopk_allreduce` (as ``hvd.allreduce_`` is to ``hvd.allreduce``): the
+    result is written into ``tensor`` and ``result.output`` is ``tensor``.  Same arguments,
+    same bits; it saves allocating a tensor-sized output on every call.
+    """
+    return _gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set,
+                            profile, in_place=True)
+
+
+def _gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set, profile,
+                     in_place):
+    _check_tensor(tensor, residual)
+    density = check_density(density)
+    check_op(op_name(op))
+    check_algorithm(algorithm, where="gtopk_allreduce")
+    check_global_process_set(process_set)
+    numel = check_buffer_numel(tensor.numel(), name or "tensor")
+    k = k_for(numel, density)
+    config = StepConfig(algorithm, op_name(op), "tensor", 0, name=name or "gtopk")
+    backend = TensorStep(config, tensor, residual, in_place, profile)
+    run_step(backend, config, [Buffer(name or "tensor", [tensor], numel, algorithm)], [], [k],
+             density)
+    return backend.gtopk_result(k)
