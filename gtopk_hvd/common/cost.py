@@ -32,7 +32,8 @@ from gtopk_hvd.common.schedule import stages_for, world_split
 
 __all__ = ["METHODS", "Cost", "Link", "dense_allreduce_cost", "topk_allgather_cost",
            "gtopk_cost", "gtopk_stages", "cost_of", "fit_alpha_beta", "as_link",
-           "method_costs", "choose_methods", "buffer_methods", "describe_methods",
+           "method_costs", "choose_methods", "buffer_methods", "logged_methods",
+           "describe_methods",
            "measure_link"]
 
 logger = logging.getLogger(__name__)
@@ -245,6 +246,21 @@ def buffer_methods(algorithm, numels, density, size, link, dense_paid=False):
         return tuple("gtopk" for _ in numels)
     return choose_methods(numels, density, size, link, dense_paid=dense_paid,
                           methods=("dense", "gtopk"))
+
+
+def logged_methods(algorithm, numels, density, size, link, dense_paid, rank, said):
+    """:func:`buffer_methods` as a state chooses them for a step: logged (INFO on rank 0)
+    whenever what ``algorithm="auto"`` chose with a link changes.  ``said``: the description
+    logged last (None at first).  Returns (methods, the description now)."""
+    methods = buffer_methods(algorithm, numels, density, size, link, dense_paid=dense_paid)
+    if algorithm == "auto" and link is not None:
+        now = describe_methods(methods)
+        if now != said:
+            logger.log(logging.INFO if rank == 0 else logging.DEBUG,
+                       "gtopk_hvd: algorithm='auto' at density %g on %d ranks (%s): %s",
+                       density, size, link, now)
+        said = now
+    return methods, said
 
 
 def describe_methods(methods):

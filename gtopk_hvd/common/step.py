@@ -124,19 +124,19 @@ def run_step(backend, config, buffers, dense, ks, density, scale=1.0, runtime_sc
     """
     size, predivide = backend.size, config.predivide
     sparse = [b for b in buffers if b.method != "dense"]
-    by_dense = [b for b in buffers if b.method == "dense"]
+    chosen_dense = [b for b in buffers if b.method == "dense"]  # what "auto" sends densely
     # 1. compensate
     accs = [backend.compensate(b, scale, predivide) for b in sparse]
-    by_dense_parts = [backend.compensate(b, scale, 1.0) for b in by_dense]
-    dense_members = [m for _, m, _ in dense] + [m for b in by_dense for m in b.members]
-    dense_numel = sum(n for _, _, n in dense) + sum(b.numel for b in by_dense)
+    chosen_dense_parts = [backend.compensate(b, scale, 1.0) for b in chosen_dense]
+    dense_members = [m for _, m, _ in dense] + [m for b in chosen_dense for m in b.members]
+    dense_numel = sum(n for _, _, n in dense) + sum(b.numel for b in chosen_dense)
     dense_parts = ([backend.flat_grads([m for _, m, _ in dense])] if dense else []) + \
-        by_dense_parts
+        chosen_dense_parts
     # 2. plan and verdict
     plan = make_plan(config.algorithm, config.op, config.granularity, config.dense_threshold,
                      [(b.name, b.numel, k if isinstance(k, int) else -1)
                       for b, k in zip(sparse, ks)],
-                     [(n, numel) for n, _, numel in dense] + [(b.name, b.numel) for b in by_dense],
+                     [(n, numel) for n, _, numel in dense] + [(b.name, b.numel) for b in chosen_dense],
                      scale if runtime_scale is None else 1.0, predivide, config.wire)
     digest = backend.digest(plan, ks, runtime_scale)
     flags = backend.nonfinite_flag(accs + dense_parts)
@@ -168,7 +168,7 @@ def run_step(backend, config, buffers, dense, ks, density, scale=1.0, runtime_sc
                                                                  backend.concat(dense_parts)))
             sent += dense_allreduce_bytes(dense_numel, size)
         backend.write_dense(dense_members, flat[:dense_numel])
-        for buffer in by_dense:  # applied in full: nothing left to feed back
+        for buffer in chosen_dense:  # applied in full: nothing left to feed back
             backend.clear_residual(buffer, finite)
     backend.nonfinite(finite)
     # 5. statistics

@@ -136,7 +136,7 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
                       density, scale, runtime_scale,
                       dense_first=_dense_first(state) and eager)
     if finite is True and eager:
-        state.verified()
+        state.mark_verified()
     if state.algorithm == "auto" and state.link is None and eager:
         # every rank got here with the same verdict, so with the same plan: measure now
         state.link = measure_link(op_name_safe(f"{name}.link"))

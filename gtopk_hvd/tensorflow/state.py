@@ -18,7 +18,7 @@ from collections import Counter
 import numpy as np
 import tensorflow as tf
 
-from gtopk_hvd.common.cost import as_link, buffer_methods, describe_methods
+from gtopk_hvd.common.cost import as_link, logged_methods
 from gtopk_hvd.common.density import ConstantDensity, as_schedule, k_for
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.validation import (check_algorithm, check_granularity,
@@ -154,24 +154,18 @@ class GTopkState(tf.Module):
         if self.algorithm == "auto":
             with tf.init_scope():
                 density = self.density()
-        methods = buffer_methods(self.algorithm, numels, density, size, self.link,
-                                 dense_paid=dense_paid)
-        if self.algorithm == "auto" and self.link is not None:
-            said = describe_methods(methods)
-            if said != self._book.said:
-                logger.log(logging.INFO if rank == 0 else logging.DEBUG,
-                           "gtopk_hvd: algorithm='auto' at density %g on %d ranks (%s): %s",
-                           density, size, self.link, said)
-                self._book.said = said
+        methods, self._book.said = logged_methods(self.algorithm, numels, density, size,
+                                                  self.link, dense_paid, rank, self._book.said)
         self._book.methods = dict(zip(names, methods))
         return methods
 
-    def verified(self):
-        """Note that a finite eager step found every rank with the same plan (see
-        gtopk_hvd.tensorflow.gradients._dense_first)."""
+    def mark_verified(self):
+        """Note that a finite eager step found every rank with the same plan (then, with
+        ``algorithm="auto"``, the dense allreduce may carry the verdict)."""
         self._book.verified = True
 
     def is_verified(self):
+        """Whether a finite eager step found every rank with the same plan."""
         return self._book.verified
 
     @property

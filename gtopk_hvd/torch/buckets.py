@@ -67,7 +67,7 @@ class BucketPipeline:
                 ops = TorchOps(hvd, device=acc.device)
                 self._steps[bucket] = gtopk_exchange_steps(
                     ops, [acc], [k], self.rank, self.size,
-                    lambda st: process_set_for_stage(self._sets, st),
+                    lambda stage: process_set_for_stage(self._sets, stage),
                     name=f"{self._name}.{bucket}", digest=self._digest, flags=flags,
                     wire=self._wire)
                 self._resume(bucket, None)

@@ -12,7 +12,7 @@ from collections import Counter
 
 import torch
 
-from gtopk_hvd.common.cost import as_link
+from gtopk_hvd.common.cost import as_link, logged_methods
 from gtopk_hvd.common.density import as_schedule
 from gtopk_hvd.common.validation import (check_algorithm, check_granularity,
                                          check_non_negative_int, check_world_size_on_load)
@@ -53,6 +53,26 @@ class GTopkState:
         self.spares = {}
         self.nonfinite_steps = 0
         self.last = {}
+        self._said = None  # what algorithm='auto' chose, as logged last
+        self._verified = False
+
+    def methods_for(self, names, numels, size, rank, dense_paid):
+        """Per buffer, the method of the coming step (gtopk_hvd.common.cost.buffer_methods),
+        recorded in ``methods`` and logged once per change on rank 0."""
+        density = self.density() if self.algorithm == "auto" else None  # only 'auto' reads it
+        methods, self._said = logged_methods(self.algorithm, numels, density, size, self.link,
+                                             dense_paid, rank, self._said)
+        self.methods = dict(zip(names, methods))
+        return methods
+
+    def mark_verified(self):
+        """Note that a step found every rank with the same plan (then, with
+        ``algorithm="auto"``, the dense allreduce may carry the verdict)."""
+        self._verified = True
+
+    def is_verified(self):
+        """Whether a step found every rank with the same plan."""
+        return self._verified
 
     def density(self):
         """The density of the coming synchronisation step."""

@@ -97,12 +97,12 @@ class TorchStep(StepBackend):
     # 1. compensate ---------------------------------------------------------------------
 
     def compensate(self, buffer, scale, predivide):
-        st, ps = self.state, buffer.members
-        if predivide == 1.0 and buffer.method == "dense" and buffer.name not in st.residuals:
+        state, ps = self.state, buffer.members
+        if predivide == 1.0 and buffer.method == "dense" and buffer.name not in state.residuals:
             return flat_grads(ps)  # sent densely and nothing held back: the gradients
         device = ps[0].device
-        acc = compensate_into(ps, st.residual(buffer.name, buffer.numel, device),
-                              st.spare(buffer.name, buffer.numel, device), scale)
+        acc = compensate_into(ps, state.residual(buffer.name, buffer.numel, device),
+                              state.spare(buffer.name, buffer.numel, device), scale)
         return acc.mul_(1.0 / predivide) if predivide != 1.0 else acc
 
     def flat_grads(self, members):

@@ -17,7 +17,6 @@ import torch
 
 from gtopk_hvd.common.buckets import make_buckets
 from gtopk_hvd.common.collective import MISMATCH, NONFINITE
-from gtopk_hvd.common.cost import buffer_methods, describe_methods
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.plan import make_plan, plan_digest
@@ -79,9 +78,7 @@ class Synchronizer:
         self.passes = {}
         self.synchronized = False
         self.should_synchronize = True
-        self.verified = False  # a step found every rank with the same plan (dense_first)
         self._published_step = None
-        self._logged_methods = None
         self.publish_step()
         if self.config.sparse_algorithm == "gtopk":
             prepare_exchange_sets(hvd)  # collective registration; every check ran first
@@ -114,7 +111,7 @@ class Synchronizer:
             sync = this()
             if sync is not None:
                 sync.count_backward_pass(p)
-                if sync.state.granularity == "bucket" and sync.verified:
+                if sync.state.granularity == "bucket" and sync.state.is_verified():
                     sync.bucket_hook(p)
 
         for group in self.optimizer.param_groups:
@@ -152,8 +149,8 @@ class Synchronizer:
             missing = [p for p in params if p not in self.names]
             for i, p in enumerate(missing):  # added later with add_param_group
                 self.names[p] = f"gtopk.noname.added.{i}.{len(self.names)}"
-            st = self.state
-            self.layout = _Layout(params, self.names, st.granularity, st.dense_threshold,
+            state = self.state
+            self.layout = _Layout(params, self.names, state.granularity, state.dense_threshold,
                                   self.bucket_cap_mb)
         return self.layout
 
@@ -172,21 +169,6 @@ class Synchronizer:
                 "optimizer.skip_synchronize(): scaler.step(optimizer); scaler.update()")
         return float(scaler.get_scale())
 
-    def methods(self, layout, density):
-        """Per buffer: the algorithm, or with ``algorithm="auto"`` the cheaper of 'dense' and
-        'gtopk' by the cost model (all 'gtopk' until the link is measured)."""
-        st = self.state
-        # the dense allreduce runs every step (it carries the verdict): its rounds are paid
-        methods = tuple(buffer_methods(st.algorithm, layout.numels, density, hvd.size(),
-                                       st.link, dense_paid=True))
-        if st.algorithm == "auto" and st.link is not None:
-            said = describe_methods(methods)
-            if said != self._logged_methods and hvd.rank() == 0:
-                logger.info("gtopk_hvd: algorithm='auto' at density %g on %d ranks (%s): %s",
-                            density, hvd.size(), st.link, said)
-            self._logged_methods = said
-        return methods
-
     def check_sparse(self, params):
         for p in params:  # before any communication
             if p.grad is not None and p.grad.is_sparse and not self.sparse_as_dense:
@@ -200,7 +182,7 @@ class Synchronizer:
         algorithm='auto' once a first step, exchanged with headers, found every rank with the
         same plan; then a step with nothing to sparsify costs what Horovod's dense allreduce
         costs.  Not under Elastic, where a joining rank has had no first step."""
-        return self.state.algorithm == "auto" and self.verified and not is_elastic()
+        return self.state.algorithm == "auto" and self.state.is_verified() and not is_elastic()
 
     def backend(self, params):
         return TorchStep(self.state, self.config, params, self.compression, self.op,
@@ -216,16 +198,17 @@ class Synchronizer:
             self.check_sparse(params)
             layout = self.current_layout(params)
             self.publish_step()
-            st = self.state
-            density, scale = st.density(), self.loss_scale()
-            methods = self.methods(layout, density)
+            state = self.state
+            density, scale = state.density(), self.loss_scale()
+            # the dense allreduce runs every step (it carries the verdict): its rounds are paid
+            methods = state.methods_for([name for name, _ in layout.buffers], layout.numels,
+                                     hvd.size(), hvd.rank(), dense_paid=True)
             buffers = [Buffer(name, ps, numel, m) for (name, ps), numel, m
                        in zip(layout.buffers, layout.numels, methods)]
             ks = [k_for(b.numel, density) for b in buffers if b.method != "dense"]
             dense = [(self.names[p], p, p.numel()) for p in layout.dense]
             run_step(self.backend(params), self.config, buffers, dense, ks, density, scale,
                      dense_first=self.dense_first())
-            st.methods = {b.name: b.method for b in buffers}
         if self.state.algorithm == "auto" and self.state.link is None:
             # every rank got here with the same verdict, so with the same plan: measure now
             self.state.link = measure_link("gtopk.link")
@@ -233,20 +216,20 @@ class Synchronizer:
     def finish(self, finite, stats):
         """A synchronisation is done: statistics and the schedule step (finite), or the count
         of non-finite steps, residuals and schedule step as they were."""
-        st = self.state
-        self.verified = True  # the verdict reached every rank: the set-ups agree
+        state = self.state
+        state.mark_verified()  # the verdict reached every rank: the set-ups agree
         if finite:
-            st.step += 1
+            state.step += 1
             self.publish_step()
-            st.last = dict(stats, finite=True)
+            state.last = dict(stats, finite=True)
         else:
-            st.nonfinite_steps += 1
-            st.last = dict(st.last, finite=False, bytes_sent=0)
+            state.nonfinite_steps += 1
+            state.last = dict(state.last, finite=False, bytes_sent=0)
             # with loss scaling an overflow now and then is the scaler's business
             log = logger.info if self.grad_scaler is not None else logger.warning
             log("gtopk_hvd: non-finite gradients on some rank at step %d: every rank gets NaN "
-                "gradients, residuals are kept (%d such steps so far)", st.step,
-                st.nonfinite_steps)
+                "gradients, residuals are kept (%d such steps so far)", state.step,
+                state.nonfinite_steps)
         self.passes.clear()
         self.synchronized = True
 
@@ -271,9 +254,9 @@ class Synchronizer:
     def start_pipeline(self):
         """This step's BucketPipeline: the plan of every bucket, fixed at its first gradient
         (the loss scale and the density do not change within a backward pass)."""
-        st, layout, config = self.state, self.current_layout(self.params()), self.config
+        state, layout, config = self.state, self.current_layout(self.params()), self.config
         self.publish_step()
-        density, scale = st.density(), self.loss_scale()
+        density, scale = state.density(), self.loss_scale()
         ks = [k_for(numel, density) for numel in layout.numels]
         plan = make_plan(config.algorithm, config.op, config.granularity,
                          config.dense_threshold,
