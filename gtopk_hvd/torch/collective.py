@@ -39,7 +39,7 @@ def op_name(op):
     return reduce_op_name(hvd, op)
 
 
-def compensate(tensor, residual=None, scale=1.0, out=None):
+def compensate(tensor, residual=None, scale=1.0, *, out=None):
     """acc = tensor + scale * residual, flat float32, written into ``out`` (a new tensor if
     None).  ``residual`` is left as it is, so a non-finite step can keep it."""
     flat = tensor.detach().reshape(-1)
@@ -97,7 +97,7 @@ def exchange_each(accs, ks, algorithm="gtopk", name="gtopk", profile=False, dige
     return results
 
 
-def measure_link(name="gtopk.link", device="cpu"):
+def measure_link(name="gtopk.link", *, device="cpu"):
     """This job's :class:`~gtopk_hvd.common.cost.Link` (alpha, beta, and the cost of gTop-k's
     local work), measured now in tens of milliseconds and the same on every rank (the
     slowest rank's figures); call it on every rank at the same point (Horovod operations

@@ -1,10 +1,10 @@
 """gTop-k inside ordinary TensorFlow training programs under real ``horovodrun`` at P = 3 and 5
 (extra ranks): unnamed collectives between steps, NaN / Inf on one rank, a variable without a
-gradient on some ranks, set-ups that differ, loss scaling (the tape with
-``loss_scale_optimizer=``, a LossScaleOptimizer around or inside DistributedOptimizer); eagerly
-and in tf.function
-(workers/robustness_worker.py, every rank against the reference).  The job ends with Horovod's
-own shutdown, no barrier.
+gradient on some ranks, set-ups that differ; loss scaling (the tape with
+``loss_scale_optimizer=``, a LossScaleOptimizer around or inside DistributedOptimizer, a
+mixed_float16 fit) at P = 3 only, as its arithmetic is each rank's own; eagerly and in
+tf.function (workers/robustness_worker.py, every rank against the reference).  The job ends
+with Horovod's own shutdown, no barrier.
 """
 import pytest
 
@@ -29,16 +29,27 @@ SCENARIOS = [
 ]
 
 
+LOSS_SCALING = [s for s in SCENARIOS if "loss_scale" in s or "overflow" in s
+                or "mixed_float16" in s]
+RUNS = {3: (SCENARIOS, ()),
+        5: ([s for s in SCENARIOS if s not in LOSS_SCALING], ("--world-size-only",))}
+
+
 @pytest.fixture(scope="module", params=[3, 5], ids=lambda n: f"np{n}")
 def results(request):
-    return horovodrun(request.param, WORKER)
+    scenarios, args = RUNS[request.param]
+    return scenarios, horovodrun(request.param, WORKER, *args)
 
 
 def test_worker_ran_exactly_the_listed_scenarios(results):
-    for rank, res in enumerate(results):
-        assert sorted(res) == sorted(SCENARIOS), f"rank {rank}"
+    scenarios, per_rank = results
+    for rank, res in enumerate(per_rank):
+        assert sorted(res) == sorted(scenarios), f"rank {rank}"
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_robustness(results, scenario):
-    check_scenario(results, scenario)
+    scenarios, per_rank = results
+    if scenario not in scenarios:
+        pytest.skip("run at P = 3 only: loss scaling is each rank's own arithmetic")
+    check_scenario(per_rank, scenario)
