@@ -378,8 +378,9 @@ def plot(rows, path_prefix):
     import matplotlib.pyplot as plt
 
     colors = {"dense": "k", "topk": "tab:orange", "gtopk": "tab:blue"}
-    groups = [(s, n) for s in ("default", "tuned") for n in ("1gbit", "10gbit", "unshaped",
-                                                               "loopback", "hosts")
+    settings = sorted({r["setting"] for r in rows}, key=lambda s: (s != "default", s))
+    groups = [(s, n) for s in settings for n in ("1gbit", "10gbit", "unshaped", "loopback",
+                                                 "hosts")
               if any(r["setting"] == s and r["network"] == n for r in rows)]
     procs = sorted({r["P"] for r in rows})
     fig, axes = plt.subplots(len(groups), len(procs),
