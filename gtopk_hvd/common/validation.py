@@ -5,6 +5,7 @@ Each check raises before any communication, with a message that names the value 
 import logging
 import numbers
 
+from gtopk_hvd.common.density import check_density, k_for
 from gtopk_hvd.common.errors import GTopkError
 
 __all__ = [
@@ -203,3 +204,14 @@ def check_no_groups(num_groups, groups):
         raise ValueError(
             f"num_groups={num_groups} / groups={groups!r} are not supported: gTop-k groups "
             f"tensors by granularity='model' (one buffer) or granularity='layer'")
+
+
+def check_allreduce_arguments(density, op_name, algorithm, process_set, numel, name):
+    """The arguments of ``gtopk_allreduce`` (both frameworks), checked before any
+    communication; returns (density, numel, k)."""
+    density = check_density(density)
+    check_op(op_name)
+    check_algorithm(algorithm, where="gtopk_allreduce")
+    check_global_process_set(process_set)
+    numel = check_buffer_numel(numel, name or "tensor")
+    return density, numel, k_for(numel, density)

@@ -17,10 +17,8 @@ import horovod.tensorflow as hvd
 import tensorflow as tf
 
 from gtopk_hvd.common.collective import GTopkResult
-from gtopk_hvd.common.density import check_density, k_for
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
-from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
-                                         check_global_process_set, check_op)
+from gtopk_hvd.common.validation import check_allreduce_arguments
 from gtopk_hvd.tensorflow.collective import op_name
 from gtopk_hvd.tensorflow.step import TensorStep
 
@@ -79,12 +77,8 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
         grad, eps = res.output, res.residual
     """
     _check_tensor(tensor, residual)
-    density = check_density(density)
-    check_op(op_name(op))
-    check_algorithm(algorithm, where="gtopk_allreduce")
-    check_global_process_set(process_set)
-    numel = check_buffer_numel(tensor.shape.num_elements(), name or "tensor")
-    k = k_for(numel, density)
+    density, numel, k = check_allreduce_arguments(density, op_name(op), algorithm,
+                                                  process_set, tensor.shape.num_elements(), name)
     config = StepConfig(algorithm, op_name(op), "tensor", 0, name=name or "gtopk")
     backend = TensorStep(config, tensor, residual, profile and tf.executing_eagerly())
     run_step(backend, config, [Buffer(name or "tensor", [tensor], numel, algorithm)], [], [k],

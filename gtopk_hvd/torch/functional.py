@@ -21,10 +21,8 @@ import horovod.torch as hvd
 import torch
 
 from gtopk_hvd.common.collective import GTopkResult
-from gtopk_hvd.common.density import check_density, k_for
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
-from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
-                                         check_global_process_set, check_op)
+from gtopk_hvd.common.validation import check_allreduce_arguments
 from gtopk_hvd.torch.collective import op_name
 from gtopk_hvd.torch.step import TensorStep
 
@@ -97,12 +95,8 @@ def gtopk_allreduce_(tensor, density=0.001, name=None, op=hvd.Average, algorithm
 def _gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set, profile,
                      in_place):
     _check_tensor(tensor, residual)
-    density = check_density(density)
-    check_op(op_name(op))
-    check_algorithm(algorithm, where="gtopk_allreduce")
-    check_global_process_set(process_set)
-    numel = check_buffer_numel(tensor.numel(), name or "tensor")
-    k = k_for(numel, density)
+    density, numel, k = check_allreduce_arguments(density, op_name(op), algorithm,
+                                                  process_set, tensor.numel(), name)
     config = StepConfig(algorithm, op_name(op), "tensor", 0, name=name or "gtopk")
     backend = TensorStep(config, tensor, residual, in_place, profile)
     run_step(backend, config, [Buffer(name or "tensor", [tensor], numel, algorithm)], [], [k],
