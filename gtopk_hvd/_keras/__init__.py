@@ -45,8 +45,9 @@ def check_tf_keras_optimizer(optimizer):
             f"TF_USE_LEGACY_KERAS=1), got {type(optimizer).__name__} from {module!r}")
 
 
-def find_gtopk_state(optimizer):
-    """The GTopkState of a gTop-k optimizer, looking through wrappers (LossScaleOptimizer)."""
+def find_gtopk_state(optimizer, required=True):
+    """The GTopkState of a gTop-k optimizer, looking through wrappers (LossScaleOptimizer);
+    None for another optimizer unless ``required``."""
     seen = 0
     while optimizer is not None and seen < 4:
         state = getattr(optimizer, "gtopk_state", None)
@@ -54,6 +55,8 @@ def find_gtopk_state(optimizer):
             return state
         optimizer = getattr(optimizer, "inner_optimizer", None)
         seen += 1
+    if not required:
+        return None
     raise ValueError("the model's optimizer is not a gTop-k optimizer: wrap it with "
                      "gtopk_hvd.tensorflow.keras.DistributedOptimizer before model.compile()")
 

@@ -17,7 +17,7 @@ the adapter falls back to its own rule (documented there).
 import sys
 
 
-__all__ = ["horovod_call", "check_compressor_op", "op_from_call",
+__all__ = ["horovod_call", "check_compressor_op", "check_compressor_process_set", "op_from_call",
            "require_name", "COMPRESSOR_PREFIX"]
 
 COMPRESSOR_PREFIX = "gtopk.compressor"
@@ -25,11 +25,13 @@ _MAX_DEPTH = 8
 
 
 def horovod_call(compressor):
-    """(name, op) of the Horovod call that is running ``compressor.compress`` now.
+    """(name, op, process_set) of the Horovod call that is running ``compressor.compress``
+    now.
 
     ``name``: the parameter's name in Horovod's torch optimizer, or the ``name`` argument of
     ``allreduce`` (None when not given); ``op``: the reduce op object Horovod will use (None
-    when the caller is not Horovod's, or when Horovod resolves it later from ``average``).
+    when the caller is not Horovod's, or when Horovod resolves it later from ``average``);
+    ``process_set``: the process set Horovod reduces over (None when not known).
     """
     frame = sys._getframe(2)
     for _ in range(_MAX_DEPTH):
@@ -41,14 +43,27 @@ def horovod_call(compressor):
             owner = local.get("self")
             names = getattr(owner, "_parameter_names", None)
             if isinstance(names, dict) and "p" in local:
-                return names.get(local["p"]), getattr(owner, "op", None)
+                return (names.get(local["p"]), getattr(owner, "op", None),
+                        getattr(owner, "process_set", None))
             if local.get("compression") is compressor and ("op" in local or "name" in local):
                 op = local.get("op")
                 if op is None and local.get("average") is False:
                     op = "Sum"
-                return local.get("name"), op
+                return local.get("name"), op, local.get("process_set")
         frame = frame.f_back
-    return None, None
+    return None, None, None
+
+
+def check_compressor_process_set(process_set):
+    """The gTop-k stages run in pair process sets of the whole world: a Horovod optimizer or
+    allreduce over a subset cannot use the compressor (its ranks would wait for the others in
+    the first exchange).  Refused before any communication."""
+    set_id = getattr(process_set, "process_set_id", 0)
+    if process_set is not None and set_id != 0:
+        raise ValueError(
+            f"Compression.gtopk reduces over every rank (its stages run in pair process sets "
+            f"of the whole world), got process_set={process_set!r}; drop process_set= (the "
+            f"global set) or use Compression.none for a reduction over a subset")
 
 
 def require_name(name):

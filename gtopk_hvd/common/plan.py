@@ -29,13 +29,19 @@ class PlanMismatchError(GTopkError):
 
 
 def make_plan(algorithm, op, granularity, dense_threshold, buffers, dense=(), loss_scale=1.0,
-              gradient_predivide_factor=1.0, wire="float32"):
-    """The plan of one step: everything every rank must agree on."""
-    return {"algorithm": algorithm, "op": op, "granularity": granularity, "wire": wire,
+              gradient_predivide_factor=1.0, wire="float32", members=None):
+    """The plan of one step: everything every rank must agree on.  ``members``: (name, numel)
+    of every tensor of the sparsified buffers, in buffer order, where the adapter knows the
+    names (a model whose parameters come in another order, with the same sizes, is refused
+    too)."""
+    plan = {"algorithm": algorithm, "op": op, "granularity": granularity, "wire": wire,
             "dense_threshold": int(dense_threshold), "loss_scale": float(loss_scale),
             "gradient_predivide_factor": float(gradient_predivide_factor),
             "buffers": [(str(n), int(d), int(k)) for n, d, k in buffers],
             "dense": [(str(n), int(d)) for n, d in dense]}
+    if members is not None:
+        plan["members"] = [(str(n), int(d)) for n, d in members]
+    return plan
 
 
 def plan_digest(plan):
@@ -72,6 +78,9 @@ def mismatch_error(plans, rank):
         "buffers": "every rank must build the optimizer with the same parameters, in the same "
                    "order and shapes, and the same density (or density schedule and step)",
         "dense": "every rank must pass the same dense_threshold and parameters",
+        "members": "every rank must give the optimizer the same parameters in the same order "
+                   "(named_parameters=model.named_parameters() names them); build the model "
+                   "and the optimizer the same way on every rank",
         "loss_scale": "pass grad_scaler= (PyTorch) or the LossScaleOptimizer (TensorFlow) on "
                       "every rank or on none, and keep the scalers in step",
     }.get(field.split("[")[0], f"pass the same {field.split('[')[0]} on every rank")

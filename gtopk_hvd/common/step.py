@@ -30,18 +30,21 @@ import logging
 from gtopk_hvd.common.collective import VERDICT_TAIL, dense_allreduce_bytes
 from gtopk_hvd.common.plan import make_plan
 
-__all__ = ["Buffer", "StepBackend", "StepConfig", "run_step", "finish_exchanged"]
+__all__ = ["Buffer", "StepBackend", "StepConfig", "run_step", "finish_exchanged",
+           "plan_members"]
 
 logger = logging.getLogger(__name__)
 
 
 class Buffer:
     """One buffer of a step: ``name`` (keys its residual and the plan), ``members`` (the
-    adapter's parameters or variables laid end to end), ``numel``, and ``method``:
-    'gtopk' / 'topk' (sparsified) or 'dense' (``algorithm="auto"`` sends it densely)."""
+    adapter's parameters or variables laid end to end), ``numel``, ``method``: 'gtopk' /
+    'topk' (sparsified) or 'dense' (``algorithm="auto"`` sends it densely), and ``keys``:
+    (name, numel) of each member, for the plan, where the adapter names them."""
 
-    def __init__(self, name, members, numel, method):
+    def __init__(self, name, members, numel, method, keys=None):
         self.name, self.members, self.numel, self.method = name, members, int(numel), method
+        self.keys = keys
 
     def __repr__(self):
         return f"Buffer({self.name!r}, numel={self.numel}, method={self.method!r})"
@@ -137,7 +140,8 @@ def run_step(backend, config, buffers, dense, ks, density, scale=1.0, runtime_sc
                      [(b.name, b.numel, k if isinstance(k, int) else -1)
                       for b, k in zip(sparse, ks)],
                      [(n, numel) for n, _, numel in dense] + [(b.name, b.numel) for b in chosen_dense],
-                     scale if runtime_scale is None else 1.0, predivide, config.wire)
+                     scale if runtime_scale is None else 1.0, predivide, config.wire,
+                     members=plan_members(buffers))
     digest = backend.digest(plan, ks, runtime_scale)
     flags = backend.nonfinite_flag(accs + dense_parts)
     # 3. exchange: the first operation carries the verdict
@@ -174,6 +178,13 @@ def run_step(backend, config, buffers, dense, ks, density, scale=1.0, runtime_sc
     # 5. statistics
     finish_exchanged(backend, finite, density, k_total, numel, dense_numel, sent, scale)
     return finite
+
+
+def plan_members(buffers):
+    """The plan's ``members``: every buffer's keys in order, or None if a buffer has none."""
+    if not buffers or any(b.keys is None for b in buffers):
+        return None
+    return [key for b in buffers for key in b.keys]
 
 
 def finish_exchanged(backend, finite, density, k, numel, dense_numel, sent, scale):

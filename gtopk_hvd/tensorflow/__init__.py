@@ -27,6 +27,7 @@ from horovod.tensorflow import (Adasum, Average, Max, Min, ProcessSet, Product,
                                 reducescatter, remove_process_set, rocm_built, size,
                                 size_op, start_timeline, stop_timeline)
 
+from gtopk_hvd.common.compat import forward_horovod
 from gtopk_hvd.common.cost import Link
 from gtopk_hvd.common.density import (ConstantDensity, DensitySchedule,
                                       ExponentialWarmupDensity, StepwiseDensity)
@@ -36,14 +37,17 @@ from gtopk_hvd.common.threads import host_cores, share_threads
 from gtopk_hvd.tensorflow.compression import Compression, GTopkCompressor
 from gtopk_hvd.tensorflow.collective import measure_link
 from gtopk_hvd.tensorflow.functional import GTopkResult, gtopk_allreduce
-from gtopk_hvd.tensorflow.gradient_tape import DistributedGradientTape
+from gtopk_hvd.tensorflow import elastic
+from gtopk_hvd.tensorflow.gradient_tape import (DistributedGradientTape,
+                                                PartialDistributedGradientTape)
 from gtopk_hvd.tensorflow.gradients import allreduce_gradients
 from gtopk_hvd.tensorflow.ops import TFOps
 from gtopk_hvd.tensorflow.state import GTopkState
 
 __all__ = [
     # gTop-k
-    "init", "shutdown", "DistributedGradientTape", "gtopk_allreduce", "GTopkResult", "GTopkState",
+    "init", "shutdown", "DistributedGradientTape", "PartialDistributedGradientTape",
+    "DistributedOptimizer", "elastic", "gtopk_allreduce", "GTopkResult", "GTopkState",
     "allreduce_gradients", "TFOps", "GTopkError", "Compression", "GTopkCompressor", "ProcessSetError",
     "Link", "measure_link",
     "ConstantDensity", "DensitySchedule", "ExponentialWarmupDensity", "StepwiseDensity",
@@ -97,3 +101,39 @@ def shutdown():
         with _tf.init_scope():
             _hvd.allreduce(_tf.zeros([]), name="gtopk.shutdown.barrier", op=_hvd.Sum)
     _hvd.shutdown()
+
+
+def DistributedOptimizer(optimizer, name=None, use_locking=False, device_dense='',
+                         device_sparse='', compression=_hvd.Compression.none,
+                         sparse_as_dense=False, backward_passes_per_step=1, op=Average,
+                         gradient_predivide_factor=1.0, average_aggregated_gradients=False,
+                         num_groups=0, groups=None, process_set=global_process_set,
+                         scale_local_gradients=True, **gtopk):
+    """``horovod.tensorflow.DistributedOptimizer`` with gTop-k.  As in Horovod, a Keras
+    optimizer is wrapped by the Keras ``DistributedOptimizer``
+    (gtopk_hvd.tensorflow.keras; the gTop-k arguments keyword-only).  TensorFlow 1
+    optimizers (``tf.compat.v1.train.Optimizer``) are refused: use
+    :func:`DistributedGradientTape`, a Keras optimizer, or Horovod's own optimizer with
+    ``compression=gtopk_hvd.tensorflow.Compression.gtopk(...)``."""
+    if isinstance(optimizer, _tf.compat.v1.train.Optimizer):
+        raise TypeError(
+            f"gtopk_hvd.tensorflow.DistributedOptimizer wraps Keras optimizers; got the "
+            f"TensorFlow 1 optimizer {type(optimizer).__name__}: use "
+            f"gtopk_hvd.tensorflow.DistributedGradientTape, a tf.keras optimizer, or "
+            f"horovod.tensorflow.DistributedOptimizer(opt, compression="
+            f"gtopk_hvd.tensorflow.Compression.gtopk(density=...))")
+    if use_locking:
+        raise ValueError("use_locking applies to TensorFlow 1 optimizers only; drop it")
+    from gtopk_hvd.tensorflow import keras as _keras  # as Horovod: Keras on demand
+    return _keras.DistributedOptimizer(
+        optimizer, name=name, device_dense=device_dense, device_sparse=device_sparse,
+        compression=compression, sparse_as_dense=sparse_as_dense,
+        gradient_predivide_factor=gradient_predivide_factor, op=op,
+        backward_passes_per_step=backward_passes_per_step,
+        average_aggregated_gradients=average_aggregated_gradients, num_groups=num_groups,
+        groups=groups, process_set=process_set, scale_local_gradients=scale_local_gradients,
+        **gtopk)
+
+
+# every other name of horovod.tensorflow, unchanged (gtopk_hvd.common.compat)
+_forwarded = forward_horovod(globals(), _hvd)

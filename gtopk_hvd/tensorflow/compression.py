@@ -32,7 +32,8 @@ from horovod.tensorflow.compression import Compression as _HorovodCompression
 from horovod.tensorflow.compression import Compressor
 from tensorflow.python.framework.func_graph import FuncGraph
 
-from gtopk_hvd.common.compression import (COMPRESSOR_PREFIX, horovod_call, op_from_call,
+from gtopk_hvd.common.compression import (COMPRESSOR_PREFIX, check_compressor_process_set,
+                                          horovod_call, op_from_call,
                                           require_name)
 from gtopk_hvd.common.density import check_density
 from gtopk_hvd.common.validation import check_algorithm, check_buffer_numel
@@ -103,7 +104,8 @@ class GTopkCompressor(Compressor):
 
     def compress(self, tensor):
         """This tensor's gTop-k step; a one-element placeholder and the ctx."""
-        name, op = horovod_call(self)
+        name, op, process_set = horovod_call(self)
+        check_compressor_process_set(process_set)
         if isinstance(tensor, tf.IndexedSlices):
             raise ValueError("the gTop-k compressor needs dense gradients: pass "
                              "sparse_as_dense=True to Horovod's tape or optimizer")
@@ -112,6 +114,14 @@ class GTopkCompressor(Compressor):
                              f"{tensor.dtype.name}")
         op = op_from_call(op, "Average", op_name)
         key = self._key(name)
+        if tensor.shape.num_elements() is None:  # a densified IndexedSlices in a graph
+            raise ValueError(
+                f"the gTop-k compressor keeps a residual per tensor, so it needs gradients of "
+                f"static shape; {key!r} has shape {tensor.shape} (sparse_as_dense=True on an "
+                f"embedding inside tf.function gives one): use "
+                f"gtopk_hvd.tensorflow.keras.DistributedOptimizer(..., sparse_as_dense=True) "
+                f"or gtopk_hvd.tensorflow.DistributedGradientTape, which take the shape from "
+                f"the variable")
         numel = check_buffer_numel(tensor.shape.num_elements(), key)
         eps = self._residual(key, numel)
         result = gtopk_allreduce(tensor, self.density, name=f"{COMPRESSOR_PREFIX}.{key}",

@@ -27,7 +27,8 @@ from gtopk_hvd.tensorflow.collective import op_name
 from gtopk_hvd.tensorflow.gradients import allreduce_gradients
 from gtopk_hvd.tensorflow.state import GTopkState
 
-__all__ = ["DistributedGradientTape", "shared_state", "prepare_state"]
+__all__ = ["DistributedGradientTape", "PartialDistributedGradientTape", "shared_state",
+           "prepare_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -227,3 +228,27 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
     return cls(gradtape._tape, op, sparse_as_dense, gradtape._persistent,
                scale_local_gradients=scale_local_gradients, gtopk_state=gtopk_state,
                loss_scale_optimizer=loss_scale_optimizer, reduction=reduction)
+
+
+def PartialDistributedGradientTape(gradtape, device_dense='', device_sparse='',
+                                   compression=hvd.Compression.none, sparse_as_dense=False,
+                                   op=hvd.Average, gradient_predivide_factor=1.0,
+                                   num_groups=0, groups=None,
+                                   process_set=hvd.global_process_set, local_layers=None,
+                                   scale_local_gradients=True, **gtopk):
+    """``horovod.tensorflow.PartialDistributedGradientTape`` with gTop-k: a
+    :func:`DistributedGradientTape` (same arguments, the gTop-k ones keyword-only) whose
+    ``local_layers`` (a Keras layer or a list of them) keep their gradients local (divided by
+    the world size when ``scale_local_gradients``)."""
+    if local_layers is None:
+        local_layers = []
+    elif isinstance(local_layers, tf.keras.layers.Layer):
+        local_layers = [local_layers]
+    elif not all(isinstance(layer, tf.keras.layers.Layer) for layer in local_layers):
+        raise ValueError("All local layers must be of tf.keras.layers.Layer type.")
+    tape = DistributedGradientTape(gradtape, device_dense, device_sparse, compression,
+                                   sparse_as_dense, op, gradient_predivide_factor, num_groups,
+                                   groups, process_set, scale_local_gradients, **gtopk)
+    for var in [var for layer in local_layers for var in layer.trainable_weights]:
+        tape.register_local_source(var)
+    return tape

@@ -123,7 +123,10 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     # are paid anyway when tensors below dense_threshold go there
     methods = state.methods_for([b for b, _ in layout], numels, size, rank,
                                 dense_paid=bool(dense))
-    buffers = [Buffer(b, members, numel, m)
+    # the plan names each variable by its position and size: variable names may differ
+    # across ranks (Keras numbers them per process), positions may not
+    buffers = [Buffer(b, members, numel, m, [(f"variable {it.index}", it.numel)
+                                             for it in members])
                for (b, members), numel, m in zip(layout, numels, methods)]
     density, ks = state.densities([b.numel for b in buffers if b.method != "dense"])
     scale, runtime_scale = _loss_scale(loss_scale)

@@ -10,6 +10,8 @@ Sparsification for Low Bandwidth Networks", ICDCS 2019.
 """
 import logging
 
+import horovod.torch as _horovod_torch
+
 from horovod.torch import (Adasum, Average, HorovodInternalError, Max, Min,
                            ProcessSet, Product, Sum, add_process_set, allgather,
                            allgather_object, allreduce, allreduce_, allreduce_async,
@@ -20,6 +22,7 @@ from horovod.torch import (Adasum, Average, HorovodInternalError, Max, Min,
                            local_rank, local_size, mpi_built, mpi_enabled, poll, rank,
                            remove_process_set, size, synchronize)
 
+from gtopk_hvd.common.compat import forward_horovod
 from gtopk_hvd.common.cost import Link
 from gtopk_hvd.common.density import (ConstantDensity, DensitySchedule,
                                       ExponentialWarmupDensity, StepwiseDensity)
@@ -51,3 +54,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# every other name of horovod.torch, unchanged (gtopk_hvd.common.compat)
+_forwarded = forward_horovod(globals(), _horovod_torch)

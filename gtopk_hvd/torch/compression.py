@@ -30,7 +30,8 @@ import torch
 from horovod.torch.compression import Compression as _HorovodCompression
 from horovod.torch.compression import Compressor
 
-from gtopk_hvd.common.compression import (COMPRESSOR_PREFIX, horovod_call, op_from_call,
+from gtopk_hvd.common.compression import (COMPRESSOR_PREFIX, check_compressor_process_set,
+                                          horovod_call, op_from_call,
                                           require_name)
 from gtopk_hvd.common.density import check_density, k_for
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
@@ -72,7 +73,8 @@ class GTopkCompressor(Compressor):
 
     def compress(self, tensor):
         """Put acc = tensor + residual aside; return a one-element placeholder and the ctx."""
-        name, op = horovod_call(self)
+        name, op, process_set = horovod_call(self)
+        check_compressor_process_set(process_set)
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             raise ValueError(f"the gTop-k compressor reduces floating-point gradients, got "
                              f"{getattr(tensor, 'dtype', type(tensor).__name__)}")

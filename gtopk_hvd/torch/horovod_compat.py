@@ -1,20 +1,25 @@
-"""What the PyTorch optimizer needs to behave under Horovod's own helper functions.
+"""Who calls the PyTorch optimizer's ``step()``: the callers it must recognise by walking the
+stack, as Horovod's own optimizer cannot tell them apart either.
 
-Horovod's ``broadcast_optimizer_state`` initialises an empty optimizer state by calling
-``step()`` on zero gradients on the ranks without state only (the resume idiom: rank 0
-loaded a checkpoint).  That step must not synchronise (the other ranks do not take it) and
-must not move the parameters (weight decay would, on those ranks only).
-:func:`called_by_horovod_state_init` recognises the call by walking the stack, and
-:func:`state_init_step` takes it.
+- Horovod's ``broadcast_optimizer_state`` initialises an empty optimizer state by calling
+  ``step()`` on zero gradients on the ranks without state only (the resume idiom: rank 0
+  loaded a checkpoint).  That step must not synchronise (the other ranks do not take it) and
+  must not move the parameters (weight decay would, on those ranks only):
+  :func:`called_by_horovod_state_init` recognises the call, :func:`state_init_step` takes it.
+- torch's ``GradScaler.step(optimizer)``: :func:`calling_grad_scaler` finds the scaler, so
+  that an optimizer built without ``grad_scaler=`` refuses to go on with residuals in scaled
+  units.
 """
 import sys
 
 import horovod.torch.functions
 import torch
+from torch.amp.grad_scaler import GradScaler
 
-__all__ = ["called_by_horovod_state_init", "state_init_step"]
+__all__ = ["called_by_horovod_state_init", "state_init_step", "calling_grad_scaler"]
 
 _HOROVOD_STATE_INIT = horovod.torch.functions.broadcast_optimizer_state.__code__
+_SCALER_STEP = {GradScaler.step.__code__, GradScaler._maybe_opt_step.__code__}
 
 
 def called_by_horovod_state_init(depth=6):
@@ -41,3 +46,17 @@ def state_init_step(optimizer, base_step):
         for p, value in zip(params, saved):
             p.copy_(value)
     return result
+
+
+def calling_grad_scaler(depth=4):
+    """The enabled ``GradScaler`` whose ``step()`` is among the ``depth`` callers above the
+    caller, or None."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        if frame.f_code in _SCALER_STEP:
+            scaler = frame.f_locals.get("self")
+            return scaler if isinstance(scaler, GradScaler) and scaler.is_enabled() else None
+        frame = frame.f_back
+    return None

@@ -29,7 +29,8 @@ from gtopk_hvd.common.validation import (check_auto_link, check_compression,
                                          check_gradient_predivide_factor, check_no_groups,
                                          check_op, check_parameter_names, check_positive_int)
 from gtopk_hvd.torch.collective import op_name
-from gtopk_hvd.torch.horovod_compat import called_by_horovod_state_init, state_init_step
+from gtopk_hvd.torch.horovod_compat import (called_by_horovod_state_init,
+                                           calling_grad_scaler, state_init_step)
 from gtopk_hvd.torch.state import GTopkState
 from gtopk_hvd.torch.synchronizer import Synchronizer
 
@@ -93,6 +94,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if not self.state and called_by_horovod_state_init():
             return state_init_step(self, base.step)
         sync = self._gtopk_sync
+        if sync.grad_scaler is None and calling_grad_scaler() is not None:
+            raise GTopkError(
+                "scaler.step(optimizer) runs a gTop-k DistributedOptimizer built without "
+                "grad_scaler=: its residuals hold scaled gradients, which a change of the loss "
+                "scale would corrupt. Pass grad_scaler=scaler to DistributedOptimizer (the "
+                "residuals are then kept in unscaled units)")
         if sync.should_synchronize:
             if closure is not None:  # every evaluation (LBFGS: several) is synchronised
                 closure = _synchronized_closure(self, closure)

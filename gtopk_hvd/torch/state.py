@@ -53,6 +53,7 @@ class GTopkState:
         self.spares = {}
         self.nonfinite_steps = 0
         self.last = {}
+        self.parked = {}  # {parameter name: residual} of parameters frozen for now
         self._said = None  # what algorithm='auto' chose, as logged last
         self._verified = False
 
@@ -90,6 +91,31 @@ class GTopkState:
         elif eps.device != torch.device(device):
             eps = self.residuals[name] = eps.to(device)
         return eps
+
+    def relayout(self, old, new):
+        """The set of parameters changed (frozen, unfrozen, added): carry each parameter's
+        share of the residuals from the ``old`` buffers to the ``new`` ones, both lists of
+        (buffer name, [(parameter name, numel)...]).  A parameter that left keeps its share
+        aside (``parked``, not checkpointed) and gets it back when it returns; one that is
+        new starts from zero.  Nothing another parameter held back is lost."""
+        pieces = dict(self.parked)
+        for name, members in old:
+            eps = self.residuals.pop(name, None)
+            self.spares.pop(name, None)
+            if eps is None or eps.numel() != sum(n for _, n in members):
+                continue
+            offset = 0
+            for member, n in members:
+                pieces[member] = eps[offset:offset + n]
+                offset += n
+        for name, members in new:
+            parts = [pieces.pop(member, None) for member, _ in members]
+            known = [part for part in parts if part is not None]
+            if known:
+                self.residuals[name] = torch.cat([
+                    torch.zeros(n, dtype=torch.float32, device=known[0].device)
+                    if part is None else part for part, (_, n) in zip(parts, members)])
+        self.parked = {member: eps.clone() for member, eps in pieces.items()}
 
     def spare(self, name, numel, device):
         """The buffer a step computes acc into for buffer ``name`` (not checkpointed)."""

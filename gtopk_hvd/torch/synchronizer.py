@@ -21,7 +21,8 @@ from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.plan import make_plan, plan_digest
 from gtopk_hvd.common.process_sets import is_elastic, prepare_exchange_sets
-from gtopk_hvd.common.step import Buffer, StepConfig, finish_exchanged, run_step
+from gtopk_hvd.common.step import (Buffer, StepConfig, finish_exchanged, plan_members,
+                                   run_step)
 from gtopk_hvd.common.validation import check_buffer_numel
 from gtopk_hvd.torch.buckets import BucketPipeline
 from gtopk_hvd.torch.collective import check_verdict, dense_allreduce_bytes, measure_link
@@ -149,10 +150,21 @@ class Synchronizer:
             missing = [p for p in params if p not in self.names]
             for i, p in enumerate(missing):  # added later with add_param_group
                 self.names[p] = f"gtopk.noname.added.{i}.{len(self.names)}"
-            state = self.state
+            state, before = self.state, self.layout
             self.layout = _Layout(params, self.names, state.granularity, state.dense_threshold,
                                   self.bucket_cap_mb)
+            if before is not None:  # the trainable set changed: residuals follow parameters
+                state.relayout(self.members(before), self.members(self.layout))
         return self.layout
+
+    def members(self, layout):
+        """[(buffer name, [(parameter name, numel)...])] of ``layout``."""
+        return [(name, self.keys(ps)) for name, ps in layout.buffers]
+
+    def keys(self, params):
+        """(name, numel) of each parameter, for the plan: ranks whose parameters come in
+        another order or under other names are refused."""
+        return [(self.names[p], p.numel()) for p in params]
 
     def loss_scale(self):
         """The scale the gradients carry (GradScaler), 1.0 without one."""
@@ -203,7 +215,7 @@ class Synchronizer:
             # the dense allreduce runs every step (it carries the verdict): its rounds are paid
             methods = state.methods_for([name for name, _ in layout.buffers], layout.numels,
                                      hvd.size(), hvd.rank(), dense_paid=True)
-            buffers = [Buffer(name, ps, numel, m) for (name, ps), numel, m
+            buffers = [Buffer(name, ps, numel, m, self.keys(ps)) for (name, ps), numel, m
                        in zip(layout.buffers, layout.numels, methods)]
             ks = [k_for(b.numel, density) for b in buffers if b.method != "dense"]
             dense = [(self.names[p], p, p.numel()) for p in layout.dense]
@@ -227,9 +239,10 @@ class Synchronizer:
             state.last = dict(state.last, finite=False, bytes_sent=0)
             # with loss scaling an overflow now and then is the scaler's business
             log = logger.info if self.grad_scaler is not None else logger.warning
-            log("gtopk_hvd: non-finite gradients on some rank at step %d: every rank gets NaN "
-                "gradients, residuals are kept (%d such steps so far)", state.step,
-                state.nonfinite_steps)
+            log("gtopk_hvd: non-finite gradients on some rank in synchronisation %d: every "
+                "rank gets NaN gradients, residuals and the density schedule's step (%d) are "
+                "kept (%d such synchronisations so far)", state.step + state.nonfinite_steps,
+                state.step, state.nonfinite_steps)
         self.passes.clear()
         self.synchronized = True
 
@@ -263,7 +276,9 @@ class Synchronizer:
                          [(name, numel, k) for (name, _), numel, k
                           in zip(layout.buffers, layout.numels, ks)],
                          [(self.names[p], p.numel()) for p in layout.dense], scale,
-                         config.predivide, config.wire)
+                         config.predivide, config.wire,
+                         members=plan_members([Buffer(name, ps, 0, "gtopk", self.keys(ps))
+                                               for name, ps in layout.buffers]))
         backend = self.backend(self.params())
 
         def prepare(bucket):

@@ -18,6 +18,7 @@ SCENARIOS = [
     "hvd_allreduce_with_gtopk_compression_equals_gtopk_allreduce",
     "compressor_state_dict_round_trip_continues_the_trajectory",
     "gtopk_compressor_refused_by_gtopk_optimizer_and_bad_arguments_rejected",
+    "horovod_optimizer_over_a_process_set_subset_refuses_the_compressor_no_deadlock",
 ]
 
 

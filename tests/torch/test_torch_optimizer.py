@@ -50,6 +50,11 @@ SCENARIOS = [
     "lbfgs_with_a_closure_equals_reference_with_every_evaluation_synchronised",
     "gtopk_state_passed_in_holds_the_residuals_and_equals_reference",
     "adam_amsgrad_with_lambda_lr_equals_reference_every_step",
+    "parameters_in_another_order_on_one_rank_are_refused_on_every_rank",
+    "grad_scaler_not_passed_is_refused_on_every_rank_in_both_patterns",
+    "nonfinite_warnings_count_the_synchronisations",
+    *[f"freezing_and_unfreezing_a_parameter_keeps_every_residual_{g}"
+      for g in ("model", "layer", "bucket")],
 ]
 
 

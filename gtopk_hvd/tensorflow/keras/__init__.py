@@ -21,10 +21,12 @@ from horovod.tensorflow import (Average, ProcessSet, Sum, add_process_set,
                                 local_rank, local_size, mpi_built, mpi_enabled,
                                 mpi_threads_supported, nccl_built, rank, remove_process_set,
                                 rocm_built, size, start_timeline, stop_timeline)
+import horovod.tensorflow.keras as _horovod_keras
 from horovod.tensorflow.keras import allgather, allreduce, broadcast, reducescatter
 
 from gtopk_hvd._keras import (check_tf_keras_optimizer, create_distributed_optimizer,
                               load_model_with)
+from gtopk_hvd.common.compat import forward_horovod
 from gtopk_hvd.common.validation import check_positive_int
 from gtopk_hvd.tensorflow import Compression, GTopkState, Link, init, measure_link, shutdown
 from gtopk_hvd.tensorflow.gradient_tape import check_horovod_arguments, prepare_state
@@ -144,3 +146,7 @@ def load_model(filepath, custom_optimizers=None, custom_objects=None,
                                     granularity=granularity, dense_threshold=dense_threshold,
                                     gtopk_state=gtopk_state, link=link)
     return load_model_with(wrap, filepath, custom_optimizers, custom_objects, legacy_opts)
+
+
+# every other name of horovod.tensorflow.keras, unchanged (gtopk_hvd.common.compat)
+_forwarded = forward_horovod(globals(), _horovod_keras)

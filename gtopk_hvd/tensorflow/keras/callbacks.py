@@ -7,6 +7,7 @@ are never broadcast (they belong to each rank).
 """
 import logging
 
+import horovod.tensorflow.keras.callbacks as _horovod_callbacks
 from horovod.tensorflow.keras.callbacks import (BroadcastGlobalVariablesCallback,
                                                 LearningRateScheduleCallback,
                                                 LearningRateWarmupCallback,
@@ -14,6 +15,7 @@ from horovod.tensorflow.keras.callbacks import (BroadcastGlobalVariablesCallback
 from tensorflow import keras
 
 from gtopk_hvd._keras import callbacks as _impl
+from gtopk_hvd.common.compat import forward_horovod
 
 __all__ = ["DensityScheduleCallback", "GTopkStatsCallback", "BroadcastGlobalVariablesCallback",
            "MetricAverageCallback", "LearningRateScheduleCallback", "LearningRateWarmupCallback"]
@@ -57,3 +59,7 @@ class GTopkStatsCallback(_impl.GTopkStatsCallbackImpl, keras.callbacks.Callback)
 
     def __init__(self, keys=_impl.STATS_IN_LOGS, per_batch=True):
         super(GTopkStatsCallback, self).__init__(keys, per_batch)
+
+
+# every other callback of horovod.tensorflow.keras.callbacks (BestModelCheckpoint...), unchanged
+_forwarded = forward_horovod(globals(), _horovod_callbacks)

@@ -30,39 +30,16 @@ A custom loop with ``DistributedGradientTape`` inside a ``tf.function`` must bui
 function again after a reset: ``state.register_reset_callbacks([make_train_step])``.
 """
 import tensorflow as tf
-from horovod.common.elastic import run_fn
-from horovod.common.exceptions import HorovodInternalError
 from horovod.tensorflow import broadcast_object
 from horovod.tensorflow.elastic import TensorFlowKerasState
 from horovod.tensorflow.keras.elastic import (CommitStateCallback, UpdateBatchStateCallback,
                                               UpdateEpochStateCallback)
-from horovod.tensorflow.mpi_ops import shutdown
 
 from gtopk_hvd._keras import find_gtopk_state
+from gtopk_hvd.tensorflow.elastic import run
 
 __all__ = ["run", "KerasState", "CommitStateCallback", "UpdateBatchStateCallback",
            "UpdateEpochStateCallback"]
-
-_HOROVOD_OPS = ("HorovodAllreduce", "HorovodAllgather", "HorovodBroadcast")
-
-
-def run(func):
-    """Decorator that runs ``func(state, ...)`` elastically, as
-    ``horovod.tensorflow.keras.elastic.run``: on a reset Horovod restarts with the new world
-    (``gtopk_hvd.tensorflow.init``), the state is synchronised from rank 0 and ``func`` runs
-    again.  A TensorFlow error from a Horovod operation counts as a lost worker; any other
-    error is raised (Horovod's own wrapper returns None for it)."""
-    from tensorflow.python.framework.errors_impl import UnknownError
-
-    def wrapper(state, *args, **kwargs):
-        try:
-            return func(state, *args, **kwargs)
-        except UnknownError as err:
-            if any(op in (err.message or "") for op in _HOROVOD_OPS):
-                raise HorovodInternalError(err)
-            raise
-    return run_fn(wrapper, _reset)
-
 
 def _build_optimizer(optimizer, variables):
     """Create the optimizer's variables (``iterations`` and slots) if it has none yet."""
@@ -73,23 +50,19 @@ def _build_optimizer(optimizer, variables):
             optimizer.build(variables)
 
 
-def _reset():
-    from gtopk_hvd.tensorflow import init
-    shutdown()
-    init()
-
-
 class KerasState(TensorFlowKerasState):
     """Horovod's ``KerasState`` for a model compiled with a gTop-k ``DistributedOptimizer``.
 
     Args:
         model: the Keras model (built).
-        optimizer: the gTop-k optimizer, if not compiled into the model.
+        optimizer: the optimizer, if not compiled into the model: a gTop-k one (its
+            schedule step is synchronised, its residuals kept per rank) or any other, which
+            is handled as Horovod's ``KerasState`` handles it.
         kwargs: more properties to synchronise (``epoch``, ``batch``, ...).
     """
 
     def __init__(self, model, optimizer=None, **kwargs):
-        self._gtopk = find_gtopk_state(optimizer or model.optimizer)
+        self._gtopk = find_gtopk_state(optimizer or model.optimizer, required=False)
         self._saved_residuals = []
         super().__init__(model, optimizer=optimizer, backend=tf.keras.backend, **kwargs)
 

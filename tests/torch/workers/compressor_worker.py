@@ -233,5 +233,33 @@ def refused(hvd, rec, rank, size):
         assert Compression.fp16 is horovod_hvd.Compression.fp16
 
 
+def process_set_subset(hvd, rec, rank, size):
+    with rec("horovod_optimizer_over_a_process_set_subset_refuses_the_compressor_no_deadlock"):
+        # a registered set other than the global one: gtopk's own set of the first group
+        # that holds rank 0 (P = 2, 4: a pair; P = 3: the three ranks of the fold group)
+        from gtopk_hvd.common.process_sets import exchange_sets
+        members, registered = next((sorted(g), s) for g, s in exchange_sets(hvd).items()
+                                   if 0 in g)
+        subset = horovod_hvd.ProcessSet(members)  # as the user's registered set: ranks, id
+        subset.process_set_id = registered.process_set_id
+        model = make_model(680)
+        opt = _horovod_optimizer(model, sgd, Compression.gtopk(0.1), process_set=subset)
+        refusal = None
+        try:
+            opt.zero_grad()
+            loss_for(680)(model, rank, 0).backward()  # Horovod's hooks compress here
+        except ValueError as err:
+            refusal = str(err)
+        # every rank goes on with the world: an unnamed collective after the refusal
+        after = hvd.allreduce(torch.ones(1), op=hvd.Sum)
+        assert after.item() == size, after
+        if rank in members and subset.process_set_id != 0:
+            assert refusal is not None and "process_set" in refusal, refusal
+            assert "Compression.none" in refusal, refusal
+        else:  # not a member; or P = 2 and 3, whose only group is the global set itself
+            assert refusal is None, refusal
+        assert size in (2, 3) or subset.process_set_id != 0, "no other set to try"
+
+
 SCENARIOS = (trajectories, dynamic_forward, unnamed_collectives, nonfinite, mismatch,
-             direct_allreduce, checkpoint, refused)
+             direct_allreduce, checkpoint, refused, process_set_subset)

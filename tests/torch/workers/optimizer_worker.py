@@ -867,6 +867,125 @@ def user_optimizers(hvd, rec, rank, size):
         assert same_on_every_rank(hvd, got[-1], "adam.lambda.same")
 
 
+def parameter_identity(hvd, rec, rank, size):
+    with rec("parameters_in_another_order_on_one_rank_are_refused_on_every_rank"):
+        outcomes = []
+        for granularity in ("model", "layer"):
+            model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))  # equal sizes
+            params = list(model.parameters())
+            if rank == size - 1:  # the same tensors, registered in another order
+                params = params[2:] + params[:2]
+            opt = hvd.DistributedOptimizer(torch.optim.SGD(params, lr=LR),
+                                           named_parameters=model.named_parameters(),
+                                           density=0.5, granularity=granularity)
+            def loss(model, rank, j):
+                g = torch.Generator().manual_seed(3500 + rank)
+                return (model(torch.randn(6, 4, generator=g)) ** 2).mean()
+            loss.step = 0
+            try:
+                train(hvd, model, opt, loss, steps=1)
+                outcomes.append("no error")
+            except PlanMismatchError as error:
+                outcomes.append(str(error))
+        compare_trajectories(hvd, sgd, seed=3501, steps=1, density=0.1)  # training goes on
+        for outcome in outcomes:
+            assert "set-ups differ" in outcome and f"rank {size - 1}" in outcome, outcomes
+        assert "members[0]" in outcomes[0] and "0.weight" in outcomes[0], outcomes[0]
+        assert "same parameters in the same order" in outcomes[0], outcomes[0]
+
+
+def forgotten_grad_scaler(hvd, rec, rank, size):
+    from gtopk_hvd.common.errors import GTopkError
+    with rec("grad_scaler_not_passed_is_refused_on_every_rank_in_both_patterns"):
+        refusals = []
+        for pattern in ("horovod", "plain"):
+            model = make_model(3600)
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+            opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(),
+                                           density=0.1)
+            before = flat_params(model).clone()
+            opt.zero_grad()
+            scaler.scale(loss_for(3600)(model, rank, 0)).backward()
+            try:
+                if pattern == "horovod":  # Horovod's documented AMP pattern
+                    opt.synchronize()
+                    scaler.unscale_(opt)
+                    with opt.skip_synchronize():
+                        scaler.step(opt)
+                else:
+                    scaler.step(opt)
+                refusals.append(None)
+            except GTopkError as error:
+                refusals.append(str(error))
+            refusals.append(torch.equal(before, flat_params(model)))
+        after = hvd.allreduce(torch.ones(1), op=hvd.Sum)  # the ranks still agree
+        assert after.item() == size, after
+        for message in refusals[0::2]:
+            assert message is not None and "grad_scaler=scaler" in message, refusals
+        assert all(refusals[1::2]), "a refused step moved the parameters"
+    with rec("nonfinite_warnings_count_the_synchronisations"):
+        model = make_model(3700)
+        opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(), density=0.1)
+        loss = loss_for(3700)
+        train(hvd, model, opt, loss, steps=2)
+        with LogCapture() as logs:
+            for _ in range(2):  # two non-finite synchronisations in a row
+                opt.zero_grad()
+                loss(model, rank, 0).backward()
+                if rank == 0:
+                    next(model.parameters()).grad[0, 0] = float("nan")
+                opt.synchronize()
+        said = [m for m in logs.messages if "non-finite" in m]
+        assert len(said) == 2, logs.messages
+        assert "synchronisation 3" in said[0] and "synchronisation 4" in said[1], said
+        assert "(2)" in said[1] and "2 such" in said[1], said
+
+
+def _residual_shares(opt):
+    """{parameter name: its share of the residuals} of the optimizer's current layout."""
+    sync, shares = opt._gtopk_sync, {}
+    for name, members in sync.members(sync.layout):
+        eps, offset = sync.state.residuals.get(name), 0
+        for member, n in members:
+            shares[member] = None if eps is None else eps[offset:offset + n].clone()
+            offset += n
+    return shares
+
+
+def trainable_set_changes(hvd, rec, rank, size):
+    for granularity in ("model", "layer", "bucket"):
+        with rec(f"freezing_and_unfreezing_a_parameter_keeps_every_residual_{granularity}"):
+            model = make_model(3800)
+            opt = hvd.DistributedOptimizer(sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(),
+                                           density=0.1, granularity=granularity,
+                                           bucket_cap_mb=0.0002 if granularity == "bucket"
+                                           else None)
+            loss = loss_for(3800)
+            train(hvd, model, opt, loss, steps=2)
+            sync = opt._gtopk_sync
+            before = _residual_shares(opt)
+            with LogCapture() as logs:
+                model[0].weight.requires_grad_(False)  # fine-tuning freezes a layer
+                sync.current_layout(sync.params())
+                during = _residual_shares(opt)
+                train(hvd, model, opt, loss, steps=1)
+                model[0].weight.requires_grad_(True)
+                sync.current_layout(sync.params())
+                back = _residual_shares(opt)
+                train(hvd, model, opt, loss, steps=1)
+            same = same_on_every_rank(hvd, flat_params(model), f"freeze.{granularity}")
+            assert set(during) == set(before) - {"0.weight"}, sorted(during)
+            for name, share in during.items():
+                assert_equal(share, before[name].numpy(), f"{name} while 0.weight is frozen")
+            assert_equal(back["0.weight"], before["0.weight"].numpy(), "0.weight unfrozen")
+            assert torch.count_nonzero(before["0.weight"]) > 0, "nothing held back to keep"
+            assert not [m for m in logs.messages if "starts again from zero" in m], logs.messages
+            assert same
+
+
 def train_scheduled(hvd, model, opt, schedule, loss, steps):
     """:func:`train` with ``schedule.step()`` after every optimizer step."""
     history = []
@@ -879,4 +998,5 @@ def train_scheduled(hvd, model, opt, schedule, loss, steps):
 SCENARIOS = (trajectories, identical_across_ranks, density_one, accumulation, checkpoint,
              world_size_policy, missing_gradients, half_precision, sparse_gradients,
              dense_threshold, schedule_and_stats, synchronize_api, resume_idioms, predivide,
-             fp16_compression, bad_input, auto_algorithm, bucket_granularity, user_optimizers)
+             fp16_compression, bad_input, auto_algorithm, bucket_granularity, user_optimizers,
+             parameter_identity, forgotten_grad_scaler, trainable_set_changes)
