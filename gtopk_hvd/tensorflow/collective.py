@@ -16,6 +16,7 @@ import logging
 
 import horovod.tensorflow as hvd
 import tensorflow as tf
+from tensorflow.python.framework.func_graph import FuncGraph
 
 from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, GTopkResult,
                                          dense_allreduce_bytes, gtopk_exchange,
@@ -28,12 +29,25 @@ from gtopk_hvd.common.plan import mismatch_error, plan_digest
 from gtopk_hvd.common.process_sets import exchange_sets, process_set_for_stage
 from gtopk_hvd.tensorflow.ops import TFOps, all_finite, select_topk
 
-__all__ = ["GTopkResult", "compensate", "exchange", "exchange_grouped",
+__all__ = ["GTopkResult", "check_tf2_context", "compensate", "exchange", "exchange_grouped",
            "nonfinite_flag",
            "plan_digest_tensor", "check_verdict", "after_verdict", "decompress", "update_residual",
            "exact_divide", "op_name", "dense_allreduce_bytes", "measure_link"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_tf2_context(what):
+    """gtopk_hvd runs eagerly or inside ``tf.function``; a TensorFlow 1 graph
+    (``tf.Graph().as_default()``, ``tf.compat.v1.Session``) is refused, before anything is
+    created in it (a state built there would poison later eager use)."""
+    if tf.executing_eagerly() or isinstance(tf.compat.v1.get_default_graph(), FuncGraph):
+        return
+    raise GTopkError(
+        f"{what} runs eagerly or inside tf.function (TensorFlow 2); this is a TensorFlow 1 "
+        f"graph (tf.Graph().as_default() or tf.compat.v1.Session), which gtopk_hvd does not "
+        f"support: run the step eagerly or in a tf.function, or use Horovod's own "
+        f"DistributedGradientTape / DistributedOptimizer in that graph")
 
 
 def op_name(op):

@@ -37,7 +37,7 @@ from gtopk_hvd.common.compression import (COMPRESSOR_PREFIX, check_compressor_pr
                                           require_name)
 from gtopk_hvd.common.density import check_density
 from gtopk_hvd.common.validation import check_algorithm, check_buffer_numel
-from gtopk_hvd.tensorflow.collective import op_name
+from gtopk_hvd.tensorflow.collective import check_tf2_context, op_name
 from gtopk_hvd.tensorflow.functional import gtopk_allreduce
 
 __all__ = ["Compression", "GTopkCompressor"]
@@ -104,6 +104,7 @@ class GTopkCompressor(Compressor):
 
     def compress(self, tensor):
         """This tensor's gTop-k step; a one-element placeholder and the ctx."""
+        check_tf2_context("Compression.gtopk")
         name, op, process_set = horovod_call(self)
         check_compressor_process_set(process_set)
         if isinstance(tensor, tf.IndexedSlices):

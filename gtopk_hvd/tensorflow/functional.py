@@ -19,7 +19,7 @@ import tensorflow as tf
 from gtopk_hvd.common.collective import GTopkResult
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_allreduce_arguments
-from gtopk_hvd.tensorflow.collective import op_name
+from gtopk_hvd.tensorflow.collective import check_tf2_context, op_name
 from gtopk_hvd.tensorflow.step import TensorStep
 
 __all__ = ["GTopkResult", "gtopk_allreduce"]
@@ -76,6 +76,7 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
         res = gtopk_allreduce(grad, density=0.01, name="w", residual=eps)
         grad, eps = res.output, res.residual
     """
+    check_tf2_context("gtopk_allreduce")
     _check_tensor(tensor, residual)
     density, numel, k = check_allreduce_arguments(density, op_name(op), algorithm,
                                                   process_set, tensor.shape.num_elements(), name)

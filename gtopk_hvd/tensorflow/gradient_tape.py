@@ -23,7 +23,7 @@ from gtopk_hvd.common.validation import (check_algorithm, check_auto_link,
                                          check_global_process_set, check_granularity,
                                          check_compression, check_no_groups,
                                          check_non_negative_int, check_op)
-from gtopk_hvd.tensorflow.collective import op_name
+from gtopk_hvd.tensorflow.collective import check_tf2_context, op_name
 from gtopk_hvd.tensorflow.gradients import allreduce_gradients
 from gtopk_hvd.tensorflow.state import GTopkState
 
@@ -73,6 +73,7 @@ def prepare_state(gtopk_state, make_state, init_call, what):
     """The :class:`GTopkState` a tape or optimizer uses (``make_state()`` when None), after the
     checks that must fail on every rank before any collective; then registers the pair sets
     (collective) when the algorithm needs them."""
+    check_tf2_context(f"the gTop-k {what}")  # before a state is made in a TF1 graph
     if gtopk_state is None:
         gtopk_state = make_state()
     elif not isinstance(gtopk_state, GTopkState):

@@ -21,7 +21,7 @@ import tensorflow as tf
 from gtopk_hvd.common.process_sets import is_elastic
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_buffer_numel
-from gtopk_hvd.tensorflow.collective import measure_link, op_name
+from gtopk_hvd.tensorflow.collective import check_tf2_context, measure_link, op_name
 from gtopk_hvd.tensorflow.ops import op_name_safe
 from gtopk_hvd.tensorflow.step import Item, TFStep
 
@@ -100,6 +100,7 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
         The reduced gradients, in the order, shapes and dtypes of the variables (times the
         loss scale, as they came).
     """
+    check_tf2_context("gTop-k's allreduce_gradients")
     size, rank = hvd.size(), hvd.rank()
     items = []
     for i, (grad, var) in enumerate(zip(grads, variables)):

@@ -1,6 +1,7 @@
 """One rank (plain ``python``, no horovodrun): with a float16 wire an own value beyond float16's
 range makes the step non-finite there too, eagerly and in tf.function (no exchange happens,
-so the verdict comes from the flags alone)."""
+so the verdict comes from the flags alone); a TensorFlow 1 graph is refused by every entry
+point, and eager use in the same process goes on."""
 import os
 import subprocess
 import sys
@@ -56,3 +57,39 @@ def test_auto_without_a_link_is_refused_under_elastic_before_horovod_is_touched(
     # with a link it gets as far as the next check: Horovod is not initialised
     assert proc.stdout.strip().splitlines()[-3:] == [
         "refused True", "refused True", "with a link GTopkError"], proc.stdout
+
+
+TF1_SCRIPT = """
+import tensorflow as tf
+import gtopk_hvd.tensorflow as hvd
+hvd.init()
+refused = []
+with tf.Graph().as_default():  # TensorFlow 1 graph mode, as Horovod's own tests run it
+    w = tf.compat.v1.get_variable("w", [4])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(w * 2.0)
+    for make in (lambda: hvd.DistributedGradientTape(tape, density=0.5),
+                 lambda: hvd.gtopk_allreduce(tf.ones([4]), density=0.5),
+                 lambda: hvd.Compression.gtopk(0.5).compress(tf.ones([4]))):
+        try:
+            make()
+            refused.append("accepted")
+        except hvd.GTopkError as error:
+            refused.append("TensorFlow 1 graph" in str(error) and "tf.function" in str(error))
+print("tf1:", refused)
+v = tf.Variable(tf.ones([4]))  # eager use afterwards is not poisoned by the graph
+with tf.GradientTape() as tape:
+    loss = tf.reduce_sum(v * tf.constant([3.0, 1.0, 4.0, 2.0]))
+print("eager:", hvd.DistributedGradientTape(tape, density=0.5).gradient(loss, [v])[0]
+      .numpy().tolist())
+"""
+
+
+def test_a_tensorflow_1_graph_is_refused_and_eager_use_afterwards_works():
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", TF1_SCRIPT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-2:] == ["tf1: [True, True, True]",
+                                                     "eager: [3.0, 0.0, 4.0, 0.0]"], proc.stdout
