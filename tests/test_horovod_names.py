@@ -111,7 +111,8 @@ try:  # a densified IndexedSlices inside tf.function has no static shape
                 input_signature=[tf.TensorSpec([None], tf.float32)]).get_concrete_function()
     print("unknown shape: accepted")
 except Exception as error:  # AutoGraph may re-raise it as its own error, message kept
-    print("unknown shape refused:", "static shape" in str(error) and "sparse_as_dense" in str(error))
+    said = str(error)
+    print("unknown shape refused:", "static shape" in said and "sparse_as_dense" in said)
 """
 
 

@@ -30,8 +30,8 @@ import logging
 from gtopk_hvd.common.collective import VERDICT_TAIL, dense_allreduce_bytes
 from gtopk_hvd.common.plan import make_plan
 
-__all__ = ["Buffer", "StepBackend", "StepConfig", "run_step", "finish_exchanged",
-           "plan_members"]
+__all__ = ["Buffer", "StepBackend", "StepConfig", "run_step", "step_plan",
+           "finish_exchanged"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +136,7 @@ def run_step(backend, config, buffers, dense, ks, density, scale=1.0, runtime_sc
     dense_parts = ([backend.flat_grads([m for _, m, _ in dense])] if dense else []) + \
         chosen_dense_parts
     # 2. plan and verdict
-    plan = make_plan(config.algorithm, config.op, config.granularity, config.dense_threshold,
-                     [(b.name, b.numel, k if isinstance(k, int) else -1)
-                      for b, k in zip(sparse, ks)],
-                     [(n, numel) for n, _, numel in dense] + [(b.name, b.numel) for b in chosen_dense],
-                     scale if runtime_scale is None else 1.0, predivide, config.wire,
-                     members=plan_members(buffers))
+    plan = step_plan(config, buffers, ks, dense, scale if runtime_scale is None else 1.0)
     digest = backend.digest(plan, ks, runtime_scale)
     flags = backend.nonfinite_flag(accs + dense_parts)
     # 3. exchange: the first operation carries the verdict
@@ -180,11 +175,20 @@ def run_step(backend, config, buffers, dense, ks, density, scale=1.0, runtime_sc
     return finite
 
 
-def plan_members(buffers):
-    """The plan's ``members``: every buffer's keys in order, or None if a buffer has none."""
-    if not buffers or any(b.keys is None for b in buffers):
-        return None
-    return [key for b in buffers for key in b.keys]
+def step_plan(config, buffers, ks, dense, scale):
+    """The plan of a step (gtopk_hvd.common.plan.make_plan): the sparsified buffers with
+    their k (-1 where k is a tensor, known at run time), the dense members and the buffers
+    sent densely, every member's key where the adapter names them, the loss scale."""
+    sparse = [b for b in buffers if b.method != "dense"]
+    members = None
+    if buffers and all(b.keys is not None for b in buffers):
+        members = [key for b in buffers for key in b.keys]
+    return make_plan(config.algorithm, config.op, config.granularity, config.dense_threshold,
+                     [(b.name, b.numel, k if isinstance(k, int) else -1)
+                      for b, k in zip(sparse, ks)],
+                     [(n, numel) for n, _, numel in dense]
+                     + [(b.name, b.numel) for b in buffers if b.method == "dense"],
+                     scale, config.predivide, config.wire, members=members)
 
 
 def finish_exchanged(backend, finite, density, k, numel, dense_numel, sent, scale):

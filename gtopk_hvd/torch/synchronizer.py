@@ -19,10 +19,9 @@ from gtopk_hvd.common.buckets import make_buckets
 from gtopk_hvd.common.collective import MISMATCH, NONFINITE
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
-from gtopk_hvd.common.plan import make_plan, plan_digest
+from gtopk_hvd.common.plan import plan_digest
 from gtopk_hvd.common.process_sets import is_elastic, prepare_exchange_sets
-from gtopk_hvd.common.step import (Buffer, StepConfig, finish_exchanged, plan_members,
-                                   run_step)
+from gtopk_hvd.common.step import Buffer, StepConfig, finish_exchanged, run_step, step_plan
 from gtopk_hvd.common.validation import check_buffer_numel
 from gtopk_hvd.torch.buckets import BucketPipeline
 from gtopk_hvd.torch.collective import check_verdict, dense_allreduce_bytes, measure_link
@@ -161,6 +160,12 @@ class Synchronizer:
         """[(buffer name, [(parameter name, numel)...])] of ``layout``."""
         return [(name, self.keys(ps)) for name, ps in layout.buffers]
 
+    def buffers(self, layout, methods):
+        """The step's :class:`~gtopk_hvd.common.step.Buffer` list: ``layout``'s buffers with
+        their ``methods`` and their parameters' keys."""
+        return [Buffer(name, ps, numel, method, self.keys(ps)) for (name, ps), numel, method
+                in zip(layout.buffers, layout.numels, methods)]
+
     def keys(self, params):
         """(name, numel) of each parameter, for the plan: ranks whose parameters come in
         another order or under other names are refused."""
@@ -215,8 +220,7 @@ class Synchronizer:
             # the dense allreduce runs every step (it carries the verdict): its rounds are paid
             methods = state.methods_for([name for name, _ in layout.buffers], layout.numels,
                                      hvd.size(), hvd.rank(), dense_paid=True)
-            buffers = [Buffer(name, ps, numel, m, self.keys(ps)) for (name, ps), numel, m
-                       in zip(layout.buffers, layout.numels, methods)]
+            buffers = self.buffers(layout, methods)
             ks = [k_for(b.numel, density) for b in buffers if b.method != "dense"]
             dense = [(self.names[p], p, p.numel()) for p in layout.dense]
             run_step(self.backend(params), self.config, buffers, dense, ks, density, scale,
@@ -271,23 +275,16 @@ class Synchronizer:
         self.publish_step()
         density, scale = state.density(), self.loss_scale()
         ks = [k_for(numel, density) for numel in layout.numels]
-        plan = make_plan(config.algorithm, config.op, config.granularity,
-                         config.dense_threshold,
-                         [(name, numel, k) for (name, _), numel, k
-                          in zip(layout.buffers, layout.numels, ks)],
-                         [(self.names[p], p.numel()) for p in layout.dense], scale,
-                         config.predivide, config.wire,
-                         members=plan_members([Buffer(name, ps, 0, "gtopk", self.keys(ps))
-                                               for name, ps in layout.buffers]))
+        buffers = self.buffers(layout, ["gtopk"] * len(layout.buffers))
+        plan = step_plan(config, buffers, ks, [(self.names[p], p, p.numel())
+                                               for p in layout.dense], scale)
         backend = self.backend(self.params())
 
         def prepare(bucket):
             if not layout.buffers:  # the verdict and the digest still travel
                 return torch.zeros(0, dtype=torch.float32), 0, 0
-            name, ps = layout.buffers[bucket]
-            self.check_sparse(ps)
-            acc = backend.compensate(Buffer(name, ps, layout.numels[bucket], "gtopk"), scale,
-                                     config.predivide)
+            self.check_sparse(buffers[bucket].members)
+            acc = backend.compensate(buffers[bucket], scale, config.predivide)
             return acc, ks[bucket], backend.nonfinite_flag([acc])
 
         pipe = BucketPipeline([len(ps) for _, ps in layout.buffers] or [0], prepare,

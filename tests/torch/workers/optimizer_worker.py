@@ -693,7 +693,8 @@ def bucket_granularity(hvd, rec, rank, size):
                 for j in range(passes):
                     loss(model, rank, j).backward()
                 # after the first step the exchanges start inside backward
-                started.append(opt._gtopk_sync.pipeline is not None and opt._gtopk_sync.pipeline.started)
+                pipeline = opt._gtopk_sync.pipeline
+                started.append(pipeline is not None and pipeline.started)
                 opt.step()
                 loss.step += 1
                 got.append(flat_params(model).clone())
