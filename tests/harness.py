@@ -72,6 +72,18 @@ def _horovodrun_once(np_, script, *args, timeout=600, env=None, survivors=False)
         return results
 
 
+def run_python(script, *args, timeout=300, env=None):
+    """Run ``script`` (Python source) in a plain ``python -c`` process as a user's program
+    runs (one rank, no horovodrun; TensorFlow as the tests set it up; ``env`` added to the
+    environment); its stdout lines."""
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3", **(env or {}),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()
+
+
 def check_scenario(results, name):
     """Assert that scenario ``name`` passed on every rank; return the per-rank records."""
     records = []

@@ -4,14 +4,10 @@ Horovod's (docs/compatibility.md).  One process per framework (plain ``python``)
 torch and TensorFlow are imported the way a user's program imports them.
 """
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.harness import run_python
 
 # Horovod's API, as this test sees it (written apart from the library's own list): the
 # public names whose object is defined in a horovod module, or is a horovod submodule
@@ -56,12 +52,7 @@ PAIRS = {
 
 
 def _report(pairs):
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", LIST, *pairs], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(run_python(LIST, *pairs)[-1])
 
 
 @pytest.mark.parametrize("framework", sorted(PAIRS))
@@ -117,11 +108,6 @@ except Exception as error:  # AutoGraph may re-raise it as its own error, messag
 
 
 def test_tensorflow_distributed_optimizer_partial_tape_and_keras_state_as_horovod_s():
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()[-5:]
+    lines = run_python(SCRIPT)[-5:]
     assert lines == ["v1 refused: True", "keras: True", "partial: True True True",
                      "plain KerasState: True", "unknown shape refused: True"], lines

@@ -2,12 +2,8 @@
 range makes the step non-finite there too, eagerly and in tf.function (no exchange happens,
 so the verdict comes from the flags alone); a TensorFlow 1 graph is refused by every entry
 point, and eager use in the same process goes on."""
-import os
-import subprocess
-import sys
-from pathlib import Path
+from tests.harness import run_python
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import numpy as np, tensorflow as tf
 import gtopk_hvd.tensorflow as hvd
@@ -21,12 +17,8 @@ print([int(exchange(acc, 4, wire=w).verdict) for w in ("float32", "float16")],
 
 
 def test_float16_overflow_on_a_single_rank_is_nonfinite():
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "[0, 1] [0, 1]", proc.stdout
+    lines = run_python(SCRIPT)
+    assert lines[-1] == "[0, 1] [0, 1]", lines
 
 
 ELASTIC = """
@@ -48,15 +40,9 @@ except Exception as exc:
 
 
 def test_auto_without_a_link_is_refused_under_elastic_before_horovod_is_touched():
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3",
-               HOROVOD_ELASTIC="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", ELASTIC], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = run_python(ELASTIC, env={"HOROVOD_ELASTIC": "1"})
     # with a link it gets as far as the next check: Horovod is not initialised
-    assert proc.stdout.strip().splitlines()[-3:] == [
-        "refused True", "refused True", "with a link GTopkError"], proc.stdout
+    assert lines[-3:] == ["refused True", "refused True", "with a link GTopkError"], lines
 
 
 TF1_SCRIPT = """
@@ -86,10 +72,5 @@ print("eager:", hvd.DistributedGradientTape(tape, density=0.5).gradient(loss, [v
 
 
 def test_a_tensorflow_1_graph_is_refused_and_eager_use_afterwards_works():
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", TF1_SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-2:] == ["tf1: [True, True, True]",
-                                                     "eager: [3.0, 0.0, 4.0, 0.0]"], proc.stdout
+    lines = run_python(TF1_SCRIPT)
+    assert lines[-2:] == ["tf1: [True, True, True]", "eager: [3.0, 0.0, 4.0, 0.0]"], lines
