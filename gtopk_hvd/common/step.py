@@ -30,7 +30,7 @@ import logging
 from gtopk_hvd.common.collective import VERDICT_TAIL, dense_allreduce_bytes
 from gtopk_hvd.common.plan import make_plan
 
-__all__ = ["Buffer", "StepBackend", "StepConfig", "run_step", "step_plan",
+__all__ = ["Buffer", "StepBackend", "StepConfig", "run_step", "step_plan", "apply_sparse",
            "finish_exchanged"]
 
 logger = logging.getLogger(__name__)
@@ -155,12 +155,9 @@ def run_step(backend, config, buffers, dense, ks, density, scale=1.0, runtime_sc
         finish_exchanged(backend, finite, density, k_total, numel, dense_numel, sent, scale)
         return finite
     # 4. residual and scatter
-    carried = scale / predivide if predivide != 1.0 else scale  # what acc is scaled by
-    for buffer, acc, k, result in zip(sparse, accs, ks, results):
-        backend.commit(buffer, acc, result, carried, finite)  # first: it reads acc
-        backend.write_sparse(buffer, result, finite)
-        k_total, numel = k_total + k, numel + buffer.numel
-    sent += sum(r.bytes_sent for r in results)
+    k_total, numel, bytes_sent = apply_sparse(backend, sparse, accs, ks, results, scale,
+                                              predivide, finite)
+    sent += bytes_sent
     if dense_members:
         if flat is None:
             flat = backend.dense_allreduce(backend.after_verdict(finite,
@@ -173,6 +170,19 @@ def run_step(backend, config, buffers, dense, ks, density, scale=1.0, runtime_sc
     # 5. statistics
     finish_exchanged(backend, finite, density, k_total, numel, dense_numel, sent, scale)
     return finite
+
+
+def apply_sparse(backend, buffers, accs, ks, results, scale, predivide, finite):
+    """Step 4 for the sparsified buffers: each one's new residual (acc with what reached the
+    result cleared, back in unscaled units), then its gradients from the global set.
+    Returns (k, entries, bytes sent) summed over the buffers."""
+    carried = scale / predivide if predivide != 1.0 else scale  # what acc is scaled by
+    k_total, numel = 0, 0
+    for buffer, acc, k, result in zip(buffers, accs, ks, results):
+        backend.commit(buffer, acc, result, carried, finite)  # first: it reads acc
+        backend.write_sparse(buffer, result, finite)
+        k_total, numel = k_total + k, numel + buffer.numel
+    return k_total, numel, sum(r.bytes_sent for r in results)
 
 
 def step_plan(config, buffers, ks, dense, scale):

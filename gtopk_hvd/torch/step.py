@@ -98,7 +98,7 @@ class TorchStep(StepBackend):
 
     def compensate(self, buffer, scale, predivide):
         state, ps = self.state, buffer.members
-        if predivide == 1.0 and buffer.method == "dense" and buffer.name not in state.residuals:
+        if buffer.method == "dense" and buffer.name not in state.residuals:
             return flat_grads(ps)  # sent densely and nothing held back: the gradients
         device = ps[0].device
         acc = compensate_into(ps, state.residual(buffer.name, buffer.numel, device),
@@ -114,7 +114,7 @@ class TorchStep(StepBackend):
     # 2. plan and verdict -----------------------------------------------------------------
 
     def nonfinite_flag(self, tensors):
-        return 0 if all_finite([_dense(t) for t in tensors]) else NONFINITE
+        return 0 if all_finite(tensors) else NONFINITE  # flat float32 parts, dense
 
     def digest(self, plan, ks, runtime_scale):
         return plan_digest(plan)

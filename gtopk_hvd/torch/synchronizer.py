@@ -21,10 +21,11 @@ from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.plan import plan_digest
 from gtopk_hvd.common.process_sets import is_elastic, prepare_exchange_sets
-from gtopk_hvd.common.step import Buffer, StepConfig, finish_exchanged, run_step, step_plan
+from gtopk_hvd.common.step import (Buffer, StepConfig, apply_sparse, finish_exchanged,
+                                   run_step, step_plan)
 from gtopk_hvd.common.validation import check_buffer_numel
 from gtopk_hvd.torch.buckets import BucketPipeline
-from gtopk_hvd.torch.collective import check_verdict, dense_allreduce_bytes, measure_link
+from gtopk_hvd.torch.collective import dense_allreduce_bytes, measure_link
 from gtopk_hvd.torch.ops import all_finite
 from gtopk_hvd.torch.step import TorchStep, flat_grads
 
@@ -290,6 +291,7 @@ class Synchronizer:
         pipe = BucketPipeline([len(ps) for _, ps in layout.buffers] or [0], prepare,
                               plan_digest(plan), config.wire)
         pipe.layout, pipe.plan, pipe.density, pipe.scale = layout, plan, density, scale
+        pipe.buffers, pipe.ks = buffers, ks
         return pipe
 
     def synchronize_buckets(self, params):
@@ -314,16 +316,12 @@ class Synchronizer:
         if layout.dense and not verdict & MISMATCH:  # the digest covered the dense sizes
             flat = backend.dense_allreduce(flat_grads(layout.dense))
             verdict |= 0 if all_finite([flat]) else NONFINITE  # the same bits on every rank
-        finite = check_verdict(verdict, pipe.plan)
+        finite = backend.check_verdict(verdict, pipe.plan, pipe.ks, None)
         k_total = numel = sent = 0
         if finite:
-            carried = pipe.scale / self.config.predivide
-            sent = sum(result.bytes_sent for result in pipe.results)
-            for (name, ps), acc, result in zip(layout.buffers, pipe.accs, pipe.results):
-                buffer = Buffer(name, ps, acc.numel(), "gtopk")
-                backend.write_sparse(buffer, result, finite)
-                backend.commit(buffer, acc, result, carried, finite)
-                k_total, numel = k_total + result.local_indices.numel(), numel + acc.numel()
+            k_total, numel, sent = apply_sparse(backend, pipe.buffers, pipe.accs, pipe.ks,
+                                                pipe.results, pipe.scale,
+                                                self.config.predivide, finite)
             if layout.dense:
                 backend.write_dense(layout.dense, flat)
                 sent += dense_allreduce_bytes(dense_numel, hvd.size())
