@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.harness import HOROVODRUN
+
 ROOT = Path(__file__).resolve().parents[1]
 GLOO_TIMEOUT_S = 60
 RECOVERY_BOUND_S = 40  # kill -> first step of the 3 survivors; Gloo's timeout is 60 s
@@ -40,8 +42,7 @@ def _run_elastic_job(worker, total_steps, out, hosts_file, discovery, run, extra
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                HOROVOD_GLOO_TIMEOUT_SECONDS=str(GLOO_TIMEOUT_S), PYTHONUNBUFFERED="1")
     env.update(extra_env or {})
-    bindir = Path(sys.executable).parent
-    cmd = [str(bindir / "horovodrun"), "--gloo", "-np", "3", "--min-np", "3", "--max-np", "4",
+    cmd = [*HOROVODRUN, "--gloo", "-np", "3", "--min-np", "3", "--max-np", "4",
            "--host-discovery-script", discovery, "--elastic-timeout", "60",
            "--network-interface", "lo",
            str(sys.executable), str(worker), str(total_steps), run]

@@ -27,7 +27,8 @@ from gtopk_hvd.common.schedule import stages_for, virtual_rank
 
 __all__ = ["TensorOps", "gtopk_exchange", "gtopk_exchange_steps", "drive",
            "gtopk_exchange_grouped", "topk_allgather_exchange",
-           "ExchangeResult", "GTopkResult", "reduce_op_name", "dense_allreduce_bytes", "NONFINITE", "MISMATCH",
+           "ExchangeResult", "GTopkResult", "reduce_op_name", "dense_allreduce_bytes", "NONFINITE",
+           "MISMATCH", "JOINED", "ALL_FLAGS", "FLAG_BITS", "DIGEST_BITS",
            "make_meta", "merge_meta", "ring_bytes", "gtopk_wire_bytes", "topk_wire_bytes",
            "message_bytes", "VERDICT_TAIL", "verdict_tail", "tail_verdict",
            "allreduce_with_verdict"]
@@ -36,51 +37,67 @@ logger = logging.getLogger(__name__)
 
 NONFINITE = 1  # some rank's acc held NaN or Inf
 MISMATCH = 2   # some rank's plan digest differed from its partner's
-_FLAG_BITS = 2
-_DIGEST_MASK = (1 << (32 - _FLAG_BITS)) - 1
+JOINED = 4     # every rank heard from has joined (hvd.join(): zeros, no plan of its own)
+ALL_FLAGS = NONFINITE | MISMATCH | JOINED
+FLAG_BITS = 3
+DIGEST_BITS = 32 - FLAG_BITS
+_DIGEST_MASK = (1 << DIGEST_BITS) - 1
 
 
 def make_meta(digest, flags=0):
-    """A header's meta field: a 30-bit ``digest`` and the flags, as a signed int32 value."""
-    meta = ((int(digest) & _DIGEST_MASK) << _FLAG_BITS) | int(flags)
+    """A header's meta field: a 29-bit ``digest`` and the flags, as a signed int32 value."""
+    meta = ((int(digest) & _DIGEST_MASK) << FLAG_BITS) | int(flags)
     return meta - (1 << 32) if meta >= 1 << 31 else meta
 
 
 def merge_meta(mine, theirs):
     """``mine`` with the flags of ``theirs`` ORed in, and MISMATCH if the digests differ
-    (plain integers; the adapters do the same with tensor operations)."""
+    (plain integers; the adapters do the same with tensor operations).
+
+    JOINED is kept only when both sides carry it: a meta that carries it stands for ranks
+    that all joined (``hvd.join()``), which contribute zeros and have no plan to compare, so
+    its digest is not compared, and a joined side takes the other side's digest."""
+    mine_joined, theirs_joined = mine & JOINED, theirs & JOINED
     flags = (mine | theirs) & (NONFINITE | MISMATCH)
-    if (mine >> _FLAG_BITS) != (theirs >> _FLAG_BITS):
+    if not (mine_joined or theirs_joined) and (mine >> FLAG_BITS) != (theirs >> FLAG_BITS):
         flags |= MISMATCH
-    return (mine & ~(NONFINITE | MISMATCH)) | flags
+    flags |= mine_joined & theirs_joined
+    base = theirs if mine_joined and not theirs_joined else mine
+    return (base & ~ALL_FLAGS) | flags
 
 
-VERDICT_TAIL = 32 - _FLAG_BITS + 1  # entries: the digest's 30 bits, then the NONFINITE flag
+VERDICT_TAIL = DIGEST_BITS + 2  # entries: the digest's bits, then NONFINITE, then JOINED
 
 
 def verdict_tail(digest, flags=0):
     """Entries (0.0 or 1.0) to append to a dense allreduce so that it carries the verdict of
-    the gTop-k headers: the bits of the 30-bit plan ``digest``, then whether this rank's
-    gradients are not finite.  Read back with :func:`tail_verdict`."""
-    digest = int(digest) & _DIGEST_MASK
-    return [float((digest >> b) & 1) for b in range(32 - _FLAG_BITS)] + \
-        [1.0 if flags & NONFINITE else 0.0]
+    the gTop-k headers: the bits of the 29-bit plan ``digest`` (all 0 on a joined rank,
+    which has no plan to compare), whether this rank's gradients are not finite, whether it
+    joined.  Read back with :func:`tail_verdict`."""
+    joined = bool(flags & JOINED)
+    digest = 0 if joined else int(digest) & _DIGEST_MASK
+    return [float((digest >> b) & 1) for b in range(DIGEST_BITS)] + \
+        [1.0 if flags & NONFINITE else 0.0, 1.0 if joined else 0.0]
 
 
 def tail_verdict(reduced, size, average):
-    """The verdict (NONFINITE | MISMATCH flags, as after a gTop-k exchange) from the reduced
-    tail of :func:`verdict_tail` (a sequence of ``VERDICT_TAIL`` floats, averaged over
-    ``size`` ranks if ``average`` else summed).
+    """The verdict (NONFINITE | MISMATCH | JOINED flags, as after a gTop-k exchange) from the
+    reduced tail of :func:`verdict_tail` (a sequence of ``VERDICT_TAIL`` floats, averaged
+    over ``size`` ranks if ``average`` else summed).
 
-    Each entry becomes the fraction q of ranks that sent 1.  A digest bit on which the ranks
-    agree has q = 0 or 1; otherwise q lies in [1/P, 1 - 1/P], so the test q in
-    (1/(2P), 1 - 1/(2P)) is safe against the rounding of the average (and of float16)."""
+    Each entry becomes the fraction q of ranks that sent 1; a = 1 - q(JOINED) is the
+    fraction of ranks that did not join.  A digest bit on which those ranks agree has q = 0
+    or q = a; otherwise q lies at least 1/P away from both, so the tests with a margin of
+    1/(2P) are safe against the rounding of the average (and of float16)."""
     if len(reduced) != VERDICT_TAIL:
         raise ValueError(f"expected {VERDICT_TAIL} tail entries, got {len(reduced)}")
     fractions = [float(v) if average else float(v) / size for v in reduced]
     margin = 1.0 / (2 * size)
-    verdict = NONFINITE if not fractions[-1] < margin else 0  # NaN counts as not finite
-    if any(not (q < margin or q > 1 - margin) for q in fractions[:-1]):
+    verdict = NONFINITE if not fractions[-2] < margin else 0  # NaN counts as not finite
+    active = 1.0 - fractions[-1]
+    if active < margin:
+        verdict |= JOINED
+    if any(not (q < margin or abs(q - active) < margin) for q in fractions[:-2]):
         verdict |= MISMATCH
     return verdict
 
@@ -147,7 +164,8 @@ class ExchangeResult:
     local_indices / alive: this rank's local top-k and which of it survived.
     local_values: this rank's local top-k values as they went on the wire (float16 wire:
     rounded; what the rounding took off stays in the residual).
-    verdict: the flags every rank agrees on after the exchange (NONFINITE, MISMATCH), an int32
+    verdict: the flags every rank agrees on after the exchange (NONFINITE, MISMATCH, JOINED),
+    an int32
     scalar of the adapter.  bytes_sent: bytes this rank put on the wire (ring allgather).
     timings: seconds per phase (eager only).
     """

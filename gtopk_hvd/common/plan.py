@@ -1,7 +1,7 @@
 """What a rank will exchange in one step (its *plan*), its digest, and the error when ranks
 disagree.
 
-Every exchange header carries the 30-bit digest of the sender's plan (gtopk_hvd.common
+Every exchange header carries the 29-bit digest of the sender's plan (gtopk_hvd.common
 .collective); a receiver whose own digest differs raises the MISMATCH flag, which reaches every
 rank by the end of the step's first exchange.  Then, and only then, every rank gathers the
 full plans (one allgather_object) and raises :class:`PlanMismatchError` naming the first
@@ -14,6 +14,7 @@ exchange order, ``dense`` (name, numel) per tensor reduced densely.
 import logging
 import zlib
 
+from gtopk_hvd.common.collective import DIGEST_BITS
 from gtopk_hvd.common.errors import GTopkError
 
 __all__ = ["PlanMismatchError", "make_plan", "plan_digest", "first_difference",
@@ -21,7 +22,6 @@ __all__ = ["PlanMismatchError", "make_plan", "plan_digest", "first_difference",
 
 logger = logging.getLogger(__name__)
 
-_DIGEST_BITS = 30
 
 
 class PlanMismatchError(GTopkError):
@@ -45,8 +45,8 @@ def make_plan(algorithm, op, granularity, dense_threshold, buffers, dense=(), lo
 
 
 def plan_digest(plan):
-    """A 30-bit digest of ``plan`` (CRC-32 of its repr), the same on every rank."""
-    return zlib.crc32(repr(plan).encode()) & ((1 << _DIGEST_BITS) - 1)
+    """A 29-bit digest of ``plan`` (CRC-32 of its repr), the same on every rank."""
+    return zlib.crc32(repr(plan).encode()) & ((1 << DIGEST_BITS) - 1)
 
 
 def first_difference(a, b):

@@ -18,7 +18,7 @@ import horovod.tensorflow as hvd
 import tensorflow as tf
 from tensorflow.python.framework.func_graph import FuncGraph
 
-from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, GTopkResult,
+from gtopk_hvd.common.collective import (DIGEST_BITS, MISMATCH, NONFINITE, GTopkResult,
                                          dense_allreduce_bytes, gtopk_exchange,
                                          gtopk_exchange_grouped, reduce_op_name,
                                          topk_allgather_exchange)
@@ -126,11 +126,12 @@ def plan_digest_tensor(plan, ks, loss_scale=None):
     digest = plan_digest(plan)
     if all(isinstance(v, int) for v in values):  # the same arithmetic as below, in Python
         for v in values:
-            digest = (digest * 31 + v) & ((1 << 30) - 1)
+            digest = (digest * 31 + v) & ((1 << DIGEST_BITS) - 1)
         return digest
     digest = tf.constant(digest, tf.int32)
     for v in values:
-        digest = tf.bitwise.bitwise_and(digest * 31 + tf.cast(v, tf.int32), (1 << 30) - 1)
+        digest = tf.bitwise.bitwise_and(digest * 31 + tf.cast(v, tf.int32),
+                                        (1 << DIGEST_BITS) - 1)
     return digest
 
 

@@ -28,7 +28,8 @@ import re
 
 import tensorflow as tf
 
-from gtopk_hvd.common.collective import MISMATCH, NONFINITE
+from gtopk_hvd.common.collective import (ALL_FLAGS, DIGEST_BITS, FLAG_BITS, JOINED, MISMATCH,
+                                         NONFINITE)
 
 __all__ = ["TFOps", "select_topk", "merge_truncate", "op_name_safe", "all_finite"]
 
@@ -201,8 +202,9 @@ class TFOps:
 
     def meta(self, digest, flags):
         """make_meta for a digest that may be an int32 tensor (computed in the graph)."""
-        digest = tf.bitwise.bitwise_and(tf.cast(digest, tf.int32), (1 << 30) - 1)
-        return tf.bitwise.bitwise_or(tf.bitwise.left_shift(digest, 2), tf.cast(flags, tf.int32))
+        digest = tf.bitwise.bitwise_and(tf.cast(digest, tf.int32), (1 << DIGEST_BITS) - 1)
+        return tf.bitwise.bitwise_or(tf.bitwise.left_shift(digest, FLAG_BITS),
+                                     tf.cast(flags, tf.int32))
 
     def or_nonfinite(self, flags, values):
         finite = tf.reduce_all(tf.math.is_finite(values))
@@ -252,17 +254,22 @@ class TFOps:
             pos = pos + 1 + count
         return blocks
 
-    def merge_meta(self, mine, theirs):
-        flag_mask = tf.constant(NONFINITE | MISMATCH, tf.int32)
-        flags = tf.bitwise.bitwise_and(tf.bitwise.bitwise_or(mine, theirs), flag_mask)
-        digests_differ = tf.not_equal(tf.bitwise.right_shift(mine, 2),
-                                      tf.bitwise.right_shift(theirs, 2))
+    def merge_meta(self, mine, theirs):  # gtopk_hvd.common.collective.merge_meta
+        mine_joined = tf.bitwise.bitwise_and(mine, JOINED)
+        theirs_joined = tf.bitwise.bitwise_and(theirs, JOINED)
+        flags = tf.bitwise.bitwise_and(tf.bitwise.bitwise_or(mine, theirs), NONFINITE | MISMATCH)
+        digests_differ = tf.logical_and(
+            tf.not_equal(tf.bitwise.right_shift(mine, FLAG_BITS),
+                         tf.bitwise.right_shift(theirs, FLAG_BITS)),
+            tf.equal(tf.bitwise.bitwise_or(mine_joined, theirs_joined), 0))
         flags = tf.where(digests_differ, tf.bitwise.bitwise_or(flags, MISMATCH), flags)
-        return tf.bitwise.bitwise_or(tf.bitwise.bitwise_and(mine, tf.bitwise.invert(flag_mask)),
-                                     flags)
+        flags = tf.bitwise.bitwise_or(flags, tf.bitwise.bitwise_and(mine_joined, theirs_joined))
+        base = tf.where(tf.logical_and(tf.not_equal(mine_joined, 0), tf.equal(theirs_joined, 0)),
+                        theirs, mine)
+        return tf.bitwise.bitwise_or(tf.bitwise.bitwise_and(base, ~ALL_FLAGS), flags)
 
     def flags_of(self, meta):
-        return tf.bitwise.bitwise_and(meta, NONFINITE | MISMATCH)
+        return tf.bitwise.bitwise_and(meta, ALL_FLAGS)
 
     def concat_sets(self, sets):
         return tf.concat([v for v, _ in sets], 0), tf.concat([i for _, i in sets], 0)

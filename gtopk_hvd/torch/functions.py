@@ -1,4 +1,5 @@
-"""Start-up and state helpers of the PyTorch backend: ``init`` and ``broadcast_optimizer_state``.
+"""Start-up, state and end-of-data helpers of the PyTorch backend: ``init``, ``shutdown``,
+``broadcast_optimizer_state`` and ``join``.
 
 ``init`` is ``hvd.init`` with dynamic process sets plus the registration of the two-rank
 pair sets the gTop-k stages exchange in (gtopk_hvd.common.process_sets).
@@ -10,8 +11,9 @@ import torch
 
 from gtopk_hvd.common.process_sets import init_with_exchange_sets
 from gtopk_hvd.common.threads import share_threads
+from gtopk_hvd.torch.synchronizer import live_synchronizers
 
-__all__ = ["init", "shutdown", "broadcast_optimizer_state"]
+__all__ = ["init", "shutdown", "broadcast_optimizer_state", "join"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,3 +59,34 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
     each rank.
     """
     return hvd.broadcast_optimizer_state(optimizer, root_rank, model=model)
+
+
+def join(device=-1):
+    """``hvd.join()`` for gTop-k: call it on a rank that ran out of data; it returns once
+    every rank has called it, with the rank that joined last, as Horovod's does.
+
+    Until then this rank takes part in every step of the others' gTop-k optimizers (each
+    ``DistributedOptimizer`` of this process, in the order they last stepped) with zero
+    gradients: the others' steps give exactly what they would give if this rank had
+    contributed zeros, and this rank's residuals are kept for later.  When every rank has
+    joined, the ranks that joined early take the parameters, the optimizer state (and the
+    ``grad_scaler``'s state) of the rank that joined last, so that every rank leaves with
+    bit-identical parameters.  Between a rank's ``join()`` and the last one, the ranks still
+    training may run their optimizers' steps but no Horovod operation of their own (average
+    metrics after ``join()``); with no gTop-k optimizer in this process this is Horovod's
+    ``join`` (``device`` as there).
+    """
+    syncs = live_synchronizers()
+    if not syncs:
+        return hvd.join(device)
+    rounds = 0
+    while True:  # every rank leaves after the same step: the first that finds all joined
+        rounds += 1
+        if any(sync.synchronize_joined() for sync in syncs):
+            break
+    counts = hvd.allgather(torch.tensor([rounds], dtype=torch.int64), name="gtopk.join.rounds")
+    last = int(torch.argmin(counts))  # the fewest rounds: it trained the longest
+    if int(counts.max()) != int(counts.min()):  # some ranks skipped steps: they catch up
+        for sync in syncs:
+            sync.adopt_from(last)
+    return last

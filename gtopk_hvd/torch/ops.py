@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from gtopk_hvd.common.collective import MISMATCH, NONFINITE, make_meta, merge_meta
+from gtopk_hvd.common.collective import ALL_FLAGS, NONFINITE, make_meta, merge_meta
 from gtopk_hvd.common.threads import host_cores, sleeps, waits_politely
 
 __all__ = ["TorchOps", "select_topk", "merge_truncate", "all_finite", "wait"]
@@ -348,7 +348,7 @@ class TorchOps:
         return merge_meta(mine, theirs)
 
     def flags_of(self, meta):
-        return meta & (NONFINITE | MISMATCH)
+        return meta & ALL_FLAGS
 
     def holds(self, values, n):
         return values.numel() == n

@@ -10,7 +10,7 @@ import horovod.torch as hvd
 import torch
 from horovod.common.exceptions import HorovodInternalError
 
-from gtopk_hvd.common.collective import (NONFINITE, VERDICT_TAIL, GTopkResult,
+from gtopk_hvd.common.collective import (JOINED, NONFINITE, VERDICT_TAIL, GTopkResult,
                                          allreduce_with_verdict)
 from gtopk_hvd.common.plan import plan_digest
 from gtopk_hvd.common.step import StepBackend
@@ -205,6 +205,51 @@ class TorchStep(StepBackend):
 
     def finish(self, finite, stats):
         self._finish(finite, stats)
+
+
+class JoinedStep(TorchStep):
+    """The step of a rank that called ``join()`` (gtopk_hvd.torch.functions.join): it takes
+    part in every operation with zeros and the JOINED flag (no plan of its own to compare),
+    applies nothing and keeps its residuals as they are.  ``owner.all_joined`` becomes True
+    when the verdict says that every rank joined (then nobody applies anything)."""
+
+    def __init__(self, owner, *args):
+        super().__init__(*args)
+        self.owner = owner
+
+    def compensate(self, buffer, scale, predivide):
+        return torch.zeros(buffer.numel, dtype=torch.float32, device=buffer.members[0].device)
+
+    def flat_grads(self, members):
+        return torch.zeros(sum(p.numel() for p in members), dtype=torch.float32)
+
+    def nonfinite_flag(self, tensors):
+        return JOINED
+
+    def check_verdict(self, verdict, plan, ks, runtime_scale):
+        if verdict & JOINED:
+            self.owner.all_joined = True
+            return False
+        return super().check_verdict(verdict, plan, ks, runtime_scale)
+
+    def commit(self, buffer, acc, result, carried, finite):
+        pass
+
+    def write_sparse(self, buffer, result, finite):
+        pass
+
+    def write_dense(self, members, flat):
+        pass
+
+    def clear_residual(self, buffer, finite):
+        pass
+
+    def nonfinite(self, finite):
+        pass
+
+    def finish(self, finite, stats):
+        if not self.owner.all_joined:  # a step of the others: its schedule step, its count
+            self._finish(finite, stats)
 
 
 class TensorStep(TorchStep):

@@ -9,6 +9,7 @@ attributes of the user's optimizer class.  A synchronisation (``granularity="mod
 (gtopk_hvd.torch.buckets) and finishes them in ``synchronize()`` with the same scatter and
 residual update.
 """
+import itertools
 import logging
 import weakref
 
@@ -27,15 +28,33 @@ from gtopk_hvd.common.validation import check_buffer_numel
 from gtopk_hvd.torch.buckets import BucketPipeline
 from gtopk_hvd.torch.collective import dense_allreduce_bytes, measure_link
 from gtopk_hvd.torch.ops import all_finite
-from gtopk_hvd.torch.step import TorchStep, flat_grads
+from gtopk_hvd.torch.step import JoinedStep, TorchStep
 
-__all__ = ["Synchronizer", "STEP_KEY"]
+__all__ = ["Synchronizer", "STEP_KEY", "live_synchronizers"]
 
 logger = logging.getLogger(__name__)
 
 # the schedule step, also kept in param_groups[0]: the one place that Horovod's own
 # broadcast_optimizer_state (and torch's load_state_dict) carries from rank 0 to every rank
 STEP_KEY = "gtopk_step"
+
+# every Synchronizer of this process, for join(); _order numbers creations and steps
+_LIVE = []
+_order = itertools.count()
+
+
+def live_synchronizers():
+    """The synchronizers a rank that joins takes part in, in the order they synchronise: those
+    that synchronised since the previous synchronisation of the one that synchronised last
+    (one optimizer, or several stepped in turn), or, where none synchronised yet on this
+    rank, every live one in the order they were made."""
+    _LIVE[:] = [ref for ref in _LIVE if ref() is not None and ref().optimizer is not None]
+    syncs = sorted((ref() for ref in _LIVE), key=lambda sync: sync.order)
+    stepped = [sync for sync in syncs if sync.previous_order is not None]
+    if not stepped:
+        return syncs
+    since = max(stepped, key=lambda sync: sync.order).previous_order
+    return [sync for sync in stepped if sync.order > since]
 
 
 class _Layout:
@@ -80,6 +99,9 @@ class Synchronizer:
         self.synchronized = False
         self.should_synchronize = True
         self._published_step = None
+        self.joined = self.all_joined = False  # join(): this rank / every rank has joined
+        self.order, self.previous_order = next(_order), None  # when made / last synchronised
+        _LIVE.append(weakref.ref(self))
         self.publish_step()
         if self.config.sparse_algorithm == "gtopk":
             prepare_exchange_sets(hvd)  # collective registration; every check ran first
@@ -203,12 +225,14 @@ class Synchronizer:
         return self.state.algorithm == "auto" and self.state.is_verified() and not is_elastic()
 
     def backend(self, params):
-        return TorchStep(self.state, self.config, params, self.compression, self.op,
-                         self.finish)
+        args = (self.state, self.config, params, self.compression, self.op, self.finish)
+        return JoinedStep(self, *args) if self.joined else TorchStep(*args)
 
     # the step ------------------------------------------------------------------------------
 
     def synchronize(self):
+        if not self.joined:
+            self.previous_order, self.order = self.order, next(_order)
         params = self.params()
         if self.state.granularity == "bucket":
             self.synchronize_buckets(params)
@@ -229,6 +253,32 @@ class Synchronizer:
         if self.state.algorithm == "auto" and self.state.link is None:
             # every rank got here with the same verdict, so with the same plan: measure now
             self.state.link = measure_link("gtopk.link")
+
+    # join() ------------------------------------------------------------------------------
+
+    def synchronize_joined(self):
+        """One step of the others, on a rank that joined (zeros, JOINED, nothing applied);
+        True when every rank has joined."""
+        self.joined, self.all_joined = True, False
+        try:
+            self.synchronize()
+        finally:
+            self.joined, self.synchronized = False, False
+        return self.all_joined
+
+    def adopt_from(self, root_rank):
+        """After join(): the parameters, the optimizer's state and the loss scaler's state of
+        ``root_rank`` (a rank that took part in every step) on every rank; the residuals stay
+        each rank's own."""
+        opt = self.optimizer
+        params = [p for group in opt.param_groups for p in group["params"]]
+        hvd.broadcast_parameters([(self.names.get(p, f"gtopk.join.{i}"), p)
+                                  for i, p in enumerate(params)], root_rank=root_rank)
+        hvd.broadcast_optimizer_state(opt, root_rank=root_rank)
+        if self.grad_scaler is not None:
+            self.grad_scaler.load_state_dict(hvd.broadcast_object(
+                self.grad_scaler.state_dict(), root_rank=root_rank, name="gtopk.join.scaler"))
+        self.publish_step()
 
     def finish(self, finite, stats):
         """A synchronisation is done: statistics and the schedule step (finite), or the count
@@ -314,7 +364,7 @@ class Synchronizer:
         dense_numel = sum(p.numel() for p in layout.dense)
         flat = None
         if layout.dense and not verdict & MISMATCH:  # the digest covered the dense sizes
-            flat = backend.dense_allreduce(flat_grads(layout.dense))
+            flat = backend.dense_allreduce(backend.flat_grads(layout.dense))
             verdict |= 0 if all_finite([flat]) else NONFINITE  # the same bits on every rank
         finite = backend.check_verdict(verdict, pipe.plan, pipe.ks, None)
         k_total = numel = sent = 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gtopk_hvd.common import k_for
-from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, gtopk_exchange,
+from gtopk_hvd.common.collective import (ALL_FLAGS, JOINED, MISMATCH, NONFINITE, gtopk_exchange,
                                          gtopk_exchange_grouped,
                                          gtopk_wire_bytes, make_meta, merge_meta,
                                          message_bytes, ring_bytes, topk_allgather_exchange,
@@ -100,7 +100,7 @@ class NumpyOps:
         return merge_meta(mine, theirs)
 
     def flags_of(self, meta):
-        return meta & (NONFINITE | MISMATCH)
+        return meta & ALL_FLAGS
 
     def holds(self, values, n):
         return len(values) == n
@@ -343,10 +343,59 @@ def test_meta_keeps_digest_and_flags_apart():
     assert merge_meta(a, b) & (NONFINITE | MISMATCH) == NONFINITE
     assert merge_meta(a, make_meta(12346)) & MISMATCH == MISMATCH
     assert merge_meta(a, a) == a
-    big = make_meta((1 << 30) - 1, MISMATCH)  # the top digest bit makes a negative int32
+    big = make_meta((1 << 29) - 1, MISMATCH)  # the top digest bit makes a negative int32
     assert -(1 << 31) <= big < 0 and big & MISMATCH
     assert ring_bytes((0, 1, 4), 4, {0: 4, 1: 4, 4: 0}) == 8 * 6
     assert ring_bytes((0, 1, 4), 4, {0: 4, 1: 4, 4: 0}, "float16") == 8 + 4 * 4 + 2 * 4 + 8
+
+
+# --- hvd.join(): a joined rank contributes zeros and has no plan to compare ------------------
+
+def test_joined_meta_is_a_wildcard_and_survives_only_where_both_sides_joined():
+    mine, theirs = make_meta(98), make_meta(99, JOINED)
+    assert merge_meta(mine, theirs) == mine  # nothing compared, nothing joined
+    assert merge_meta(theirs, mine) == mine  # the joined side takes the other side's digest
+    assert merge_meta(theirs, make_meta(5, JOINED)) & ALL_FLAGS == JOINED
+    assert merge_meta(make_meta(99, JOINED | NONFINITE), mine) & ALL_FLAGS == NONFINITE
+
+
+@pytest.mark.parametrize("size", [2, 3, 5, 6, 7])
+def test_joined_ranks_contribute_zeros_and_the_result_is_the_reference_with_zeros(size):
+    rng = np.random.default_rng(70 + size)
+    d, k = 64, 5
+    joined = {0, size - 1} if size > 2 else {1}
+    accs = [np.zeros(d, np.float32) if r in joined else rng.standard_normal(d).astype(np.float32)
+            for r in range(size)]
+    want = gtopk_step(accs, k)
+
+    def body(rank, ops):  # the joined ranks' digest differs: it is not compared
+        return gtopk_exchange(ops, accs[rank], k, rank, size, _group,
+                              digest=1234 if rank in joined else 77,
+                              flags=JOINED if rank in joined else 0)
+
+    for rank, res in enumerate(_run_ranks(size, body)):
+        np.testing.assert_array_equal(res.indices, want.indices, err_msg=f"rank {rank}")
+        np.testing.assert_array_equal(res.values, want.values, err_msg=f"rank {rank}")
+        assert res.verdict == 0, (rank, res.verdict)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8])
+def test_when_every_rank_joined_every_rank_sees_joined(size):
+    def body(rank, ops):
+        return gtopk_exchange(ops, np.zeros(8, np.float32), 2, rank, size, _group,
+                              digest=rank, flags=JOINED)
+
+    assert [res.verdict for res in _run_ranks(size, body)] == [JOINED] * size
+
+
+@pytest.mark.parametrize("size", [3, 5, 6, 7])
+def test_a_mismatch_between_active_ranks_is_found_across_joined_ones(size):
+    def body(rank, ops):  # rank 0 joined; the two last ranks disagree
+        return gtopk_exchange(ops, np.ones(8, np.float32), 2, rank, size, _group,
+                              digest=5 if rank == size - 1 else 6,
+                              flags=JOINED if rank == 0 else 0)
+
+    assert [res.verdict & MISMATCH for res in _run_ranks(size, body)] == [MISMATCH] * size
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5])
@@ -407,10 +456,21 @@ def test_dense_tail_carries_the_same_verdict_as_the_headers(size, average):
     one_nan = [verdict_tail(digest, NONFINITE if r == size - 1 else 0) for r in range(size)]
     assert tail_verdict(reduce(one_nan), size, average) == NONFINITE
     if size > 1:
-        for bit in (0, 17, 29):  # one rank's digest differs in one bit
+        for bit in (0, 17, 28):  # one rank's digest differs in one bit
             other = [verdict_tail(digest ^ (1 << bit) if r == 0 else digest)
                      for r in range(size)]
             assert tail_verdict(reduce(other), size, average) == MISMATCH
+    if size > 1:  # a joined rank: zeros in the digest bits, not a mismatch
+        joined = [verdict_tail(digest ^ 0xff if r == 0 else digest, JOINED if r == 0 else 0)
+                  for r in range(size)]
+        assert tail_verdict(reduce(joined), size, average) == 0
+        assert tail_verdict(reduce(joined, np.float16), size, average) == 0
+        if size > 2:
+            other = [verdict_tail(digest ^ (1 << 3) if r == 1 else digest,
+                                  JOINED if r == 0 else 0) for r in range(size)]
+            assert tail_verdict(reduce(other), size, average) == MISMATCH
+    every = [verdict_tail(r, JOINED) for r in range(size)]
+    assert tail_verdict(reduce(every), size, average) == JOINED
     nan_tail = np.full(VERDICT_TAIL, np.nan, dtype=np.float32)
     assert tail_verdict(nan_tail, size, average) & NONFINITE
     with pytest.raises(ValueError, match="tail entries"):

@@ -173,7 +173,7 @@ def test_messages_round_trip_through_pack_and_unpack():
     ops = TorchOps(hvd=None)
     values = torch.tensor([1.5, -0.0, float("inf")])
     indices = torch.tensor([0, 4, 2**31 - 2], dtype=torch.int32)
-    meta = make_meta((1 << 30) - 1, NONFINITE)
+    meta = make_meta((1 << 29) - 1, NONFINITE)
     first = ops.pack(values, indices, meta)
     empty = ops.pack(*ops.take_none(values, indices), make_meta(5))
     assert first.shape == (4, 2) and empty.shape == (1, 2) and first.dtype == torch.int32

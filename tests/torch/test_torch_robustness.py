@@ -27,6 +27,7 @@ SCENARIOS = [
                 "granularity_bucket", "parameter_order", "shape")],
     "mismatched_density_at_the_third_overlapped_bucket_step_raises_on_every_rank",
     "training_goes_on_after_a_refused_step",
+    *[f"join_with_uneven_data_{g}" for g in ("model", "layer", "bucket")],
 ]
 
 

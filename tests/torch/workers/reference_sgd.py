@@ -42,6 +42,7 @@ class ReferenceRun:
                      for _ in range(size)] for buf in self.buffers]
         self.steps = 0
         self.last_k = 0
+        self.joined = set()  # ranks that called join(): zeros, residuals kept as they are
 
     def rank_grads(self, loss_for_rank, passes=1):
         """Every rank's gradients: ``loss_for_rank(model, rank, j)`` for j < passes, summed
@@ -68,11 +69,13 @@ class ReferenceRun:
         self.last_k = 0
         for b, buf in enumerate(self.buffers):
             numels = [self.params[i].numel() for i in buf]
-            accs = [np.concatenate([flat32(grads[r][i], n) for i, n in zip(buf, numels)])
+            accs = [np.zeros(int(sum(numels)), np.float32) if r in self.joined else
+                    np.concatenate([flat32(grads[r][i], n) for i, n in zip(buf, numels)])
                     + self.eps[b][r] for r in range(self.size)]
             k = k_for(int(sum(numels)), density)
             res = combine(accs, k, wire=self.wire)
-            self.eps[b] = res.residuals
+            self.eps[b] = [self.eps[b][r] if r in self.joined else res.residuals[r]
+                           for r in range(self.size)]
             self.last_k += k
             update = res.dense(int(sum(numels)), average_over=self.size)
             offset = 0

@@ -266,12 +266,56 @@ def mismatches(rec, rank, size):
         assert same_on_every_rank(hvd, got, "after.mismatch")
 
 
+def momentum_sgd(params):
+    return torch.optim.SGD(params, lr=LR, momentum=0.9)
+
+
+def uneven_data_join(rec, rank, size):
+    """Rank r has 2 + r batches, then calls hvd.join(): every step equals the reference in
+    which the ranks that joined contribute zeros and keep their residuals; join() returns the
+    last rank on every rank, every rank leaves with the same parameters and momentum, and
+    the next epoch and the user's unnamed collectives go on."""
+    batches = [2 + r for r in range(size)]
+    for granularity in GRANULARITIES:
+        with rec(f"join_with_uneven_data_{granularity}"):
+            model = make_model(21)
+            opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(),
+                                           density=0.2, granularity=granularity,
+                                           **_extra(granularity))
+            ref = ReferenceRun(model, momentum_sgd, size, 0.2, granularity,
+                               **_extra(granularity))
+            loss, ref_loss = loss_for(21), loss_for(21)
+            for step in range(max(batches)):
+                ref.joined = {q for q in range(size) if step >= batches[q]}
+                want = simulate(ref, ref_loss, steps=1)[0]
+                if step < batches[rank]:
+                    got = train(hvd, model, opt, loss, steps=1)[0]
+                    assert_equal(got, want.numpy(), f"params after step {step + 1}")
+                if step + 1 == batches[rank]:
+                    residuals = {n: r.clone() for n, r in opt.gtopk_state.residuals.items()}
+            assert hvd.join() == size - 1
+            assert_equal(flat_params(model), flat_params(ref.model).numpy(), "after join")
+            for name, eps in opt.gtopk_state.residuals.items():  # kept while joined
+                assert torch.equal(eps, residuals[name]), name
+            if granularity == "model":
+                assert_equal(opt.gtopk_state.residuals["model"], ref.residual(rank),
+                             "residual")
+            total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum)
+            assert total.item() == size * (size - 1) / 2, total
+            ref.joined = set()  # the next epoch: every rank again, momentum from the last
+            loss.step = ref_loss.step
+            got = train(hvd, model, opt, loss, steps=1)[0]
+            assert_equal(got, simulate(ref, ref_loss, steps=1)[0].numpy(), "next epoch")
+
+
 def main():
     torch.set_num_threads(1)
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
     rec = Recorder(rank)
-    for scenario in (unnamed_collectives, nonfinite, loss_scaling, mismatches):
+    for scenario in (unnamed_collectives, nonfinite, loss_scaling, mismatches,
+                     uneven_data_join):
         scenario(rec, rank, size)
     rec.save()
     if os.environ.get("GTOPK_TEST_EXIT") == "plain":
