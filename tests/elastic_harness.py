@@ -37,12 +37,13 @@ def events_in(out):
     return sorted(events, key=lambda e: e["time"])
 
 
-def _run_elastic_job(worker, total_steps, out, hosts_file, discovery, run, extra_env):
+def _run_elastic_job(worker, total_steps, out, hosts_file, discovery, run, extra_env, base):
     env = dict(os.environ, GTOPK_ELASTIC_OUT=out, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                HOROVOD_GLOO_TIMEOUT_SECONDS=str(GLOO_TIMEOUT_S), PYTHONUNBUFFERED="1")
     env.update(extra_env or {})
-    cmd = [*HOROVODRUN, "--gloo", "-np", "3", "--min-np", "3", "--max-np", "4",
+    cmd = [*HOROVODRUN, "--gloo", "-np", str(base), "--min-np", str(base), "--max-np",
+           str(base + 1),
            "--host-discovery-script", discovery, "--elastic-timeout", "60",
            "--network-interface", "lo",
            str(sys.executable), str(worker), str(total_steps), run]
@@ -56,13 +57,13 @@ def _run_elastic_job(worker, total_steps, out, hosts_file, discovery, run, extra
             time.sleep(0.5)
             steps = [e for e in events_in(out) if e["kind"] == "step"]
             if not grown and any(e["batch"] >= 6 for e in steps):
-                hosts_file.write_text("localhost:3\n127.0.0.1:1\n")
+                hosts_file.write_text(f"localhost:{base}\n127.0.0.1:1\n")
                 grown = True
-            third = [e for e in steps if e["size"] == 4 and e["host"] == "127.0.0.1"]
+            third = [e for e in steps if e["size"] == base + 1 and e["host"] == "127.0.0.1"]
             if grown and not killed and len({e["batch"] for e in third}) >= 6:
                 os.kill(third[-1]["pid"], signal.SIGKILL)
                 killed = time.time()
-                hosts_file.write_text("localhost:3\n")
+                hosts_file.write_text(f"localhost:{base}\n")
         output = proc.communicate(timeout=max(1, deadline - time.time()))[0]
     finally:
         if proc.poll() is None:
@@ -70,34 +71,39 @@ def _run_elastic_job(worker, total_steps, out, hosts_file, discovery, run, extra
     return proc.returncode, output, grown, killed
 
 
-def check_elastic_run(worker, total_steps, run, extra_env=None):
-    """Run ``worker`` elastically (grow 3 -> 4, kill -> 3) and assert on its events."""
+def check_elastic_run(worker, total_steps, run, extra_env=None, base=3,
+                      recovery_bound=RECOVERY_BOUND_S):
+    """Run ``worker`` elastically (grow ``base`` -> ``base`` + 1, kill the added worker ->
+    ``base``) and assert on its events; returns the seconds from the kill to the survivors'
+    first step."""
     with tempfile.TemporaryDirectory(prefix="gtopk_elastic_") as out:
         hosts_file = Path(out) / "hosts.txt"
-        hosts_file.write_text("localhost:3\n")
+        hosts_file.write_text(f"localhost:{base}\n")
         discovery = Path(out) / "discover.sh"
         discovery.write_text(f"#!/bin/sh\ncat {hosts_file}\n")
         discovery.chmod(discovery.stat().st_mode | stat.S_IEXEC)
         out_dir = Path(out) / "events"
         out_dir.mkdir()
         rc, output, grown, killed = _run_elastic_job(worker, total_steps, str(out_dir),
-                                                     hosts_file, str(discovery), run, extra_env)
+                                                     hosts_file, str(discovery), run, extra_env,
+                                                     base)
         events = events_in(out_dir)
     tail = output[-4000:]
     assert grown and killed, f"the job never reached the growth or the kill:\n{tail}"
     assert rc == 0, f"horovodrun exited with {rc}:\n{tail}"
     steps = [e for e in events if e["kind"] == "step"]
-    after = [e["time"] for e in steps if e["time"] > killed and e["size"] == 3]
-    assert after, "no step at 3 after the kill"
-    assert min(after) - killed < RECOVERY_BOUND_S, (
-        f"the survivors took {min(after) - killed:.1f} s from the kill to their next step "
-        f"(bound {RECOVERY_BOUND_S} s, Gloo's timeout {GLOO_TIMEOUT_S} s):\n{tail}")
+    after = [e["time"] for e in steps if e["time"] > killed and e["size"] == base]
+    assert after, f"no step at {base} after the kill"
+    recovery = min(after) - killed
+    assert recovery < recovery_bound, (
+        f"the survivors took {recovery:.1f} s from the kill to their next step "
+        f"(bound {recovery_bound} s, Gloo's timeout {GLOO_TIMEOUT_S} s):\n{tail}")
     assert all(e["same"] for e in steps), [e for e in steps if not e["same"]][:3]
     sizes = [e["size"] for e in steps]
-    assert 4 in sizes and sizes[-1] == 3, sizes
+    assert base + 1 in sizes and sizes[-1] == base, sizes
     assert max(e["batch"] for e in steps) == total_steps
     done = [e for e in events if e["kind"] == "done"]
-    assert len(done) == 3 and all(e["batch"] == total_steps for e in done), done
+    assert len(done) == base and all(e["batch"] == total_steps for e in done), done
     # the same parameters on every rank for every (world, step) seen by several workers
     by_step = {}
     for e in steps:
@@ -119,3 +125,4 @@ def check_elastic_run(worker, total_steps, run, extra_env=None):
         # with that batch count)
         last = [s for s in before if s["batch"] == e["batch"]]
         assert last and last[-1]["residual_norm"] == e["residual_norm"], (e, last[-1:])
+    return recovery

@@ -138,7 +138,7 @@ def create_distributed_optimizer(optimizer, name, sparse_as_dense, op,
         def _gtopk_reduce(self, grads, variables):
             return allreduce_gradients(self._gtopk, list(grads), list(variables), op=op,
                                        sparse_as_dense=sparse_as_dense, name=self._gtopk_name,
-                                       **(reduction or {}))
+                                       optimizer=self, **(reduction or {}))
 
         @tf.autograph.experimental.do_not_convert
         def _allreduce(self, grads, variables):

@@ -15,6 +15,8 @@ from typing import List
 
 import numpy as np
 
+from gtopk_hvd.common.density import k_for
+from gtopk_hvd.common.hierarchy import shard_bounds
 from gtopk_hvd.common.schedule import world_split
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "truncate",
     "gtopk_step",
     "topk_allgather_step",
+    "hierarchical_step",
+    "HierarchicalResult",
     "to_wire",
 ]
 
@@ -197,3 +201,80 @@ def topk_allgather_step(accs, k, wire="float32"):
     alive = [np.ones(k, dtype=bool) for _ in accs]
     return StepResult(indices, total[indices], _residuals(accs, local, alive, sent, wire),
                       local, alive)
+
+
+@dataclass
+class HierarchicalResult:
+    """Outcome of one simulated hierarchical step (:func:`hierarchical_step`).
+
+    indices / values: the union S of the rails' global sets (global indices, sorted; summed
+    values), the same on every rank.  shards: the (lo, hi) bounds of each local rank's shard.
+    accs: per rank, its compensated shard (node sum + residual).  residuals: per rank, its new
+    residual over its shard.  ks: k of each shard.
+    """
+    indices: np.ndarray
+    values: np.ndarray
+    shards: list
+    accs: List[np.ndarray]
+    residuals: List[np.ndarray]
+    ks: list
+
+    def dense(self, size, average_over=1):
+        out = np.zeros(size, dtype=self.values.dtype)
+        out[self.indices] = self.values
+        return out / average_over if average_over != 1 else out
+
+
+def hierarchical_step(grads, residuals, local_size, density, wire="float32"):
+    """Simulate one hierarchical gTop-k step (ALGORITHM.md, "Hierarchical gTop-k") of
+    P = len(grads) ranks on N = P / L nodes of L = ``local_size`` ranks, node-contiguous
+    (rank p is node p // L, local rank p % L, as Horovod numbers the ranks host by host).
+
+    Args:
+        grads: P 1-D arrays of size d, each rank's gradient buffer.
+        residuals: P 1-D arrays, rank p's residual over its shard (shard p % L).
+        local_size: L, ranks a node.
+        density: rho; shard l keeps k_l = max(1, ceil(rho |shard l|)) entries a rail.
+        wire: as :func:`gtopk_step`, for the exchange across nodes.
+
+    The node sum of shard l adds the node's ranks in local-rank order (rank (n, 0) first), as
+    the adapters do; each rail is :func:`gtopk_step` on the N compensated shards.
+    """
+    grads = [np.asarray(g) for g in grads]
+    size = len(grads)
+    if isinstance(local_size, bool) or not isinstance(local_size, int) or local_size < 1 \
+            or size % local_size:
+        raise ValueError(f"local_size must divide the {size} ranks, got {local_size!r}")
+    d = grads[0].size
+    for p, g in enumerate(grads):
+        if g.ndim != 1 or g.size != d:
+            raise ValueError(f"grads[{p}] must be 1-D of size {d}, got shape {g.shape}")
+    shards = shard_bounds(d, local_size)
+    nodes = size // local_size
+    for p, eps in enumerate(residuals):
+        lo, hi = shards[p % local_size]
+        if np.asarray(eps).shape != (hi - lo,):
+            raise ValueError(f"residuals[{p}] must cover shard {p % local_size} of {hi - lo} "
+                             f"entries, got shape {np.asarray(eps).shape}")
+    accs, new, ks = [None] * size, [None] * size, []
+    indices, values = [], []
+    for l, (lo, hi) in enumerate(shards):
+        rail = [n * local_size + l for n in range(nodes)]
+        for p in rail:  # 1-2: the node's sum on shard l, then this rank's residual
+            node = range(p - l, p - l + local_size)
+            total = grads[node[0]][lo:hi].copy()
+            for q in node[1:]:
+                total = total + grads[q][lo:hi]
+            accs[p] = total + np.asarray(residuals[p])
+        k = k_for(hi - lo, density)
+        ks.append(k)
+        res = gtopk_step([accs[p] for p in rail], k, wire)  # 3 and 5, along the rail
+        for p, eps in zip(rail, res.residuals):
+            new[p] = eps
+        indices.append(res.indices + lo)  # 4: the disjoint shards' sets, gathered
+        values.append(res.values)
+    dtype = np.result_type(*grads)
+    return HierarchicalResult(np.concatenate(indices).astype(np.int64) if indices else
+                              np.zeros(0, np.int64),
+                              np.concatenate(values).astype(dtype) if values else
+                              np.zeros(0, dtype), shards, accs, new, ks)

@@ -21,7 +21,7 @@ from horovod.tensorflow import (Adasum, Average, Max, Min, ProcessSet, Product,
                                 ccl_built, cross_rank, cross_size, cuda_built, ddl_built,
                                 gloo_built, gloo_enabled, global_process_set, grouped_allgather,
                                 grouped_allreduce, grouped_reducescatter, is_homogeneous,
-                                is_initialized, join, local_rank, local_rank_op, local_size,
+                                is_initialized, local_rank, local_rank_op, local_size,
                                 local_size_op, mpi_built, mpi_enabled, mpi_threads_supported,
                                 nccl_built, process_set_included_op, rank, rank_op,
                                 reducescatter, remove_process_set, rocm_built, size,
@@ -41,6 +41,7 @@ from gtopk_hvd.tensorflow import elastic
 from gtopk_hvd.tensorflow.gradient_tape import (DistributedGradientTape,
                                                 PartialDistributedGradientTape)
 from gtopk_hvd.tensorflow.gradients import allreduce_gradients
+from gtopk_hvd.tensorflow.join import join
 from gtopk_hvd.tensorflow.ops import TFOps
 from gtopk_hvd.tensorflow.state import GTopkState
 

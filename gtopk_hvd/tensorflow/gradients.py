@@ -23,7 +23,8 @@ from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_buffer_numel
 from gtopk_hvd.tensorflow.collective import check_tf2_context, measure_link, op_name
 from gtopk_hvd.tensorflow.ops import op_name_safe
-from gtopk_hvd.tensorflow.step import Item, TFStep
+from gtopk_hvd.tensorflow.step import Item, JoinedTFStep, TFStep
+from gtopk_hvd.tensorflow.join import remember
 
 __all__ = ["allreduce_gradients"]
 
@@ -69,7 +70,7 @@ def _loss_scale(loss_scale):
 @tf.autograph.experimental.do_not_convert
 def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense=False,
                         name="gtopk", loss_scale=None, gradient_predivide_factor=1.0,
-                        wire="float32"):
+                        wire="float32", optimizer=None, joined=False):
     """The gTop-k average (or sum) of ``grads`` over all ranks; call it on every rank.
 
     Every rank issues the same Horovod operations: one gTop-k exchange for all buffers (one
@@ -95,6 +96,10 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
             residuals stay in the gradients' units.
         wire: "float16" sends the values as float16 (Horovod's Compression.fp16; merges and
             residuals stay float32, the rounding of applied entries stays in the residual).
+        optimizer: the Keras optimizer that applies the result, if any: after ``join()`` its
+            variables go from the last rank to join to the others, with ``variables``.
+        joined: internal (gtopk_hvd.tensorflow.join): take part with zeros, apply nothing;
+            returns whether every rank has joined instead of the gradients.
 
     Returns:
         The reduced gradients, in the order, shapes and dtypes of the variables (times the
@@ -133,12 +138,20 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     scale, runtime_scale = _loss_scale(loss_scale)
     config = StepConfig(state.algorithm, op_name(op), state.granularity,
                         state.dense_threshold, gradient_predivide_factor, wire, name)
-    backend = TFStep(state, config, items, op, state.record_step)
     eager = tf.executing_eagerly()
+    if joined:
+        backend = JoinedTFStep(state, config, items, op, state.record_step)
+    else:  # what a rank that joins repeats with zeros (gtopk_hvd.tensorflow.join)
+        remember(state, variables, optimizer, eager, dict(
+            op=op, sparse_as_dense=sparse_as_dense, name=name, wire=wire,
+            gradient_predivide_factor=gradient_predivide_factor))
+        backend = TFStep(state, config, items, op, state.record_step)
     finite = run_step(backend, config, buffers,
                       [(state.residual_name(it.variable), it, it.numel) for it in dense], ks,
                       density, scale, runtime_scale,
                       dense_first=_dense_first(state) and eager)
+    if joined:
+        return backend.all_joined
     if finite is True and eager:
         state.mark_verified()
     if state.algorithm == "auto" and state.link is None and eager:

@@ -262,6 +262,15 @@ class GTopkState(tf.Module):
         self._book.stats["nonfinite_steps"].assign_add(nonfinite)
         return self._step.assign_add(1 - nonfinite)
 
+    def record_joined_step(self, finite, all_joined):
+        """A step of the others on a rank that joined (gtopk_hvd.tensorflow.join): the
+        schedule step and the count of non-finite steps move as theirs do; nothing moves
+        once every rank has joined."""
+        counted = tf.logical_not(all_joined)
+        self._book.stats["nonfinite_steps"].assign_add(
+            tf.cast(tf.logical_and(counted, tf.logical_not(finite)), tf.int64))
+        return self._step.assign_add(tf.cast(tf.logical_and(counted, finite), tf.int64))
+
     def gtopk_stats(self):
         """Statistics of the last synchronisation on this rank.
 

@@ -12,7 +12,8 @@ import time
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
-from gtopk_hvd.common.collective import VERDICT_TAIL, GTopkResult, allreduce_with_verdict
+from gtopk_hvd.common.collective import (JOINED, VERDICT_TAIL, GTopkResult,
+                                         allreduce_with_verdict)
 from gtopk_hvd.common.step import StepBackend
 from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, compensate,
                                              decompress, exchange, exchange_grouped,
@@ -20,7 +21,7 @@ from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, compe
                                              update_residual)
 from gtopk_hvd.tensorflow.ops import op_name_safe
 
-__all__ = ["TFStep", "TensorStep", "Item"]
+__all__ = ["TFStep", "JoinedTFStep", "TensorStep", "Item"]
 
 
 class Item:
@@ -154,6 +155,51 @@ class TFStep(StepBackend):
 
     def finish(self, finite, stats):
         self._finish(finite, stats)
+
+
+class JoinedTFStep(TFStep):
+    """The step of a rank that called ``join()`` (gtopk_hvd.tensorflow.join): zeros and the
+    JOINED flag (no plan of its own to compare), nothing applied, residuals kept; the
+    schedule step and the count of non-finite steps move as the others' do.
+    ``all_joined``: whether the verdict says every rank joined (a bool, or a bool tensor in a
+    graph); then nothing moves."""
+
+    all_joined = False
+
+    def compensate(self, buffer, scale, predivide):
+        return tf.zeros([buffer.numel], tf.float32)
+
+    def flat_grads(self, members):
+        return tf.zeros([sum(it.numel for it in members)], tf.float32)
+
+    def nonfinite_flag(self, tensors):
+        return JOINED
+
+    def check_verdict(self, verdict, plan, ks, runtime_scale):
+        finite = super().check_verdict(verdict, plan, ks, runtime_scale)
+        if isinstance(finite, bool):
+            self.all_joined = bool(int(verdict) & JOINED)
+            return finite and not self.all_joined
+        self.all_joined = tf.not_equal(tf.bitwise.bitwise_and(verdict, JOINED), 0)
+        return finite
+
+    def commit(self, buffer, acc, result, carried, finite):
+        pass
+
+    def write_sparse(self, buffer, result, finite):
+        pass
+
+    def write_dense(self, members, flat):
+        pass
+
+    def clear_residual(self, buffer, finite):
+        pass
+
+    def nonfinite(self, finite):
+        pass
+
+    def finish(self, finite, stats):
+        self.state.record_joined_step(finite, self.all_joined)
 
 
 class TensorStep(TFStep):

@@ -26,6 +26,8 @@ SCENARIOS = [
     *[f"{how}_overflow_on_one_rank_skips_one_step_everywhere"
       for how in ("tape", "keras_outside", "keras_inside", "keras_inside_legacy")],
     "keras_fit_mixed_float16_policy_wraps_the_gtopk_optimizer_and_trains",
+    *[f"tape_{m}_join_with_uneven_data" for m in ("eager", "graph")],
+    "keras_join_with_uneven_data_hands_over_momentum",
 ]
 
 

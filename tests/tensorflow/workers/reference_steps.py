@@ -44,9 +44,10 @@ class ReferenceModel:
         step = gtopk_step if self.algorithm == "gtopk" else topk_allgather_step
         return step(accs, k, wire=self.wire)
 
-    def step(self, grads):
+    def step(self, grads, joined=()):
         """grads[p][j]: rank p's gradient of variable j.  Returns the averaged gradients
-        (the same for every rank), one array per variable, and advances the residuals."""
+        (the same for every rank), one array per variable, and advances the residuals.
+        ``joined``: ranks that called join(): zeros, their residuals kept."""
         density = self.density(self.step_count)
         self.step_count += 1
         out = [None] * len(self.shapes)
@@ -54,8 +55,9 @@ class ReferenceModel:
         dense = [j for j, n in enumerate(self.numels) if n < self.threshold]
         buffers = [sparse] if self.granularity == "model" and sparse else [[j] for j in sparse]
         for members in buffers:
-            accs = [np.concatenate([grads[p][j].reshape(-1) + self.eps[p][j] for j in members])
-                    for p in range(self.size)]
+            accs = [np.zeros(sum(self.numels[j] for j in members), np.float32) if p in joined
+                    else np.concatenate([grads[p][j].reshape(-1) + self.eps[p][j]
+                                         for j in members]) for p in range(self.size)]
             want = self._exchange(accs, k_for(accs[0].size, density))
             total = np.zeros(accs[0].size, np.float32)
             if self.algorithm == "gtopk":
@@ -67,7 +69,8 @@ class ReferenceModel:
             for n, j in enumerate(members):
                 out[j] = total[offsets[n]:offsets[n + 1]].reshape(self.shapes[j])
                 for p in range(self.size):
-                    self.eps[p][j] = want.residuals[p][offsets[n]:offsets[n + 1]]
+                    if p not in joined:
+                        self.eps[p][j] = want.residuals[p][offsets[n]:offsets[n + 1]]
         for j in dense:
             out[j] = np.sum([grads[p][j] for p in range(self.size)], axis=0) / self.size
         return out

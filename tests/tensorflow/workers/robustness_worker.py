@@ -13,8 +13,8 @@ import horovod.tensorflow as plain_hvd
 import numpy as np
 from _common import assert_equal, same_on_every_rank, start
 from reference_steps import ReferenceModel, rank_grads
-from training_worker import (SHAPES, SPLIT_LINK, assert_split_equal, make_variables,
-                             tape_step_fn)
+from training_worker import (SHAPES, SPLIT_LINK, assert_split_equal, linear_loss,
+                             make_variables, tape_step_fn)
 
 from gtopk_hvd.common import PlanMismatchError
 
@@ -265,9 +265,58 @@ def mixed_float16_fit(tf, hvd, rec, rank, size):
 
 
 # what depends on the world size (the operations every rank issues, the verdict reaching
+def uneven_data_join(tf, hvd, rec, rank, size):
+    """Rank r has 2 + r batches, then calls hvd.join(): the tape's gradients equal the
+    reference in which the ranks that joined contribute zeros and keep their residuals (eager
+    and tf.function), join() returns the last rank on every rank, every rank leaves with the
+    same variables (and a Keras optimizer's momentum), and unnamed collectives go on."""
+    import gtopk_hvd.tensorflow.keras as hvd_keras
+    batches = [2 + r for r in range(size)]
+    for mode in MODES:
+        with rec(f"tape_{mode}_join_with_uneven_data"):
+            variables = make_variables(tf, prefix=f"j{mode}")
+            state = hvd.GTopkState(0.1)
+            step = tape_step_fn(tf, hvd, variables, mode, gtopk_state=state)
+            ref = ReferenceModel(SHAPES, size, 0.1)
+            for t in range(max(batches)):
+                joined = {q for q in range(size) if t >= batches[q]}
+                want = ref.step([rank_grads(31, t, p, SHAPES) for p in range(size)], joined)
+                if t < batches[rank]:
+                    got = step([tf.constant(g) for g in rank_grads(31, t, rank, SHAPES)])
+                    for j, (v, g) in enumerate(zip(variables, got)):
+                        assert_equal(g, want[j], f"step {t} variable {j}")
+                        v.assign_sub(0.5 * g)
+                if t + 1 == batches[rank]:
+                    kept = {n: e.numpy().copy() for n, e in state.residuals.items()}
+            assert hvd.join() == size - 1
+            assert same_on_every_rank(tf, hvd, variables, f"join.{mode}")
+            for n, e in state.residuals.items():
+                assert_equal(e, kept[n], f"residual {n}")
+            assert_equal(np.concatenate([e.numpy() for e in state.residuals.values()]),
+                         np.concatenate([e.reshape(-1) for e in ref.residuals(rank)]),
+                         "residuals against the reference")
+            assert state.step == max(batches), state.step
+            total = hvd.allreduce(tf.constant([float(rank)]), op=hvd.Sum)
+            assert float(total[0]) == size * (size - 1) / 2, total
+    with rec("keras_join_with_uneven_data_hands_over_momentum"):
+        variables = make_variables(tf, prefix="jk")
+        opt = hvd_keras.DistributedOptimizer(tf.keras.optimizers.SGD(0.5, momentum=0.9),
+                                             density=0.1)
+
+        @tf.function
+        def train_step(grads):
+            opt.minimize(lambda: linear_loss(tf, variables, grads), variables)
+        for t in range(batches[rank]):
+            train_step([tf.constant(g) for g in rank_grads(32, t, rank, SHAPES)])
+        assert hvd.join() == size - 1
+        assert same_on_every_rank(tf, hvd, variables, "join.keras")
+        train_step([tf.constant(g) for g in rank_grads(32, max(batches), rank, SHAPES)])
+        assert same_on_every_rank(tf, hvd, variables, "join.keras.next")
+
+
 # every rank); ``--world-size-only`` runs just these (test_tf_robustness.py at P = 5), the
 # loss-scaling arithmetic, which is each rank's own, runs at P = 3
-WORLD_SIZE = (unnamed_collectives, nonfinite, missing_gradient, mismatches)
+WORLD_SIZE = (unnamed_collectives, nonfinite, missing_gradient, mismatches, uneven_data_join)
 
 
 def main():

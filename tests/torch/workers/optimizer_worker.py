@@ -522,8 +522,15 @@ def auto_algorithm(hvd, rec, rank, size):
         ref = ReferenceRun(make_model(1700), momentum_sgd, size, 0.1, granularity="layer",
                            dense_threshold=20)
         ref_params = simulate(ref, loss_for(1700), steps=1)[0]
+        # bit for bit where gTop-k sent a tensor; where a dense allreduce did, as close as
+        # two summation orders: from step 2 the dense parts travel with the verdict's 31
+        # entries appended, and Gloo's ring cuts a longer buffer into other chunks
+        sparse = torch.cat([torch.full((p.numel(),), p.numel() >= 20)
+                            for p in make_model(1700).parameters()])
         for t, (g, w) in enumerate(zip(got, want)):
-            assert_equal(g, w.numpy(), f"params after step {t + 1}")
+            assert_equal(g[sparse], w[sparse].numpy(), f"params after step {t + 1}")
+            np.testing.assert_allclose(g[~sparse].numpy(), w[~sparse].numpy(), rtol=1e-6,
+                                       atol=1e-7, err_msg=f"dense params, step {t + 1}")
         np.testing.assert_allclose(got[0].numpy(), ref_params.numpy(), rtol=1e-6, atol=1e-7)
         assert auto.gtopk_state.methods == {"0.weight": "gtopk", "0.bias": "dense",
                                             "2.weight": "gtopk", "2.bias": "dense"}

@@ -1,0 +1,125 @@
+"""Hierarchical gTop-k in the core: the layout (nodes, rails, the process sets a job needs,
+the fallbacks) and the NumPy reference of one step, against the algorithm's invariants."""
+import numpy as np
+import pytest
+
+from gtopk_hvd.common import k_for
+from gtopk_hvd.common.hierarchy import hierarchical_layout, shard_bounds
+from gtopk_hvd.common.reference import gtopk_step, hierarchical_step, select_topk
+
+LAYOUTS = [(2, 2), (2, 3), (3, 2), (4, 2), (1, 3), (3, 1), (5, 2), (3, 3)]
+
+
+def _data(nodes, local, d, seed, integer=True):
+    rng = np.random.default_rng(seed)
+    size = nodes * local
+    draw = (lambda n: rng.integers(-6, 7, n).astype(np.float32)) if integer else \
+        (lambda n: rng.standard_normal(n).astype(np.float32))
+    grads = [draw(d) for _ in range(size)]
+    shards = shard_bounds(d, local)
+    residuals = [draw(shards[p % local][1] - shards[p % local][0]) for p in range(size)]
+    return grads, residuals
+
+
+def test_shard_bounds_cover_the_buffer_in_order():
+    assert shard_bounds(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert shard_bounds(2, 3) == [(0, 0), (0, 1), (1, 2)]
+    with pytest.raises(ValueError, match="shards"):
+        shard_bounds(10, 0)
+
+
+@pytest.mark.parametrize("nodes,local", LAYOUTS)
+def test_conservation_every_entry_is_applied_or_kept(nodes, local):
+    d = 37
+    grads, residuals = _data(nodes, local, d, seed=nodes * 10 + local)
+    res = hierarchical_step(grads, residuals, local, density=0.1)
+    total = sum(g.astype(np.float64) for g in grads)
+    for p, eps in enumerate(residuals):
+        lo, hi = res.shards[p % local]
+        total[lo:hi] += eps
+    kept = np.zeros(d)
+    for p, eps in enumerate(res.residuals):
+        lo, hi = res.shards[p % local]
+        kept[lo:hi] += eps
+    np.testing.assert_array_equal(total, kept + res.dense(d))  # integer data: exact
+
+
+@pytest.mark.parametrize("nodes,local", LAYOUTS)
+def test_each_rail_is_flat_gtopk_on_the_compensated_node_sums(nodes, local):
+    d = 41
+    grads, residuals = _data(nodes, local, d, seed=7 + nodes + local, integer=False)
+    res = hierarchical_step(grads, residuals, local, density=0.2)
+    for l, (lo, hi) in enumerate(res.shards):
+        rail = [n * local + l for n in range(nodes)]
+        accs = []
+        for p in rail:
+            node = list(range(p - l, p - l + local))
+            acc = grads[node[0]][lo:hi].copy()
+            for q in node[1:]:
+                acc = acc + grads[q][lo:hi]
+            accs.append(acc + residuals[p])
+        want = gtopk_step(accs, k_for(hi - lo, 0.2))
+        assert res.ks[l] == k_for(hi - lo, 0.2)
+        mine = (res.indices >= lo) & (res.indices < hi)
+        np.testing.assert_array_equal(res.indices[mine], want.indices + lo)
+        np.testing.assert_array_equal(res.values[mine], want.values)
+        for p, eps in zip(rail, want.residuals):
+            np.testing.assert_array_equal(res.residuals[p], eps)
+
+
+def test_one_rank_a_node_is_flat_gtopk():
+    grads, residuals = _data(5, 1, 30, seed=3, integer=False)
+    res = hierarchical_step(grads, residuals, 1, density=0.1)
+    want = gtopk_step([g + e for g, e in zip(grads, residuals)], k_for(30, 0.1))
+    np.testing.assert_array_equal(res.indices, want.indices)
+    np.testing.assert_array_equal(res.values, want.values)
+
+
+def test_one_node_keeps_a_local_top_k_of_each_shard():
+    grads, residuals = _data(1, 3, 30, seed=4, integer=False)
+    res = hierarchical_step(grads, residuals, 3, density=0.1)
+    for l, (lo, hi) in enumerate(res.shards):
+        acc = grads[0][lo:hi] + grads[1][lo:hi] + grads[2][lo:hi] + residuals[l]
+        mine = res.indices[(res.indices >= lo) & (res.indices < hi)]
+        np.testing.assert_array_equal(mine, select_topk(acc, k_for(hi - lo, 0.1)) + lo)
+
+
+@pytest.mark.parametrize("nodes,local", [(2, 2), (3, 2), (2, 3)])
+def test_density_one_is_the_dense_sum(nodes, local):
+    grads, residuals = _data(nodes, local, 23, seed=5)
+    zeros = [np.zeros_like(e) for e in residuals]
+    res = hierarchical_step(grads, zeros, local, density=1.0)
+    np.testing.assert_array_equal(res.dense(23), sum(grads))
+    assert all(not eps.any() for eps in res.residuals)
+
+
+def test_bad_input_names_the_value():
+    grads, residuals = _data(2, 2, 10, seed=6)
+    with pytest.raises(ValueError, match="local_size must divide the 4 ranks"):
+        hierarchical_step(grads, residuals, 3, density=0.1)
+    with pytest.raises(ValueError, match=r"residuals\[1\] must cover shard 1 of 5"):
+        hierarchical_step(grads, residuals[:1] + [np.zeros(4)] + residuals[2:], 2, 0.1)
+
+
+@pytest.mark.parametrize("size,local,cross,homogeneous,mode", [
+    (4, 2, 2, True, "hierarchical"), (6, 3, 2, True, "hierarchical"),
+    (3, 2, 2, False, "flat"), (3, 1, 3, True, "flat"), (3, 3, 1, True, "node"),
+    (1, 1, 1, True, "flat")])
+def test_layout_mode_and_its_reason(size, local, cross, homogeneous, mode):
+    layout = hierarchical_layout(size, local, cross, homogeneous)
+    assert layout.mode == mode
+    assert (layout.reason == "") == (mode == "hierarchical")
+
+
+@pytest.mark.parametrize("nodes,local,expected", [
+    # node sets + each rail's stage groups (N = 2: one pair; N = 4: four pairs; N = 3: one
+    # group of three, the fold)
+    (2, 2, 2 + 2), (2, 4, 2 + 4), (4, 2, 4 + 2 * 4), (8, 8, 8 + 8 * 12), (3, 2, 3 + 2 * 1)])
+def test_process_sets_a_job_needs(nodes, local, expected):
+    layout = hierarchical_layout(nodes * local, local, nodes, True)
+    groups = layout.process_sets()
+    assert len(groups) == len(set(groups)) == expected
+    for l in range(local):  # rail groups hold ranks of one local rank, one per node
+        for group in layout.rail_groups(l):
+            assert {p % local for p in group} == {l}
+            assert len({p // local for p in group}) == len(group)
