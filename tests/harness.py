@@ -27,8 +27,12 @@ HOROVODRUN = [sys.executable, str(ROOT / "tests" / "hvdrun.py")]
 _TRANSIENT = ("gloo::IoException", "Connection refused", "Connection reset by peer")
 
 
-def horovodrun(np_, script, *args, timeout=600, env=None, attempts=2, survivors=False):
+def horovodrun(np_, script, *args, timeout=600, env=None, attempts=2, survivors=False,
+               hosts=None):
     """Run ``horovodrun -np np_ python script args``; return the per-rank result dicts.
+
+    ``hosts``: horovodrun's ``-H`` (default ``localhost:np_``); every name that resolves to
+    this machine runs here, so ``localhost:2,127.0.0.1:2`` is two nodes of two ranks.
 
     ``survivors``: each rank runs inside ``sh -c '...; exit 0'`` so that horovodrun does not
     terminate the other ranks when one dies; ranks that wrote no result give None.
@@ -36,13 +40,13 @@ def horovodrun(np_, script, *args, timeout=600, env=None, attempts=2, survivors=
     for attempt in range(attempts):
         try:
             return _horovodrun_once(np_, script, *args, timeout=timeout, env=env,
-                                    survivors=survivors)
+                                    survivors=survivors, hosts=hosts)
         except RuntimeError as err:
             if attempt + 1 == attempts or not any(t in str(err) for t in _TRANSIENT):
                 raise
 
 
-def _horovodrun_once(np_, script, *args, timeout=600, env=None, survivors=False):
+def _horovodrun_once(np_, script, *args, timeout=600, env=None, survivors=False, hosts=None):
     with tempfile.TemporaryDirectory(prefix="gtopk_mp_") as out:
         full_env = dict(os.environ)
         full_env.update({
@@ -55,7 +59,7 @@ def _horovodrun_once(np_, script, *args, timeout=600, env=None, survivors=False)
             "PYTHONUNBUFFERED": "1",
         })
         full_env.update(env or {})
-        cmd = [*HOROVODRUN, "-np", str(np_), "-H", f"localhost:{np_}", "--gloo",
+        cmd = [*HOROVODRUN, "-np", str(np_), "-H", hosts or f"localhost:{np_}", "--gloo",
                sys.executable, str(ROOT / script), *map(str, args)]
         if survivors:
             cmd[7:] = ["sh", "-c", " ".join(cmd[7:]) + "; exit 0"]

@@ -8,9 +8,11 @@ rail.  :func:`hierarchical_layout` decides from Horovod's sizes whether a job ru
 hierarchically, and says why not when it falls back (unequal nodes, one rank a node, one node):
 the decision depends only on values every rank has, so every rank takes the same one.
 """
+from gtopk_hvd.common.collective import MISMATCH, gtopk_exchange_steps
 from gtopk_hvd.common.schedule import exchange_groups
 
-__all__ = ["HierarchicalLayout", "hierarchical_layout", "shard_bounds"]
+__all__ = ["HierarchicalLayout", "hierarchical_layout", "shard_bounds",
+           "hierarchical_exchange_steps", "HierarchicalExchange"]
 
 
 def shard_bounds(numel, parts):
@@ -81,3 +83,72 @@ def hierarchical_layout(size, local_size, cross_size, homogeneous):
         return HierarchicalLayout(size, local_size, "node", "one node: a reduce-scatter "
                                   "and a local top-k per shard, nothing crosses a network")
     return HierarchicalLayout(size, local_size, "hierarchical")
+
+
+class HierarchicalExchange:
+    """What :func:`hierarchical_exchange_steps` returns on one rank.
+
+    values / indices: the union S of every rail's global set (global indices, sorted), the
+    same on every rank.  acc: this rank's compensated shard (node sum + residual), whose
+    entries ``local_indices[alive]`` (shard positions) reached S: the caller clears them to
+    get the new residual.  verdict: the flags every rank shares.  shard: (lo, hi).
+    """
+
+    def __init__(self, values, indices, acc, local_indices, alive, verdict, shard):
+        self.values, self.indices, self.acc = values, indices, acc
+        self.local_indices, self.alive, self.verdict, self.shard = local_indices, alive, \
+            verdict, shard
+
+
+def hierarchical_exchange_steps(ops, grad, residual, k, layout, rank, name="gtopk", digest=0,
+                                flags=0, wire="float32"):
+    """One hierarchical gTop-k step on this rank (ALGORITHM.md), as a generator of requests
+    the adapter performs with Horovod and sends the answer back: ``("alltoall", parts, group,
+    op name)`` (answer: the parts the group's members sent this rank, in group order) and
+    ``("allgather", message, group, op name)`` (answer: the gathered tensor); groups are
+    tuples of global ranks.  The same requests in the same order on every rank:
+
+    1. node reduce-scatter: shard j of ``grad`` to local rank j (an alltoall in the node,
+       ``{name}.node.rs``); the node sum of this rank's shard added in local-rank order;
+    2. acc = node sum + ``residual`` (this rank's shard only), its finiteness in the flags;
+    3. gTop-k along the rail (``{name}.rail.s<stage>``), k entries;
+    4. node allgather of the rails' global sets with their verdicts (``{name}.node.ag``):
+       every rank holds S and the verdict of every rail.
+
+    Returns (StopIteration.value) a :class:`HierarchicalExchange`.  float16 ``wire`` applies
+    to the rail stages; the node allgather carries the merged float32 values.
+    """
+    local = layout.local_size
+    n, l = divmod(rank, local)
+    node, rail = layout.node(rank), layout.rail(rank)
+    bounds = shard_bounds(int(grad.shape[0]), local)
+    lo, hi = bounds[l]
+    parts = yield ("alltoall", [grad[a:b] for a, b in bounds], node, f"{name}.node.rs")
+    if any(int(p.shape[0]) != hi - lo for p in parts):  # a rank's buffer differs in size
+        flags |= MISMATCH  # nothing of another layout is read
+        parts = [grad[lo:hi] * 0 for _ in parts]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    acc = total + residual
+    flags = ops.or_nonfinite(flags, acc)
+    steps = gtopk_exchange_steps(ops, [acc], [k], n, len(rail),
+                                 lambda st: tuple(rail[i] for i in st.group),
+                                 f"{name}.rail", digest, flags, None, wire)
+    try:
+        request = next(steps)
+        while True:
+            gathered = yield ("allgather", *request)
+            request = steps.send(gathered)
+    except StopIteration as done:
+        result = done.value[0]
+    meta = ops.meta(digest, result.verdict)
+    message = ops.pack(result.values, result.indices + lo, meta, "float32")
+    gathered = yield ("allgather", message, node, f"{name}.node.ag")
+    blocks = ops.unpack(gathered, local, "float32")
+    for member, (_, _, their_meta) in zip(node, blocks):
+        if member != rank:
+            meta = ops.merge_meta(meta, their_meta)
+    values, indices = ops.concat_sets([(v, i) for v, i, _ in blocks])
+    return HierarchicalExchange(values, indices, acc, result.local_indices, result.alive,
+                                ops.flags_of(meta), (lo, hi))

@@ -22,7 +22,8 @@ from gtopk_hvd.common.errors import ProcessSetError
 from gtopk_hvd.common.schedule import exchange_groups
 
 __all__ = ["init_with_exchange_sets", "exchange_sets", "prepare_exchange_sets",
-           "process_set_for_stage", "world_size_before_init", "is_elastic"]
+           "process_set_for_stage", "world_size_before_init", "is_elastic",
+           "hierarchical_sets", "job_layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def is_elastic():
     return os.environ.get("HOROVOD_ELASTIC", "0") not in ("", "0")
 
 
-def init_with_exchange_sets(hvd, comm=None, process_sets=None):
+def init_with_exchange_sets(hvd, comm=None, process_sets=None, hierarchical=False):
     """``hvd.init`` plus the exchange sets, registered statically when the world size is known.
 
     Static registration (``hvd.init(process_sets=[...])``) when the launcher tells the size
@@ -44,9 +45,15 @@ def init_with_exchange_sets(hvd, comm=None, process_sets=None):
     dynamic sets Horovod's background thread runs one more allgather over all ranks in every
     cycle, which on a loaded host made each exchange 2-3x slower.  Otherwise Horovod
     starts with dynamic process sets and the groups are added after ``init``.
+
+    ``hierarchical``: also the node and rail sets of hierarchical gTop-k
+    (gtopk_hvd.common.hierarchy), registered after ``init`` (dynamic process sets), once
+    Horovod knows whether every host has the same number of ranks; unequal hosts, one rank a
+    host or one host fall back as :func:`job_layout` says (logged once).
     """
     _cache.pop(id(hvd), None)  # a new init: process set ids may differ
-    wants_dynamic = (process_sets == "dynamic"
+    _cache.pop((id(hvd), "hierarchical"), None)
+    wants_dynamic = (process_sets == "dynamic" or hierarchical
                      or os.environ.get(_DYNAMIC_ENV, "0") not in ("", "0"))
     size = None if wants_dynamic else world_size_before_init(comm)
     if size is None:
@@ -57,7 +64,10 @@ def init_with_exchange_sets(hvd, comm=None, process_sets=None):
         elif process_sets != "dynamic":
             os.environ[_DYNAMIC_ENV] = "1"  # keep the user's static sets and allow ours
         hvd.init(comm=comm, process_sets=process_sets)
-        return prepare_exchange_sets(hvd)
+        sets = prepare_exchange_sets(hvd)
+        if hierarchical and not is_elastic():
+            hierarchical_sets(hvd)
+        return sets
     user = list(process_sets or [])
     taken = {tuple(sorted(ps.ranks)) for ps in user if ps.ranks is not None}
     ours = [hvd.ProcessSet(list(group)) for group in exchange_groups(size)
@@ -121,13 +131,21 @@ def exchange_sets(hvd):
     cached = _cache.get(id(hvd))
     if cached is not None and cached[0] == size and not (is_elastic() and _stale(hvd, cached)):
         return cached[1]
-    from horovod.common.process_sets import _temp_process_set_object
+    sets = _register(hvd, exchange_groups(size), "two-rank process sets",
+                     "call gtopk_hvd.torch.init() (or gtopk_hvd.tensorflow.init()) instead of "
+                     "hvd.init() on every rank, or set " + _DYNAMIC_ENV + "=1 before hvd.init()")
+    _cache[id(hvd)] = (size, sets)
+    return sets
 
-    existing = _registered(hvd)
-    sets = {}
-    missing = []
-    for group in exchange_groups(size):
-        if len(group) == size:
+
+def _register(hvd, groups, what, fix):
+    """{group: ProcessSet} for ``groups``: Horovod's global set for the whole world, the
+    registered set where there is one, else registered now (collective: every rank, in the
+    order of ``groups``; needs dynamic process sets, else ProcessSetError saying ``fix``)."""
+    from horovod.common.process_sets import _temp_process_set_object
+    existing, sets, missing = _registered(hvd), {}, []
+    for group in groups:
+        if len(group) == hvd.size():
             sets[group] = hvd.global_process_set
         elif group in existing:
             sets[group] = _temp_process_set_object(existing[group])
@@ -135,16 +153,14 @@ def exchange_sets(hvd):
             missing.append(group)
     if missing and os.environ.get(_DYNAMIC_ENV, "0") in ("", "0"):
         raise ProcessSetError(
-            f"gTop-k needs {len(missing)} two-rank process sets (for example {missing[0]}) that "
-            f"are not registered, and Horovod was initialised without dynamic process sets. "
-            f"Fix: call gtopk_hvd.torch.init() (or gtopk_hvd.tensorflow.init()) instead of "
-            f"hvd.init() on every rank, or set {_DYNAMIC_ENV}=1 before hvd.init()")
+            f"gTop-k needs {len(missing)} {what} (for example {missing[0]}) that are not "
+            f"registered, and Horovod was initialised without dynamic process sets. Fix: "
+            f"{fix}")
     for group in missing:  # collective: every rank, same order
         sets[group] = hvd.add_process_set(list(group))
     if missing:
-        logger.debug("gtopk_hvd: registered %d exchange process sets for size %d",
-                     len(missing), size)
-    _cache[id(hvd)] = (size, sets)
+        logger.debug("gtopk_hvd: registered %d %s for size %d", len(missing), what,
+                     hvd.size())
     return sets
 
 
@@ -160,3 +176,31 @@ def _stale(hvd, cached):
 def process_set_for_stage(sets, stage):
     """The process set of ``stage`` (a schedule Stage)."""
     return sets[stage.group]
+
+
+def job_layout(hvd):
+    """The :class:`~gtopk_hvd.common.hierarchy.HierarchicalLayout` of this job, from
+    Horovod's sizes (the same on every rank)."""
+    from gtopk_hvd.common.hierarchy import hierarchical_layout
+    from horovod.common.process_sets import _basics  # horovod.torch exports no is_homogeneous
+    return hierarchical_layout(hvd.size(), hvd.local_size(), hvd.cross_size(),
+                               bool(_basics.is_homogeneous()))
+
+
+def hierarchical_sets(hvd):
+    """(layout, {group: ProcessSet}) of hierarchical gTop-k, registering the node and rail sets
+    as needed (collective: every rank, same order; needs dynamic process sets, which
+    ``init(hierarchical=True)`` asks for).  A flat layout needs none of its own."""
+    key = (id(hvd), "hierarchical")
+    cached = _cache.get(key)
+    if cached is not None and cached[0].size == hvd.size():
+        return cached
+    layout = job_layout(hvd)
+    if layout.reason:
+        logger.warning("gtopk_hvd: hierarchical=True on %d x %d ranks: %s", layout.nodes,
+                       layout.local_size, layout.reason)
+    sets = _register(hvd, layout.process_sets(), "node and rail process sets",
+                     "call gtopk_hvd.torch.init(hierarchical=True) on every rank instead of "
+                     "hvd.init()")
+    _cache[key] = (layout, sets)
+    return layout, sets

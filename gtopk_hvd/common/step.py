@@ -31,7 +31,7 @@ from gtopk_hvd.common.collective import VERDICT_TAIL, dense_allreduce_bytes
 from gtopk_hvd.common.plan import make_plan
 
 __all__ = ["Buffer", "StepBackend", "StepConfig", "run_step", "step_plan", "apply_sparse",
-           "finish_exchanged"]
+           "finish_exchanged", "AppliesNothing"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,28 @@ class StepBackend:
     nonfinite(finite): every gradient becomes NaN where the step is not finite.
     finish(finite, stats): record the step (schedule step, statistics, verified set-ups).
     """
+
+
+class AppliesNothing:
+    """Mixed into a backend whose rank called ``join()`` (gtopk_hvd.torch.step.JoinedStep,
+    gtopk_hvd.tensorflow.step.JoinedTFStep): it takes part in every operation with zeros,
+    but step 4 writes no gradient and no residual (its residuals are kept for later) and a
+    non-finite step leaves its gradients alone."""
+
+    def commit(self, buffer, acc, result, carried, finite):
+        pass
+
+    def write_sparse(self, buffer, result, finite):
+        pass
+
+    def write_dense(self, members, flat):
+        pass
+
+    def clear_residual(self, buffer, finite):
+        pass
+
+    def nonfinite(self, finite):
+        pass
 
 
 def run_step(backend, config, buffers, dense, ks, density, scale=1.0, runtime_scale=None,

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from gtopk_hvd.common.collective import (JOINED, VERDICT_TAIL, GTopkResult,
                                          allreduce_with_verdict)
-from gtopk_hvd.common.step import StepBackend
+from gtopk_hvd.common.step import AppliesNothing, StepBackend
 from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, compensate,
                                              decompress, exchange, exchange_grouped,
                                              nonfinite_flag, plan_digest_tensor,
@@ -157,7 +157,7 @@ class TFStep(StepBackend):
         self._finish(finite, stats)
 
 
-class JoinedTFStep(TFStep):
+class JoinedTFStep(AppliesNothing, TFStep):
     """The step of a rank that called ``join()`` (gtopk_hvd.tensorflow.join): zeros and the
     JOINED flag (no plan of its own to compare), nothing applied, residuals kept; the
     schedule step and the count of non-finite steps move as the others' do.
@@ -182,21 +182,6 @@ class JoinedTFStep(TFStep):
             return finite and not self.all_joined
         self.all_joined = tf.not_equal(tf.bitwise.bitwise_and(verdict, JOINED), 0)
         return finite
-
-    def commit(self, buffer, acc, result, carried, finite):
-        pass
-
-    def write_sparse(self, buffer, result, finite):
-        pass
-
-    def write_dense(self, members, flat):
-        pass
-
-    def clear_residual(self, buffer, finite):
-        pass
-
-    def nonfinite(self, finite):
-        pass
 
     def finish(self, finite, stats):
         self.state.record_joined_step(finite, self.all_joined)

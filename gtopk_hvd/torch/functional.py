@@ -21,9 +21,12 @@ import horovod.torch as hvd
 import torch
 
 from gtopk_hvd.common.collective import GTopkResult
+from gtopk_hvd.common.density import k_for
+from gtopk_hvd.common.process_sets import hierarchical_sets
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_allreduce_arguments
 from gtopk_hvd.torch.collective import op_name
+from gtopk_hvd.torch.hierarchical import as_exchange_result, hierarchical_exchange, shard_of
 from gtopk_hvd.torch.step import TensorStep
 
 __all__ = ["GTopkResult", "gtopk_allreduce", "gtopk_allreduce_"]
@@ -48,7 +51,8 @@ def _check_tensor(tensor, residual):
 
 
 def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm="gtopk",
-                    residual=None, process_set=hvd.global_process_set, *, profile=False):
+                    residual=None, process_set=hvd.global_process_set, *, profile=False,
+                    hierarchical=False):
     """Sparse allreduce of ``tensor`` by gTop-k with error feedback; call it on every rank.
 
     1. acc = tensor + residual (float32);
@@ -68,6 +72,10 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
             updated in place and returned as ``result.residual``.
         process_set: only the global process set is supported.
         profile: record per-phase wall times in ``result.timings``.
+        hierarchical: hierarchical gTop-k (ALGORITHM.md): a reduce-scatter inside each node,
+            gTop-k across nodes along each rail on 1/L of the buffer, an allgather inside the
+            node; ``residual`` then covers this rank's shard only (None: zeros).  Needs
+            ``init(hierarchical=True)``; unequal hosts or one rank a host run flat gTop-k.
 
     Returns:
         :class:`GTopkResult`; ``result.output`` is the dense tensor, ``result.residual`` the
@@ -78,8 +86,58 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
         res = gtopk_allreduce(grad, density=0.01, name="w", residual=eps)
         grad, eps = res.output, res.residual
     """
+    if hierarchical:
+        return _hierarchical_allreduce(tensor, density, name, op, algorithm, residual,
+                                       process_set)
     return _gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set,
                             profile, in_place=False)
+
+
+def _hierarchical_allreduce(tensor, density, name, op, algorithm, residual, process_set):
+    """gtopk_allreduce(hierarchical=True): the core's hierarchical step driven with Horovod
+    (gtopk_hvd.torch.hierarchical); flat gTop-k where the layout falls back."""
+    layout, sets = hierarchical_sets(hvd)
+    if layout.mode == "flat":
+        return _gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set,
+                                False, in_place=False)
+    if algorithm != "gtopk":
+        raise ValueError(f"hierarchical=True runs gTop-k across nodes; algorithm must be "
+                         f"'gtopk', got {algorithm!r}")
+    _check_tensor(tensor, None)
+    density, numel, _ = check_allreduce_arguments(density, op_name(op), algorithm,
+                                                  process_set, tensor.numel(), name)
+    lo, hi = shard_of(layout, numel, hvd.rank())
+    if residual is not None and (not isinstance(residual, torch.Tensor)
+                                 or residual.dtype != torch.float32 or residual.numel() != hi - lo):
+        raise ValueError(
+            f"with hierarchical=True the residual covers this rank's shard: a float32 tensor "
+            f"of {hi - lo} elements (entries {lo}..{hi} of {numel}), or None for zeros; got "
+            f"{getattr(residual, 'dtype', type(residual).__name__)} with "
+            f"{getattr(residual, 'shape', '?')}")
+    k = k_for(hi - lo, density)
+    flat = tensor.detach().reshape(-1).to(torch.float32)
+    eps = torch.zeros(hi - lo, dtype=torch.float32) if residual is None else residual
+    plan = {"algorithm": "hierarchical", "numel": numel, "density": density, "op": op_name(op),
+            "nodes": layout.nodes, "local_size": layout.local_size}
+    name = name or "gtopk"
+    res, finite = hierarchical_exchange(flat, eps, k, layout, sets, f"{name}.h", plan)
+    if finite:
+        dense = torch.zeros(numel, dtype=torch.float32)
+        dense[res.indices.long()] = res.values
+        if op_name(op) == "Average":
+            dense = dense / hvd.size()
+        new = res.acc.clone()
+        new[res.local_indices[res.alive].long()] = 0
+        if residual is not None:
+            residual.copy_(new)
+            new = residual
+    else:  # every rank: NaN, the residual as it was
+        dense = torch.full((numel,), float("nan"))
+        new = eps
+    result = GTopkResult(dense.reshape(tensor.shape).to(tensor.dtype), new,
+                         as_exchange_result(res), k)
+    result.finite = bool(finite)
+    return result
 
 
 def gtopk_allreduce_(tensor, density=0.001, name=None, op=hvd.Average, algorithm="gtopk",

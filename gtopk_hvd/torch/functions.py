@@ -18,7 +18,7 @@ __all__ = ["init", "shutdown", "broadcast_optimizer_state", "join"]
 logger = logging.getLogger(__name__)
 
 
-def init(comm=None, process_sets=None):
+def init(comm=None, process_sets=None, hierarchical=False):
     """Initialise Horovod and register gTop-k's pair process sets; call it on every rank
     instead of ``hvd.init()``.  Arguments as ``horovod.torch.init``.
 
@@ -26,8 +26,12 @@ def init(comm=None, process_sets=None):
     each rank gets its share (``torch.set_num_threads``; gtopk_hvd.common.threads): not with
     one rank per host, nor when ``OMP_NUM_THREADS`` or ``GTOPK_HVD_THREADS`` is set
     (``GTOPK_HVD_THREADS=keep`` turns this off).
+
+    ``hierarchical=True`` also registers the node and rail process sets of hierarchical
+    gTop-k (with dynamic process sets, once Horovod knows the hosts).
     """
-    init_with_exchange_sets(hvd, comm=comm, process_sets=process_sets)
+    init_with_exchange_sets(hvd, comm=comm, process_sets=process_sets,
+                            hierarchical=hierarchical)
     share_threads(torch.get_num_threads(), _set_threads, hvd.local_size(), hvd.rank())
 
 

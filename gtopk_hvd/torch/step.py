@@ -13,7 +13,7 @@ from horovod.common.exceptions import HorovodInternalError
 from gtopk_hvd.common.collective import (JOINED, NONFINITE, VERDICT_TAIL, GTopkResult,
                                          allreduce_with_verdict)
 from gtopk_hvd.common.plan import plan_digest
-from gtopk_hvd.common.step import StepBackend
+from gtopk_hvd.common.step import AppliesNothing, StepBackend
 from gtopk_hvd.torch.collective import (check_verdict, compensate, decompress, exchange,
                                         exchange_grouped, update_residual)
 from gtopk_hvd.torch.ops import all_finite, wait
@@ -207,7 +207,7 @@ class TorchStep(StepBackend):
         self._finish(finite, stats)
 
 
-class JoinedStep(TorchStep):
+class JoinedStep(AppliesNothing, TorchStep):
     """The step of a rank that called ``join()`` (gtopk_hvd.torch.functions.join): it takes
     part in every operation with zeros and the JOINED flag (no plan of its own to compare),
     applies nothing and keeps its residuals as they are.  ``owner.all_joined`` becomes True
@@ -231,21 +231,6 @@ class JoinedStep(TorchStep):
             self.owner.all_joined = True
             return False
         return super().check_verdict(verdict, plan, ks, runtime_scale)
-
-    def commit(self, buffer, acc, result, carried, finite):
-        pass
-
-    def write_sparse(self, buffer, result, finite):
-        pass
-
-    def write_dense(self, members, flat):
-        pass
-
-    def clear_residual(self, buffer, finite):
-        pass
-
-    def nonfinite(self, finite):
-        pass
 
     def finish(self, finite, stats):
         if not self.owner.all_joined:  # a step of the others: its schedule step, its count

@@ -123,3 +123,65 @@ def test_process_sets_a_job_needs(nodes, local, expected):
         for group in layout.rail_groups(l):
             assert {p % local for p in group} == {l}
             assert len({p // local for p in group}) == len(group)
+
+
+# --- the exchange of one rank, every rank in a thread (in-memory alltoall and allgather) -----
+
+def _run_hierarchical(nodes, local, grads, residuals, density, flags_of=lambda p: 0,
+                      digest_of=lambda p: 5):
+    """Every rank's exchange in a thread of tests/common/test_collective.py's in-memory
+    world; an alltoall is an allgather of the whole buffers there, each rank keeping the
+    slice it is sent."""
+    from gtopk_hvd.common.hierarchy import hierarchical_exchange_steps
+    from tests.common.test_collective import _run_ranks
+
+    layout = hierarchical_layout(nodes * local, local, nodes, True)
+
+    def body(rank, ops):
+        lo, hi = shard_bounds(len(grads[rank]), local)[rank % local]
+        steps = hierarchical_exchange_steps(
+            ops, grads[rank], residuals[rank], k_for(hi - lo, density), layout, rank,
+            digest=digest_of(rank), flags=flags_of(rank))
+        answer = None
+        try:
+            while True:
+                kind, payload, group, name = steps.send(answer)
+                if kind == "alltoall":
+                    whole = ops.allgather(np.concatenate(payload), group, name)
+                    d = len(whole) // len(group)
+                    answer = [whole[i * d + lo:i * d + hi] for i in range(len(group))]
+                else:
+                    answer = ops.allgather(payload, group, name)
+        except StopIteration as done:
+            return done.value
+
+    return _run_ranks(nodes * local, body)
+
+
+@pytest.mark.parametrize("nodes,local", LAYOUTS)
+def test_every_rank_of_the_exchange_equals_the_reference(nodes, local):
+    d = 53
+    grads, residuals = _data(nodes, local, d, seed=100 + nodes * 7 + local, integer=False)
+    want = hierarchical_step(grads, residuals, local, density=0.1)
+    for rank, got in enumerate(_run_hierarchical(nodes, local, grads, residuals, 0.1)):
+        np.testing.assert_array_equal(got.indices, want.indices, err_msg=f"rank {rank}")
+        np.testing.assert_array_equal(got.values, want.values, err_msg=f"rank {rank}")
+        eps = got.acc.copy()
+        eps[got.local_indices[got.alive]] = 0
+        np.testing.assert_array_equal(eps, want.residuals[rank], err_msg=f"rank {rank}")
+        assert got.verdict == 0
+
+
+@pytest.mark.parametrize("nodes,local", [(2, 2), (3, 2), (2, 3)])
+def test_a_nan_on_one_rank_and_a_digest_on_another_reach_every_rank(nodes, local):
+    from gtopk_hvd.common.collective import MISMATCH, NONFINITE
+    d = 20
+    grads, residuals = _data(nodes, local, d, seed=9)
+    grads[0][3] = np.nan  # rank 0's node: the NaN is in its shard sums, one rail
+    got = _run_hierarchical(nodes, local, grads, residuals, 0.2)
+    assert [r.verdict & NONFINITE for r in got] == [NONFINITE] * (nodes * local)
+    grads[0][3] = 1.0
+    last = nodes * local - 1
+    got = _run_hierarchical(nodes, local, grads, residuals, 0.2,
+                            digest_of=lambda p: 6 if p == last else 5)
+    assert [r.verdict & MISMATCH for r in got] == [MISMATCH] * (nodes * local)

@@ -1,0 +1,42 @@
+"""Hierarchical gTop-k with PyTorch on nodes emulated by horovodrun's host list: every name in
+``-H`` that resolves to this machine runs here, grouped as a host of its own, so
+``localhost:2,127.0.0.1:2`` is two nodes of two ranks (local and cross ranks as on two
+machines).  2 x 2 runs hierarchically, 1 x 3 is the node-only case (one host), 3 x 1 falls
+back to flat gTop-k (one rank a host); every rank against the NumPy reference
+(workers/hierarchical_worker.py)."""
+import socket
+
+import pytest
+
+from tests.harness import check_scenario, horovodrun
+
+WORKER = "tests/torch/workers/hierarchical_worker.py"
+LAYOUTS = {  # (nodes, ranks a node): (ranks, horovodrun -H, the mode gTop-k runs in)
+    (2, 2): (4, "localhost:2,127.0.0.1:2", "hierarchical"),
+    (1, 3): (3, "localhost:3", "node"),
+    (3, 1): (3, f"localhost:1,127.0.0.1:1,{socket.gethostname()}:1", "flat"),
+}
+SCENARIOS = [
+    "hierarchical_allreduce_equals_the_reference_every_step",
+    "hierarchical_nan_on_one_rank_gives_nan_everywhere_residuals_kept",
+    "hierarchical_density_1_is_the_dense_sum",
+    "hierarchical_bad_residual_is_refused_before_communicating",
+]
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS), ids=lambda nl: f"{nl[0]}x{nl[1]}")
+def job(request):
+    ranks, hosts, mode = LAYOUTS[request.param]
+    return request.param, mode, horovodrun(ranks, WORKER, hosts=hosts)
+
+
+def test_the_layout_is_the_one_horovod_reports(job):
+    (nodes, local), mode, results = job
+    for rec in check_scenario(results, "layout"):
+        assert rec["layout"] == ((nodes * local if mode == "flat" else nodes),
+                                 (1 if mode == "flat" else local), mode), rec
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_hierarchical(job, scenario):
+    check_scenario(job[2], scenario)
