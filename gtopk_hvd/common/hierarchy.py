@@ -8,11 +8,12 @@ rail.  :func:`hierarchical_layout` decides from Horovod's sizes whether a job ru
 hierarchically, and says why not when it falls back (unequal nodes, one rank a node, one node):
 the decision depends only on values every rank has, so every rank takes the same one.
 """
-from gtopk_hvd.common.collective import MISMATCH, gtopk_exchange_steps
+from gtopk_hvd.common.collective import MISMATCH, ExchangeResult, gtopk_exchange_steps
 from gtopk_hvd.common.schedule import exchange_groups
 
 __all__ = ["HierarchicalLayout", "hierarchical_layout", "shard_bounds",
-           "hierarchical_exchange_steps", "HierarchicalExchange"]
+           "hierarchical_exchange_steps", "HierarchicalExchange", "hierarchical_plan",
+           "check_shard_residual", "drive_requests"]
 
 
 def shard_bounds(numel, parts):
@@ -33,6 +34,10 @@ class HierarchicalLayout:
     def __init__(self, size, local_size, mode, reason=""):
         self.size, self.local_size, self.mode, self.reason = size, local_size, mode, reason
         self.nodes = size // local_size if mode != "flat" else size
+
+    def shard(self, numel, rank):
+        """(lo, hi) of ``rank``'s shard of a buffer of ``numel`` entries."""
+        return shard_bounds(numel, self.local_size)[rank % self.local_size]
 
     def node(self, rank):
         """The ranks of ``rank``'s node, in local-rank order."""
@@ -92,12 +97,21 @@ class HierarchicalExchange:
     same on every rank.  acc: this rank's compensated shard (node sum + residual), whose
     entries ``local_indices[alive]`` (shard positions) reached S: the caller clears them to
     get the new residual.  verdict: the flags every rank shares.  shard: (lo, hi).
+    local_values / wire: as in ExchangeResult (the rail's stages).  bytes_sent: what this
+    rank put on the wire (set by the adapter, which knows its Horovod operations).
     """
 
-    def __init__(self, values, indices, acc, local_indices, alive, verdict, shard):
+    def __init__(self, values, indices, acc, local_indices, alive, verdict, shard,
+                 local_values=None, wire="float32"):
         self.values, self.indices, self.acc = values, indices, acc
         self.local_indices, self.alive, self.verdict, self.shard = local_indices, alive, \
             verdict, shard
+        self.local_values, self.wire, self.bytes_sent = local_values, wire, 0
+
+    def as_exchange_result(self, bytes_sent=0):
+        """The :class:`~gtopk_hvd.common.collective.ExchangeResult` view (for GTopkResult)."""
+        return ExchangeResult(self.values, self.indices, self.local_indices, self.alive,
+                              self.verdict, bytes_sent, {}, self.local_values, self.wire)
 
 
 def hierarchical_exchange_steps(ops, grad, residual, k, layout, rank, name="gtopk", digest=0,
@@ -151,4 +165,34 @@ def hierarchical_exchange_steps(ops, grad, residual, k, layout, rank, name="gtop
             meta = ops.merge_meta(meta, their_meta)
     values, indices = ops.concat_sets([(v, i) for v, i, _ in blocks])
     return HierarchicalExchange(values, indices, acc, result.local_indices, result.alive,
-                                ops.flags_of(meta), (lo, hi))
+                                ops.flags_of(meta), (lo, hi), result.local_values, wire)
+
+
+def hierarchical_plan(layout, numel, density, op):
+    """What every rank must agree on in a hierarchical step (its digest travels in the
+    headers; gtopk_hvd.common.plan)."""
+    return {"algorithm": "hierarchical", "numel": numel, "density": density, "op": op,
+            "nodes": layout.nodes, "local_size": layout.local_size}
+
+
+def check_shard_residual(numel_given, shard, numel):
+    """Refuse a residual (``numel_given`` entries, None for none) that does not cover this
+    rank's ``shard`` of a buffer of ``numel`` entries, before any communication."""
+    lo, hi = shard
+    if numel_given is not None and numel_given != hi - lo:
+        raise ValueError(
+            f"with hierarchical=True the residual covers this rank's shard: a float32 tensor "
+            f"of {hi - lo} elements (entries {lo}..{hi} of {numel}), or None for zeros; got "
+            f"{numel_given} elements")
+
+
+def drive_requests(steps, alltoall, allgather):
+    """Run a generator of :func:`hierarchical_exchange_steps` to its end with the adapter's
+    ``alltoall(parts, group, name)`` and ``allgather(message, group, name)``; its result."""
+    answer = None
+    try:
+        while True:
+            kind, payload, group, name = steps.send(answer)
+            answer = (alltoall if kind == "alltoall" else allgather)(payload, group, name)
+    except StopIteration as done:
+        return done.value

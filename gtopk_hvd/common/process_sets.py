@@ -200,7 +200,8 @@ def hierarchical_sets(hvd):
         logger.warning("gtopk_hvd: hierarchical=True on %d x %d ranks: %s", layout.nodes,
                        layout.local_size, layout.reason)
     sets = _register(hvd, layout.process_sets(), "node and rail process sets",
-                     "call gtopk_hvd.torch.init(hierarchical=True) on every rank instead of "
+                     "call gtopk_hvd.torch.init(hierarchical=True) (or "
+                     "gtopk_hvd.tensorflow.init(hierarchical=True)) on every rank instead of "
                      "hvd.init()")
     _cache[key] = (layout, sets)
     return layout, sets

@@ -215,3 +215,16 @@ def check_allreduce_arguments(density, op_name, algorithm, process_set, numel, n
     check_global_process_set(process_set)
     numel = check_buffer_numel(numel, name or "tensor")
     return density, numel, k_for(numel, density)
+
+
+def check_hierarchical(hierarchical, algorithm, granularity):
+    """``hierarchical`` (bool) where an optimizer can run it: gTop-k at the model or layer
+    granularity; the error names the value and the fix."""
+    if not isinstance(hierarchical, bool):
+        raise ValueError(f"hierarchical must be True or False, got {hierarchical!r}")
+    if hierarchical and (algorithm != "gtopk" or granularity not in ("model", "layer")):
+        raise ValueError(
+            f"hierarchical=True runs gTop-k across nodes at granularity 'model' or 'layer'; "
+            f"got algorithm={algorithm!r}, granularity={granularity!r}: pass "
+            f"algorithm='gtopk' and granularity='model' (or drop hierarchical=True)")
+    return hierarchical

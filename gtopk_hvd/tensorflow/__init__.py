@@ -68,7 +68,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def init(comm=None, process_sets=None):
+def init(comm=None, process_sets=None, hierarchical=False):
     """Initialise Horovod and register gTop-k's pair process sets; call it on every rank
     instead of ``hvd.init()``.  Arguments as ``horovod.tensorflow.init``.
 
@@ -76,8 +76,12 @@ def init(comm=None, process_sets=None):
     each rank gets its share (``tf.config.threading``; gtopk_hvd.common.threads), if TensorFlow
     has not started its runtime yet: not with one rank per host, nor when ``OMP_NUM_THREADS``
     or ``GTOPK_HVD_THREADS`` is set (``GTOPK_HVD_THREADS=keep`` turns this off).
+
+    ``hierarchical=True`` also registers the node and rail process sets of hierarchical
+    gTop-k (with dynamic process sets, once Horovod knows the hosts).
     """
-    init_with_exchange_sets(_hvd, comm=comm, process_sets=process_sets)
+    init_with_exchange_sets(_hvd, comm=comm, process_sets=process_sets,
+                            hierarchical=hierarchical)
     share_threads(_tf.config.threading.get_intra_op_parallelism_threads() or host_cores(),
                   _set_threads, _hvd.local_size(), _hvd.rank())
 

@@ -17,9 +17,13 @@ import horovod.tensorflow as hvd
 import tensorflow as tf
 
 from gtopk_hvd.common.collective import GTopkResult
+from gtopk_hvd.common.density import k_for
+from gtopk_hvd.common.hierarchy import check_shard_residual, hierarchical_plan
+from gtopk_hvd.common.process_sets import hierarchical_sets
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_allreduce_arguments
 from gtopk_hvd.tensorflow.collective import check_tf2_context, op_name
+from gtopk_hvd.tensorflow.hierarchical import hierarchical_exchange
 from gtopk_hvd.tensorflow.step import TensorStep
 
 __all__ = ["GTopkResult", "gtopk_allreduce"]
@@ -45,7 +49,8 @@ def _check_tensor(tensor, residual):
 
 @tf.autograph.experimental.do_not_convert
 def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm="gtopk",
-                    residual=None, process_set=hvd.global_process_set, *, profile=False):
+                    residual=None, process_set=hvd.global_process_set, *, profile=False,
+                    hierarchical=False):
     """Sparse allreduce of ``tensor`` by gTop-k with error feedback; call it on every rank.
 
     Works eagerly and inside ``tf.function``.
@@ -66,6 +71,9 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
         residual: this rank's residual from the previous call (flat float32), or None.
         process_set: only the global process set is supported.
         profile: record per-phase wall times in ``result.timings`` (eager only).
+        hierarchical: hierarchical gTop-k (ALGORITHM.md), eagerly, as in
+            ``gtopk_hvd.torch.gtopk_allreduce``: ``residual`` covers this rank's shard;
+            needs ``init(hierarchical=True)``; unequal hosts or one rank a host run flat.
 
     Returns:
         :class:`GTopkResult`; ``result.output`` is the dense tensor, ``result.residual`` the
@@ -77,6 +85,9 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
         grad, eps = res.output, res.residual
     """
     check_tf2_context("gtopk_allreduce")
+    if hierarchical:
+        return _hierarchical_allreduce(tensor, density, name, op, algorithm, residual,
+                                       process_set, profile)
     _check_tensor(tensor, residual)
     density, numel, k = check_allreduce_arguments(density, op_name(op), algorithm,
                                                   process_set, tensor.shape.num_elements(), name)
@@ -85,3 +96,46 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
     run_step(backend, config, [Buffer(name or "tensor", [tensor], numel, algorithm)], [], [k],
              density)
     return backend.gtopk_result(k)
+
+
+def _hierarchical_allreduce(tensor, density, name, op, algorithm, residual, process_set,
+                            profile):
+    """gtopk_allreduce(hierarchical=True): the core's hierarchical step driven with Horovod
+    (gtopk_hvd.tensorflow.hierarchical); flat gTop-k where the layout falls back."""
+    layout, sets = hierarchical_sets(hvd)
+    if layout.mode == "flat":
+        return gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set,
+                               profile=profile)
+    if not tf.executing_eagerly():
+        raise ValueError("gtopk_allreduce(hierarchical=True) runs eagerly for now: call it "
+                         "outside tf.function (or use the flat gTop-k inside one)")
+    if algorithm != "gtopk":
+        raise ValueError(f"hierarchical=True runs gTop-k across nodes; algorithm must be "
+                         f"'gtopk', got {algorithm!r}")
+    _check_tensor(tensor, None)
+    density, numel, _ = check_allreduce_arguments(density, op_name(op), algorithm,
+                                                  process_set, tensor.shape.num_elements(),
+                                                  name)
+    lo, hi = layout.shard(numel, hvd.rank())
+    if residual is not None and residual.dtype != tf.float32:
+        raise ValueError(f"residual must be a float32 tensor, got {residual.dtype.name}")
+    check_shard_residual(None if residual is None else residual.shape.num_elements(),
+                         (lo, hi), numel)
+    k = k_for(hi - lo, density)
+    flat = tf.reshape(tf.cast(tensor, tf.float32), [-1])
+    eps = tf.zeros([hi - lo], tf.float32) if residual is None else tf.convert_to_tensor(residual)
+    plan = hierarchical_plan(layout, numel, density, op_name(op))
+    res, finite = hierarchical_exchange(flat, eps, k, layout, sets, f"{name or 'gtopk'}.h", plan)
+    if finite:
+        dense = tf.scatter_nd(tf.expand_dims(res.indices, 1), res.values, [numel])
+        if op_name(op) == "Average":
+            dense = dense / hvd.size()
+        applied = tf.boolean_mask(res.local_indices, res.alive)
+        new = tf.tensor_scatter_nd_update(res.acc, tf.expand_dims(applied, 1),
+                                          tf.zeros(tf.shape(applied), tf.float32))
+    else:  # every rank: NaN, the residual as it was
+        dense, new = tf.fill([numel], float("nan")), eps
+    result = GTopkResult(tf.cast(tf.reshape(dense, tensor.shape), tensor.dtype), new,
+                         res.as_exchange_result(), k)
+    result.finite = bool(finite)
+    return result

@@ -22,11 +22,12 @@ import torch
 
 from gtopk_hvd.common.collective import GTopkResult
 from gtopk_hvd.common.density import k_for
+from gtopk_hvd.common.hierarchy import check_shard_residual, hierarchical_plan
 from gtopk_hvd.common.process_sets import hierarchical_sets
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_allreduce_arguments
 from gtopk_hvd.torch.collective import op_name
-from gtopk_hvd.torch.hierarchical import as_exchange_result, hierarchical_exchange, shard_of
+from gtopk_hvd.torch.hierarchical import hierarchical_exchange
 from gtopk_hvd.torch.step import TensorStep
 
 __all__ = ["GTopkResult", "gtopk_allreduce", "gtopk_allreduce_"]
@@ -106,19 +107,16 @@ def _hierarchical_allreduce(tensor, density, name, op, algorithm, residual, proc
     _check_tensor(tensor, None)
     density, numel, _ = check_allreduce_arguments(density, op_name(op), algorithm,
                                                   process_set, tensor.numel(), name)
-    lo, hi = shard_of(layout, numel, hvd.rank())
+    lo, hi = layout.shard(numel, hvd.rank())
     if residual is not None and (not isinstance(residual, torch.Tensor)
-                                 or residual.dtype != torch.float32 or residual.numel() != hi - lo):
-        raise ValueError(
-            f"with hierarchical=True the residual covers this rank's shard: a float32 tensor "
-            f"of {hi - lo} elements (entries {lo}..{hi} of {numel}), or None for zeros; got "
-            f"{getattr(residual, 'dtype', type(residual).__name__)} with "
-            f"{getattr(residual, 'shape', '?')}")
+                                 or residual.dtype != torch.float32):
+        raise ValueError(f"residual must be a float32 tensor, got {type(residual).__name__} "
+                         f"{getattr(residual, 'dtype', '')}")
+    check_shard_residual(None if residual is None else residual.numel(), (lo, hi), numel)
     k = k_for(hi - lo, density)
     flat = tensor.detach().reshape(-1).to(torch.float32)
     eps = torch.zeros(hi - lo, dtype=torch.float32) if residual is None else residual
-    plan = {"algorithm": "hierarchical", "numel": numel, "density": density, "op": op_name(op),
-            "nodes": layout.nodes, "local_size": layout.local_size}
+    plan = hierarchical_plan(layout, numel, density, op_name(op))
     name = name or "gtopk"
     res, finite = hierarchical_exchange(flat, eps, k, layout, sets, f"{name}.h", plan)
     if finite:
@@ -135,7 +133,7 @@ def _hierarchical_allreduce(tensor, density, name, op, algorithm, residual, proc
         dense = torch.full((numel,), float("nan"))
         new = eps
     result = GTopkResult(dense.reshape(tensor.shape).to(tensor.dtype), new,
-                         as_exchange_result(res), k)
+                         res.as_exchange_result(), k)
     result.finite = bool(finite)
     return result
 

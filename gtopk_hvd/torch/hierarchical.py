@@ -7,36 +7,26 @@ Used by ``gtopk_allreduce(..., hierarchical=True)``; the sets come from
 import horovod.torch as hvd
 import torch
 
-from gtopk_hvd.common.collective import ExchangeResult
-from gtopk_hvd.common.hierarchy import hierarchical_exchange_steps, shard_bounds
+from gtopk_hvd.common.hierarchy import drive_requests, hierarchical_exchange_steps
 from gtopk_hvd.common.plan import plan_digest
 from gtopk_hvd.torch.collective import check_verdict
 from gtopk_hvd.torch.ops import TorchOps, wait
 
-__all__ = ["hierarchical_exchange", "shard_of"]
+__all__ = ["hierarchical_exchange", "drive"]
 
 
-def shard_of(layout, numel, rank):
-    """(lo, hi) of ``rank``'s shard of a buffer of ``numel`` entries."""
-    return shard_bounds(numel, layout.local_size)[rank % layout.local_size]
+def drive(steps, sets):
+    """Perform the requests of a hierarchical step with Horovod (each group's process set
+    from ``sets``); its result."""
+    def alltoall(parts, group, name):
+        splits = torch.tensor([p.numel() for p in parts], dtype=torch.int32)
+        received, counts = hvd.alltoall(torch.cat(parts), splits=splits, name=name,
+                                        process_set=sets[group])
+        return list(torch.split(received, counts.tolist()))
 
-
-def _drive(steps, sets):
-    answer = None
-    try:
-        while True:
-            kind, payload, group, name = steps.send(answer)
-            process_set = sets[group]
-            if kind == "alltoall":
-                splits = torch.tensor([p.numel() for p in payload], dtype=torch.int32)
-                received, counts = hvd.alltoall(torch.cat(payload), splits=splits, name=name,
-                                                process_set=process_set)
-                answer = list(torch.split(received, counts.tolist()))
-            else:
-                answer = wait(hvd, hvd.allgather_async(payload, name=name,
-                                                       process_set=process_set))
-    except StopIteration as done:
-        return done.value
+    def allgather(message, group, name):
+        return wait(hvd, hvd.allgather_async(message, name=name, process_set=sets[group]))
+    return drive_requests(steps, alltoall, allgather)
 
 
 def hierarchical_exchange(flat, residual, k, layout, sets, name, plan, wire="float32"):
@@ -44,12 +34,6 @@ def hierarchical_exchange(flat, residual, k, layout, sets, name, plan, wire="flo
     ``residual``; (HierarchicalExchange, finite).  Ranks whose ``plan`` differs raise
     PlanMismatchError on every rank."""
     ops = TorchOps(hvd, device=flat.device)
-    res = _drive(hierarchical_exchange_steps(ops, flat, residual, k, layout, hvd.rank(), name,
+    res = drive(hierarchical_exchange_steps(ops, flat, residual, k, layout, hvd.rank(), name,
                                              plan_digest(plan), 0, wire), sets)
     return res, check_verdict(int(res.verdict), plan, name=f"{name}.plan")
-
-
-def as_exchange_result(res, bytes_sent=0):
-    """The :class:`ExchangeResult` view of a hierarchical step (for GTopkResult)."""
-    return ExchangeResult(res.values, res.indices, res.local_indices, res.alive, res.verdict,
-                          bytes_sent, {})

@@ -26,8 +26,9 @@ from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.process_sets import is_elastic
 from gtopk_hvd.common.validation import (check_auto_link, check_compression,
                                          check_global_process_set,
-                                         check_gradient_predivide_factor, check_no_groups,
-                                         check_op, check_parameter_names, check_positive_int)
+                                         check_gradient_predivide_factor, check_hierarchical,
+                                         check_no_groups, check_op, check_parameter_names,
+                                         check_positive_int)
 from gtopk_hvd.torch.collective import op_name
 from gtopk_hvd.torch.horovod_compat import (called_by_horovod_state_init,
                                            calling_grad_scaler, state_init_step)
@@ -47,7 +48,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer, named_parameters, backward_passes_per_step, op,
                  sparse_as_dense, gtopk_state, grad_scaler=None, gradient_predivide_factor=1.0,
-                 compression=hvd.Compression.none, bucket_cap_mb=DEFAULT_BUCKET_CAP_MB):
+                 compression=hvd.Compression.none, bucket_cap_mb=DEFAULT_BUCKET_CAP_MB,
+                 hierarchical=False):
         super(self.__class__, self).__init__(optimizer.param_groups)
         self.defaults = dict(optimizer.defaults)
         for key, value in vars(optimizer).items():  # what the user's class set on its own
@@ -57,7 +59,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._gtopk_sync = Synchronizer(
             self, {p: name for name, p in named_parameters}, op, op_name(op), sparse_as_dense,
             gtopk_state, grad_scaler, gradient_predivide_factor, compression,
-            check_compression(compression, hvd.Compression), bucket_cap_mb)
+            check_compression(compression, hvd.Compression), bucket_cap_mb, hierarchical)
         self._gtopk_sync.register_hooks()
 
     def set_backward_passes_per_step(self, passes):
@@ -197,7 +199,7 @@ def DistributedOptimizer(optimizer, named_parameters=None,
                          process_set=hvd.global_process_set,
                          *, density=0.001, algorithm="gtopk", granularity="model",
                          dense_threshold=0, grad_scaler=None, link=None, bucket_cap_mb=None,
-                         gtopk_state=None):
+                         gtopk_state=None, hierarchical=False):
     """Wrap ``optimizer`` so that ``step()`` applies the gTop-k sparse average of the gradients.
 
     Arguments as ``horovod.torch.DistributedOptimizer``, plus (keyword-only):
@@ -235,6 +237,8 @@ def DistributedOptimizer(optimizer, named_parameters=None,
             are then kept in unscaled units (acc = grad + scale * residual), so a change of
             scale does not change what they mean; use Horovod's pattern (``synchronize()``,
             ``scaler.unscale_``, ``skip_synchronize()``, ``scaler.step``, README).
+        hierarchical: hierarchical gTop-k across nodes (docs/pytorch.md; needs
+            ``init(hierarchical=True)``; gTop-k at the model or layer granularity).
 
     ``compression`` is ``Compression.none`` or ``Compression.fp16`` (values travel as float16,
     merges and residuals stay float32), ``op`` is Average or Sum, ``process_set`` the global
@@ -276,6 +280,7 @@ def DistributedOptimizer(optimizer, named_parameters=None,
                         f"{type(gtopk_state).__name__}")
     bucket_cap_mb = check_bucket_arguments(state.algorithm, state.granularity, bucket_cap_mb)
     check_auto_link(state.algorithm, state.link, is_elastic(), "gtopk_hvd.torch.measure_link")
+    check_hierarchical(hierarchical, state.algorithm, state.granularity)
     named = _named_parameters(optimizer, named_parameters)
     if not hvd.is_initialized():
         raise GTopkError("Horovod is not initialised: call gtopk_hvd.torch.init() on every "
@@ -286,4 +291,4 @@ def DistributedOptimizer(optimizer, named_parameters=None,
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
                         f"{type(grad_scaler).__name__}")
     return cls(optimizer, named, backward_passes_per_step, op, sparse_as_dense, state,
-               grad_scaler, gradient_predivide_factor, compression, bucket_cap_mb)
+               grad_scaler, gradient_predivide_factor, compression, bucket_cap_mb, hierarchical)

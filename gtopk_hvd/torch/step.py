@@ -12,11 +12,14 @@ from horovod.common.exceptions import HorovodInternalError
 
 from gtopk_hvd.common.collective import (JOINED, NONFINITE, VERDICT_TAIL, GTopkResult,
                                          allreduce_with_verdict)
+from gtopk_hvd.common.density import k_for
+from gtopk_hvd.common.hierarchy import hierarchical_exchange_steps
 from gtopk_hvd.common.plan import plan_digest
 from gtopk_hvd.common.step import AppliesNothing, StepBackend
 from gtopk_hvd.torch.collective import (check_verdict, compensate, decompress, exchange,
                                         exchange_grouped, update_residual)
-from gtopk_hvd.torch.ops import all_finite, wait
+from gtopk_hvd.torch.hierarchical import drive
+from gtopk_hvd.torch.ops import TorchOps, all_finite, wait
 
 __all__ = ["TorchStep", "TensorStep", "flat_grads", "compensate_into", "set_grads",
            "nan_grads"]
@@ -88,16 +91,25 @@ class TorchStep(StepBackend):
 
     profile = False
 
-    def __init__(self, state, config, params, compression, op, finish):
+    def __init__(self, state, config, params, compression, op, finish, hierarchy=None):
         self.size = hvd.size()
         self.state, self.config, self.params = state, config, params
         self.compression, self.op, self._finish = compression, op, finish
         self.average_over = self.size if config.op == "Average" else 1
+        # hierarchical gTop-k: (layout, process sets); acc is then the buffer's gradients and
+        # the residual of this rank's shard is added after the node's reduce-scatter
+        self.hierarchy, self._shard_terms = hierarchy, []
 
     # 1. compensate ---------------------------------------------------------------------
 
     def compensate(self, buffer, scale, predivide):
         state, ps = self.state, buffer.members
+        if self.hierarchy is not None:  # the shard's residual joins after the node's sum
+            lo, hi = self.hierarchy[0].shard(buffer.numel, hvd.rank())
+            eps = state.residual(buffer.name, hi - lo, ps[0].device)
+            self._shard_terms.append(eps * (scale / predivide) if scale != predivide else eps)
+            acc = flat_grads(ps)
+            return acc.mul_(1.0 / predivide) if predivide != 1.0 else acc
         if buffer.method == "dense" and buffer.name not in state.residuals:
             return flat_grads(ps)  # sent densely and nothing held back: the gradients
         device = ps[0].device
@@ -128,6 +140,17 @@ class TorchStep(StepBackend):
     # 3. exchange -------------------------------------------------------------------------
 
     def exchange(self, accs, ks, algorithm, name, digest, flags, wire):
+        if self.hierarchy is not None:  # one hierarchical step a buffer, one verdict
+            layout, sets = self.hierarchy
+            density, results, verdict = self.state.density(), [], 0
+            for i, (acc, eps) in enumerate(zip(accs, self._shard_terms)):
+                results.append(drive(hierarchical_exchange_steps(
+                    TorchOps(hvd, device=acc.device), acc, eps, k_for(eps.numel(), density),
+                    layout, hvd.rank(), f"{name}.h{i}", digest, flags, wire), sets))
+                verdict |= int(results[-1].verdict)
+            for result in results:
+                result.verdict = verdict
+            return results
         if algorithm == "gtopk":
             return exchange_grouped(accs, ks, name=name, profile=self.profile, digest=digest,
                                     flags=flags, wire=wire)
@@ -188,6 +211,8 @@ class TorchStep(StepBackend):
             p.grad.view(-1)[mine] = values[lo:hi].to(p.grad.dtype)
 
     def commit(self, buffer, acc, result, carried, finite):
+        if self.hierarchy is not None:  # acc of this rank's shard, from the exchange
+            acc = result.acc
         self.state.commit(buffer.name, update_residual(acc, result, carried))
 
     def write_dense(self, members, flat):
@@ -218,7 +243,11 @@ class JoinedStep(AppliesNothing, TorchStep):
         self.owner = owner
 
     def compensate(self, buffer, scale, predivide):
-        return torch.zeros(buffer.numel, dtype=torch.float32, device=buffer.members[0].device)
+        device = buffer.members[0].device
+        if self.hierarchy is not None:  # nothing of this rank's shard residual either
+            lo, hi = self.hierarchy[0].shard(buffer.numel, hvd.rank())
+            self._shard_terms.append(torch.zeros(hi - lo, dtype=torch.float32, device=device))
+        return torch.zeros(buffer.numel, dtype=torch.float32, device=device)
 
     def flat_grads(self, members):
         return torch.zeros(sum(p.numel() for p in members), dtype=torch.float32)

@@ -21,7 +21,8 @@ from gtopk_hvd.common.collective import MISMATCH, NONFINITE
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.plan import plan_digest
-from gtopk_hvd.common.process_sets import is_elastic, prepare_exchange_sets
+from gtopk_hvd.common.process_sets import (hierarchical_sets, is_elastic,
+                                           prepare_exchange_sets)
 from gtopk_hvd.common.step import (Buffer, StepConfig, apply_sparse, finish_exchanged,
                                    run_step, step_plan)
 from gtopk_hvd.common.validation import check_buffer_numel
@@ -86,7 +87,7 @@ class Synchronizer:
     the count of backward passes per parameter, and whether this step was synchronised."""
 
     def __init__(self, optimizer, names, op, op_name, sparse_as_dense, state, grad_scaler,
-                 predivide, compression, wire, bucket_cap_mb):
+                 predivide, compression, wire, bucket_cap_mb, hierarchical=False):
         self._optimizer = weakref.ref(optimizer)
         self.names, self.op, self.sparse_as_dense = names, op, sparse_as_dense
         self.state, self.grad_scaler, self.compression = state, grad_scaler, compression
@@ -105,6 +106,10 @@ class Synchronizer:
         self.publish_step()
         if self.config.sparse_algorithm == "gtopk":
             prepare_exchange_sets(hvd)  # collective registration; every check ran first
+        self.hierarchy = None  # (layout, process sets) of hierarchical gTop-k
+        if hierarchical:
+            layout, sets = hierarchical_sets(hvd)
+            self.hierarchy = None if layout.mode == "flat" else (layout, sets)
 
     @property
     def optimizer(self):
@@ -225,7 +230,8 @@ class Synchronizer:
         return self.state.algorithm == "auto" and self.state.is_verified() and not is_elastic()
 
     def backend(self, params):
-        args = (self.state, self.config, params, self.compression, self.op, self.finish)
+        args = (self.state, self.config, params, self.compression, self.op, self.finish,
+                self.hierarchy)
         return JoinedStep(self, *args) if self.joined else TorchStep(*args)
 
     # the step ------------------------------------------------------------------------------

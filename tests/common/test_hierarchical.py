@@ -132,7 +132,7 @@ def _run_hierarchical(nodes, local, grads, residuals, density, flags_of=lambda p
     """Every rank's exchange in a thread of tests/common/test_collective.py's in-memory
     world; an alltoall is an allgather of the whole buffers there, each rank keeping the
     slice it is sent."""
-    from gtopk_hvd.common.hierarchy import hierarchical_exchange_steps
+    from gtopk_hvd.common.hierarchy import drive_requests, hierarchical_exchange_steps
     from tests.common.test_collective import _run_ranks
 
     layout = hierarchical_layout(nodes * local, local, nodes, True)
@@ -142,18 +142,12 @@ def _run_hierarchical(nodes, local, grads, residuals, density, flags_of=lambda p
         steps = hierarchical_exchange_steps(
             ops, grads[rank], residuals[rank], k_for(hi - lo, density), layout, rank,
             digest=digest_of(rank), flags=flags_of(rank))
-        answer = None
-        try:
-            while True:
-                kind, payload, group, name = steps.send(answer)
-                if kind == "alltoall":
-                    whole = ops.allgather(np.concatenate(payload), group, name)
-                    d = len(whole) // len(group)
-                    answer = [whole[i * d + lo:i * d + hi] for i in range(len(group))]
-                else:
-                    answer = ops.allgather(payload, group, name)
-        except StopIteration as done:
-            return done.value
+
+        def alltoall(parts, group, name):
+            whole = ops.allgather(np.concatenate(parts), group, name)
+            d = len(whole) // len(group)
+            return [whole[i * d + lo:i * d + hi] for i in range(len(group))]
+        return drive_requests(steps, alltoall, ops.allgather)
 
     return _run_ranks(nodes * local, body)
 

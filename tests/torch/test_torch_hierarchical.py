@@ -21,6 +21,8 @@ SCENARIOS = [
     "hierarchical_nan_on_one_rank_gives_nan_everywhere_residuals_kept",
     "hierarchical_density_1_is_the_dense_sum",
     "hierarchical_bad_residual_is_refused_before_communicating",
+    *[f"hierarchical_optimizer_{g}_equals_the_reference_every_step" for g in ("model", "layer")],
+    "hierarchical_optimizer_refuses_what_it_cannot_run",
 ]
 
 

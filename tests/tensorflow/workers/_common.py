@@ -18,8 +18,9 @@ if str(ROOT) not in sys.path:
 from tests.harness import Recorder  # noqa: E402
 
 
-def start():
-    """Single-threaded TensorFlow, gtopk_hvd.tensorflow.init(); returns (tf, hvd, recorder)."""
+def start(**init):
+    """Single-threaded TensorFlow, gtopk_hvd.tensorflow.init(**init); returns (tf, hvd,
+    recorder)."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     import tensorflow as tf
 
@@ -28,7 +29,7 @@ def start():
     tf.get_logger().setLevel("ERROR")
     import gtopk_hvd.tensorflow as hvd
 
-    hvd.init()
+    hvd.init(**init)
     return tf, hvd, Recorder(hvd.rank())
 
 

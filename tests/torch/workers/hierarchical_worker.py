@@ -6,6 +6,8 @@ algorithm (gtopk_hvd.common.reference.hierarchical_step), bit for bit, every ste
 import numpy as np
 import torch
 from _common import Recorder, assert_equal
+from optimizer_worker import loss_for, make_model, simulate, train
+from reference_sgd import ReferenceRun, flat32
 
 import gtopk_hvd.torch as hvd
 from gtopk_hvd.common.hierarchy import shard_bounds
@@ -20,6 +22,67 @@ def grads_for(step, rank, integer=False):
     if integer:
         return rng.integers(-5, 6, D).astype(np.float32)
     return rng.standard_normal(D).astype(np.float32)
+
+
+class HierarchicalReference(ReferenceRun):
+    """ReferenceRun whose synchronisation is the hierarchical step (one buffer a layer, or
+    one for the model) with a residual per rank's shard."""
+
+    def __init__(self, model, make_optimizer, size, density, granularity, local):
+        super().__init__(model, make_optimizer, size, density, granularity)
+        self.local = local
+        self.eps = [[np.zeros(hi - lo, np.float32) for lo, hi in
+                     (shard_bounds(sum(self.params[i].numel() for i in buf), local)[r % local]
+                      for r in range(size))] for buf in self.buffers]
+
+    def combine(self, grads):
+        density = self.schedule(self.steps)
+        for b, buf in enumerate(self.buffers):
+            numels = [self.params[i].numel() for i in buf]
+            flats = [np.concatenate([flat32(grads[r][i], n) for i, n in zip(buf, numels)])
+                     for r in range(self.size)]
+            res = hierarchical_step(flats, self.eps[b], self.local, density)
+            self.eps[b] = res.residuals
+            update, offset = res.dense(sum(numels), average_over=self.size), 0
+            for i, n in zip(buf, numels):
+                p = self.params[i]
+                p.grad = torch.from_numpy(update[offset:offset + n].copy()).view_as(p)
+                offset += n
+        self.steps += 1
+
+
+def momentum_sgd(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def optimizer_scenarios(rec, rank, size, local):
+    for granularity in ("model", "layer"):
+        with rec(f"hierarchical_optimizer_{granularity}_equals_the_reference_every_step"):
+            model = make_model(31)
+            opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(),
+                                           density=0.1, granularity=granularity,
+                                           hierarchical=True)
+            ref = HierarchicalReference(model, momentum_sgd, size, 0.1, granularity, local)
+            loss, ref_loss = loss_for(31), loss_for(31)
+            for step in range(3):
+                got = train(hvd, model, opt, loss, steps=1)[0]
+                want = simulate(ref, ref_loss, steps=1)[0]
+                assert_equal(got, want.numpy(), f"params after step {step + 1}")
+                total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum)  # unnamed
+                assert total.item() == size * (size - 1) / 2, total
+    with rec("hierarchical_optimizer_refuses_what_it_cannot_run"):
+        model = make_model(32)
+        for kwargs in ({"granularity": "bucket"}, {"algorithm": "topk"},
+                       {"hierarchical": "yes"}):
+            try:
+                hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                         named_parameters=model.named_parameters(),
+                                         **{"hierarchical": True, **kwargs})
+            except ValueError as exc:
+                assert "hierarchical" in str(exc), exc
+            else:
+                raise AssertionError(f"{kwargs} was accepted")
 
 
 def main():
@@ -70,6 +133,7 @@ def main():
             assert "residual" in str(exc), exc
         else:
             raise AssertionError("a residual of the wrong size was accepted")
+    optimizer_scenarios(rec, rank, size, local)
     rec.save()
     hvd.shutdown()
 

@@ -1,0 +1,40 @@
+"""Hierarchical gTop-k with TensorFlow: Horovod performs the requests of the core's step
+(gtopk_hvd.common.hierarchy.hierarchical_exchange_steps) in the node and rail process sets,
+eagerly.  The PyTorch counterpart is gtopk_hvd.torch.hierarchical.
+
+Used by ``gtopk_allreduce(..., hierarchical=True)``; the sets come from
+``gtopk_hvd.tensorflow.init(hierarchical=True)``
+(gtopk_hvd.common.process_sets.hierarchical_sets).
+"""
+import horovod.tensorflow as hvd
+import tensorflow as tf
+
+from gtopk_hvd.common.hierarchy import drive_requests, hierarchical_exchange_steps
+from gtopk_hvd.common.plan import plan_digest
+from gtopk_hvd.tensorflow.collective import check_verdict
+from gtopk_hvd.tensorflow.ops import TFOps, op_name_safe
+
+__all__ = ["hierarchical_exchange", "drive"]
+
+
+def drive(steps, sets):
+    """Perform the requests of a hierarchical step with Horovod, eagerly (each group's
+    process set from ``sets``); its result."""
+    def alltoall(parts, group, name):
+        splits = tf.constant([int(p.shape[0]) for p in parts], tf.int32)
+        received, counts = hvd.alltoall(tf.concat(parts, 0), splits=splits,
+                                        name=op_name_safe(name), process_set=sets[group])
+        return tf.split(received, counts.numpy().tolist())
+
+    def allgather(message, group, name):
+        return hvd.allgather(message, name=op_name_safe(name), process_set=sets[group])
+    return drive_requests(steps, alltoall, allgather)
+
+
+def hierarchical_exchange(flat, residual, k, layout, sets, name, plan, wire="float32"):
+    """One hierarchical step of this rank's flat float32 buffer ``flat`` with its shard's
+    ``residual``, eagerly; (HierarchicalExchange, finite).  Ranks whose ``plan`` differs
+    raise PlanMismatchError on every rank."""
+    res = drive(hierarchical_exchange_steps(TFOps(hvd), flat, residual, k, layout, hvd.rank(),
+                                             name, plan_digest(plan), 0, wire), sets)
+    return res, check_verdict(int(res.verdict), plan, name=op_name_safe(f"{name}.plan"))

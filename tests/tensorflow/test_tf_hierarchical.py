@@ -1,0 +1,21 @@
+"""Hierarchical gTop-k with TensorFlow on two emulated nodes of two ranks
+(``horovodrun -H localhost:2,127.0.0.1:2``), every rank against the NumPy reference
+(workers/hierarchical_worker.py).  The fallbacks (one host, one rank a host) are the core's
+decision and run in the PyTorch tests (tests/torch/test_torch_hierarchical.py)."""
+import pytest
+
+from tests.harness import check_scenario, horovodrun
+
+WORKER = "tests/tensorflow/workers/hierarchical_worker.py"
+
+
+@pytest.fixture(scope="module")
+def job():
+    return horovodrun(4, WORKER, hosts="localhost:2,127.0.0.1:2")
+
+
+@pytest.mark.parametrize("scenario", [
+    "hierarchical_allreduce_equals_the_reference_every_step",
+    "hierarchical_nan_on_one_rank_gives_nan_everywhere_residuals_kept"])
+def test_hierarchical(job, scenario):
+    check_scenario(job, scenario)
