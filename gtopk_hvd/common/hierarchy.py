@@ -8,7 +8,8 @@ rail.  :func:`hierarchical_layout` decides from Horovod's sizes whether a job ru
 hierarchically, and says why not when it falls back (unequal nodes, one rank a node, one node):
 the decision depends only on values every rank has, so every rank takes the same one.
 """
-from gtopk_hvd.common.collective import MISMATCH, ExchangeResult, gtopk_exchange_steps
+from gtopk_hvd.common.collective import (MISMATCH, ExchangeResult, gtopk_exchange_steps,
+                                         gtopk_wire_bytes, ring_bytes)
 from gtopk_hvd.common.schedule import exchange_groups
 
 __all__ = ["HierarchicalLayout", "hierarchical_layout", "shard_bounds",
@@ -97,8 +98,9 @@ class HierarchicalExchange:
     same on every rank.  acc: this rank's compensated shard (node sum + residual), whose
     entries ``local_indices[alive]`` (shard positions) reached S: the caller clears them to
     get the new residual.  verdict: the flags every rank shares.  shard: (lo, hi).
-    local_values / wire: as in ExchangeResult (the rail's stages).  bytes_sent: what this
-    rank put on the wire (set by the adapter, which knows its Horovod operations).
+    local_values / wire: as in ExchangeResult (the rail's stages).  bytes_node /
+    bytes_cross: what this rank put on the wire inside its node (the alltoall's shards, its
+    ring allgather of the sets) and across nodes (the rail's stages); bytes_sent, their sum.
     """
 
     def __init__(self, values, indices, acc, local_indices, alive, verdict, shard,
@@ -106,12 +108,17 @@ class HierarchicalExchange:
         self.values, self.indices, self.acc = values, indices, acc
         self.local_indices, self.alive, self.verdict, self.shard = local_indices, alive, \
             verdict, shard
-        self.local_values, self.wire, self.bytes_sent = local_values, wire, 0
+        self.local_values, self.wire = local_values, wire
+        self.bytes_node = self.bytes_cross = 0
 
-    def as_exchange_result(self, bytes_sent=0):
+    @property
+    def bytes_sent(self):
+        return self.bytes_node + self.bytes_cross
+
+    def as_exchange_result(self):
         """The :class:`~gtopk_hvd.common.collective.ExchangeResult` view (for GTopkResult)."""
         return ExchangeResult(self.values, self.indices, self.local_indices, self.alive,
-                              self.verdict, bytes_sent, {}, self.local_values, self.wire)
+                              self.verdict, self.bytes_sent, {}, self.local_values, self.wire)
 
 
 def hierarchical_exchange_steps(ops, grad, residual, k, layout, rank, name="gtopk", digest=0,
@@ -164,8 +171,12 @@ def hierarchical_exchange_steps(ops, grad, residual, k, layout, rank, name="gtop
         if member != rank:
             meta = ops.merge_meta(meta, their_meta)
     values, indices = ops.concat_sets([(v, i) for v, i, _ in blocks])
-    return HierarchicalExchange(values, indices, acc, result.local_indices, result.alive,
-                                ops.flags_of(meta), (lo, hi), result.local_values, wire)
+    out = HierarchicalExchange(values, indices, acc, result.local_indices, result.alive,
+                               ops.flags_of(meta), (lo, hi), result.local_values, wire)
+    out.bytes_cross = gtopk_wire_bytes(k, n, len(rail), wire)
+    out.bytes_node = 4 * sum(b - a for j, (a, b) in enumerate(bounds) if j != l) + ring_bytes(
+        node, rank, {m: int(v.shape[0]) for m, (v, _, _) in zip(node, blocks)})
+    return out
 
 
 def hierarchical_plan(layout, numel, density, op):

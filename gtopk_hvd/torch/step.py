@@ -98,7 +98,7 @@ class TorchStep(StepBackend):
         self.average_over = self.size if config.op == "Average" else 1
         # hierarchical gTop-k: (layout, process sets); acc is then the buffer's gradients and
         # the residual of this rank's shard is added after the node's reduce-scatter
-        self.hierarchy, self._shard_terms = hierarchy, []
+        self.hierarchy, self._shard_terms, self._split = hierarchy, [], {}
 
     # 1. compensate ---------------------------------------------------------------------
 
@@ -150,6 +150,8 @@ class TorchStep(StepBackend):
                 verdict |= int(results[-1].verdict)
             for result in results:
                 result.verdict = verdict
+            self._split = {"bytes_sent_node": sum(r.bytes_node for r in results),
+                           "bytes_sent_cross": sum(r.bytes_cross for r in results)}
             return results
         if algorithm == "gtopk":
             return exchange_grouped(accs, ks, name=name, profile=self.profile, digest=digest,
@@ -229,7 +231,8 @@ class TorchStep(StepBackend):
     # 5. statistics -----------------------------------------------------------------------
 
     def finish(self, finite, stats):
-        self._finish(finite, stats)
+        # hierarchical: what stayed inside the node and what crossed the network
+        self._finish(finite, dict(stats, **self._split) if self._split else stats)
 
 
 class JoinedStep(AppliesNothing, TorchStep):

@@ -179,3 +179,24 @@ def test_a_nan_on_one_rank_and_a_digest_on_another_reach_every_rank(nodes, local
     got = _run_hierarchical(nodes, local, grads, residuals, 0.2,
                             digest_of=lambda p: 6 if p == last else 5)
     assert [r.verdict & MISMATCH for r in got] == [MISMATCH] * (nodes * local)
+
+
+@pytest.mark.parametrize("nodes,local", [(2, 2), (2, 4), (4, 2), (8, 8)])
+def test_the_network_carries_a_factor_l_fewer_bytes_than_flat_gtopk(nodes, local):
+    """Bytes each node puts on the network in one step of a 25M-entry buffer at density
+    0.001: flat gTop-k on node-contiguous ranks (the stages whose pairs span two nodes) against
+    the hierarchical rails (k / L entries a rank)."""
+    from gtopk_hvd.common.collective import message_bytes
+    from gtopk_hvd.common.schedule import stages_for
+    d, density, size = 25_000_000, 0.001, nodes * local
+    k = k_for(d, density)
+    flat = sum(message_bytes(k) for rank in range(local)  # node 0's ranks
+               for st in stages_for(rank, size)
+               if len({m // local for m in st.group}) > 1)
+    layout = hierarchical_layout(size, local, nodes, True)
+    hier = 0
+    for rank in range(local):
+        lo, hi = layout.shard(d, rank)
+        hier += sum(message_bytes(k_for(hi - lo, density))
+                    for st in stages_for(0, nodes))  # node 0 on every rail
+    assert flat / hier == pytest.approx(local, rel=0.01), (flat, hier)

@@ -10,6 +10,8 @@ from optimizer_worker import loss_for, make_model, simulate, train
 from reference_sgd import ReferenceRun, flat32
 
 import gtopk_hvd.torch as hvd
+from gtopk_hvd.common.collective import gtopk_wire_bytes
+from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.hierarchy import shard_bounds
 from gtopk_hvd.common.process_sets import job_layout
 from gtopk_hvd.common.reference import hierarchical_step
@@ -51,6 +53,11 @@ class HierarchicalReference(ReferenceRun):
         self.steps += 1
 
 
+def _buffers(model, granularity):
+    params = list(model.parameters())
+    return [params] if granularity == "model" else [[p] for p in params]
+
+
 def momentum_sgd(params):
     return torch.optim.SGD(params, lr=0.1, momentum=0.9)
 
@@ -71,6 +78,14 @@ def optimizer_scenarios(rec, rank, size, local):
                 assert_equal(got, want.numpy(), f"params after step {step + 1}")
                 total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum)  # unnamed
                 assert total.item() == size * (size - 1) / 2, total
+            if local > 1:  # what crossed the network: the rail's stages, k of a shard each
+                stats, n, nodes = opt.gtopk_stats(), rank // local, size // local
+                cross = sum(gtopk_wire_bytes(k_for(hi - lo, 0.1), n, nodes)
+                            for lo, hi in (shard_bounds(sum(p.numel() for p in buf), local)
+                                           [rank % local] for buf in _buffers(model,
+                                                                              granularity)))
+                assert stats["bytes_sent_cross"] == cross, (stats, cross)
+                assert stats["bytes_sent"] == cross + stats["bytes_sent_node"], stats
     with rec("hierarchical_optimizer_refuses_what_it_cannot_run"):
         model = make_model(32)
         for kwargs in ({"granularity": "bucket"}, {"algorithm": "topk"},
