@@ -10,11 +10,12 @@ the decision depends only on values every rank has, so every rank takes the same
 """
 from gtopk_hvd.common.collective import (MISMATCH, ExchangeResult, gtopk_exchange_steps,
                                          gtopk_wire_bytes, ring_bytes)
+from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.schedule import exchange_groups
 
 __all__ = ["HierarchicalLayout", "hierarchical_layout", "shard_bounds",
-           "hierarchical_exchange_steps", "HierarchicalExchange", "hierarchical_plan",
-           "check_shard_residual", "drive_requests"]
+           "hierarchical_exchange_steps", "HierarchicalExchange", "prepare_call",
+           "drive_requests"]
 
 
 def shard_bounds(numel, parts):
@@ -179,22 +180,23 @@ def hierarchical_exchange_steps(ops, grad, residual, k, layout, rank, name="gtop
     return out
 
 
-def hierarchical_plan(layout, numel, density, op):
-    """What every rank must agree on in a hierarchical step (its digest travels in the
-    headers; gtopk_hvd.common.plan)."""
-    return {"algorithm": "hierarchical", "numel": numel, "density": density, "op": op,
-            "nodes": layout.nodes, "local_size": layout.local_size}
-
-
-def check_shard_residual(numel_given, shard, numel):
-    """Refuse a residual (``numel_given`` entries, None for none) that does not cover this
-    rank's ``shard`` of a buffer of ``numel`` entries, before any communication."""
-    lo, hi = shard
-    if numel_given is not None and numel_given != hi - lo:
+def prepare_call(layout, numel, rank, density, op, algorithm, residual_numel):
+    """What one hierarchical ``gtopk_allreduce`` needs, checked before any communication:
+    (this rank's shard (lo, hi), its k, the plan every rank must agree on, whose digest
+    travels in the headers).  ``residual_numel``: the entries of the residual passed, None for
+    none; it must cover the shard."""
+    if algorithm != "gtopk":
+        raise ValueError(f"hierarchical=True runs gTop-k across nodes; algorithm must be "
+                         f"'gtopk', got {algorithm!r}")
+    lo, hi = layout.shard(numel, rank)
+    if residual_numel is not None and residual_numel != hi - lo:
         raise ValueError(
             f"with hierarchical=True the residual covers this rank's shard: a float32 tensor "
             f"of {hi - lo} elements (entries {lo}..{hi} of {numel}), or None for zeros; got "
-            f"{numel_given} elements")
+            f"{residual_numel} elements")
+    plan = {"algorithm": "hierarchical", "numel": numel, "density": density, "op": op,
+            "nodes": layout.nodes, "local_size": layout.local_size}
+    return (lo, hi), k_for(hi - lo, density), plan
 
 
 def drive_requests(steps, alltoall, allgather):

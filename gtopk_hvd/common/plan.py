@@ -23,7 +23,6 @@ __all__ = ["PlanMismatchError", "make_plan", "plan_digest", "first_difference",
 logger = logging.getLogger(__name__)
 
 
-
 class PlanMismatchError(GTopkError):
     """Ranks disagree on what they exchange (density, parameters, granularity, ...)."""
 

@@ -17,8 +17,7 @@ import horovod.tensorflow as hvd
 import tensorflow as tf
 
 from gtopk_hvd.common.collective import GTopkResult
-from gtopk_hvd.common.density import k_for
-from gtopk_hvd.common.hierarchy import check_shard_residual, hierarchical_plan
+from gtopk_hvd.common.hierarchy import prepare_call
 from gtopk_hvd.common.process_sets import hierarchical_sets
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_allreduce_arguments
@@ -109,22 +108,17 @@ def _hierarchical_allreduce(tensor, density, name, op, algorithm, residual, proc
     if not tf.executing_eagerly():
         raise ValueError("gtopk_allreduce(hierarchical=True) runs eagerly for now: call it "
                          "outside tf.function (or use the flat gTop-k inside one)")
-    if algorithm != "gtopk":
-        raise ValueError(f"hierarchical=True runs gTop-k across nodes; algorithm must be "
-                         f"'gtopk', got {algorithm!r}")
     _check_tensor(tensor, None)
     density, numel, _ = check_allreduce_arguments(density, op_name(op), algorithm,
                                                   process_set, tensor.shape.num_elements(),
                                                   name)
-    lo, hi = layout.shard(numel, hvd.rank())
     if residual is not None and residual.dtype != tf.float32:
         raise ValueError(f"residual must be a float32 tensor, got {residual.dtype.name}")
-    check_shard_residual(None if residual is None else residual.shape.num_elements(),
-                         (lo, hi), numel)
-    k = k_for(hi - lo, density)
+    (lo, hi), k, plan = prepare_call(
+        layout, numel, hvd.rank(), density, op_name(op), algorithm,
+        None if residual is None else residual.shape.num_elements())
     flat = tf.reshape(tf.cast(tensor, tf.float32), [-1])
     eps = tf.zeros([hi - lo], tf.float32) if residual is None else tf.convert_to_tensor(residual)
-    plan = hierarchical_plan(layout, numel, density, op_name(op))
     res, finite = hierarchical_exchange(flat, eps, k, layout, sets, f"{name or 'gtopk'}.h", plan)
     if finite:
         dense = tf.scatter_nd(tf.expand_dims(res.indices, 1), res.values, [numel])

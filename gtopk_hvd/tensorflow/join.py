@@ -15,6 +15,8 @@ import weakref
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
+from gtopk_hvd.common.join import last_to_join, rounds_until_all_joined
+
 __all__ = ["join", "remember"]
 
 _CALLS = {}  # id(state) -> _Call, in the order the states were first used
@@ -60,8 +62,8 @@ def join(gtopk_states=None):
     process ran (the tape's or the Keras optimizer's, eagerly or in a ``tf.function`` as it
     ran; a program that steps several, say a GAN, passes their states in the order it steps
     them: ``gtopk_states=[tape_d.gtopk_state, tape_g.gtopk_state]``), so the others' steps
-    give what they would give if it had contributed zeros; its residuals are kept for later.  When every
-    rank has joined, the ranks that joined early take the variables (and the Keras
+    give what they would give if it had contributed zeros; its residuals are kept for later.
+    When every rank has joined, the ranks that joined early take the variables (and the Keras
     optimizer's variables) of the rank that joined last.  With a tape, broadcast your
     optimizer's variables yourself: ``hvd.broadcast_variables(opt.variables(),
     root_rank=last)``.  Between one rank's ``join()`` and the last one, the ranks still
@@ -81,14 +83,10 @@ def join(gtopk_states=None):
         calls = list(alive.values())[-1:]
     if not calls:
         return hvd.join()
-    rounds = 0
-    while True:  # every rank leaves after the same step: the first that finds all joined
-        rounds += 1
-        if any(call.joined_step() for call in calls):
-            break
-    counts = hvd.allgather(tf.constant([rounds], tf.int64), name="gtopk.join.rounds").numpy()
-    last = int(counts.argmin())  # the fewest rounds: it trained the longest
-    if counts.max() != counts.min():  # some ranks skipped steps: they catch up
+    rounds = rounds_until_all_joined([call.joined_step for call in calls])
+    last, catch_up = last_to_join(hvd.allgather(tf.constant([rounds], tf.int64),
+                                                name="gtopk.join.rounds").numpy())
+    if catch_up:  # some ranks skipped steps: they take the last rank's variables
         for call in calls:
             variables = [v() for v in call.variables]
             optimizer = None if call.optimizer is None else call.optimizer()

@@ -2,8 +2,9 @@
 
 ``import gtopk_hvd.torch as hvd`` reads like ``import horovod.torch as hvd``: Horovod's names
 are re-exported, and ``init``, ``shutdown``, ``DistributedOptimizer``,
-``broadcast_optimizer_state`` and ``join`` are replaced by their gTop-k versions.  ``gtopk_allreduce`` is
-the functional form of one step, :class:`GTopkState` what the optimizer keeps between steps.
+``broadcast_optimizer_state`` and ``join`` are replaced by their gTop-k versions.
+``gtopk_allreduce`` is the functional form of one step, :class:`GTopkState` what the
+optimizer keeps between steps.
 
 Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
 Sparsification for Low Bandwidth Networks", ICDCS 2019.

@@ -21,8 +21,7 @@ import horovod.torch as hvd
 import torch
 
 from gtopk_hvd.common.collective import GTopkResult
-from gtopk_hvd.common.density import k_for
-from gtopk_hvd.common.hierarchy import check_shard_residual, hierarchical_plan
+from gtopk_hvd.common.hierarchy import prepare_call
 from gtopk_hvd.common.process_sets import hierarchical_sets
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_allreduce_arguments
@@ -101,30 +100,25 @@ def _hierarchical_allreduce(tensor, density, name, op, algorithm, residual, proc
     if layout.mode == "flat":
         return _gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set,
                                 False, in_place=False)
-    if algorithm != "gtopk":
-        raise ValueError(f"hierarchical=True runs gTop-k across nodes; algorithm must be "
-                         f"'gtopk', got {algorithm!r}")
     _check_tensor(tensor, None)
     density, numel, _ = check_allreduce_arguments(density, op_name(op), algorithm,
                                                   process_set, tensor.numel(), name)
-    lo, hi = layout.shard(numel, hvd.rank())
     if residual is not None and (not isinstance(residual, torch.Tensor)
                                  or residual.dtype != torch.float32):
         raise ValueError(f"residual must be a float32 tensor, got {type(residual).__name__} "
                          f"{getattr(residual, 'dtype', '')}")
-    check_shard_residual(None if residual is None else residual.numel(), (lo, hi), numel)
-    k = k_for(hi - lo, density)
+    (lo, hi), k, plan = prepare_call(layout, numel, hvd.rank(), density, op_name(op),
+                                     algorithm, None if residual is None else residual.numel())
     flat = tensor.detach().reshape(-1).to(torch.float32)
     eps = torch.zeros(hi - lo, dtype=torch.float32) if residual is None else residual
-    plan = hierarchical_plan(layout, numel, density, op_name(op))
-    name = name or "gtopk"
-    res, finite = hierarchical_exchange(flat, eps, k, layout, sets, f"{name}.h", plan)
+    res, finite = hierarchical_exchange(flat, eps, k, layout, sets, f"{name or 'gtopk'}.h",
+                                        plan)
     if finite:
         dense = torch.zeros(numel, dtype=torch.float32)
         dense[res.indices.long()] = res.values
         if op_name(op) == "Average":
             dense = dense / hvd.size()
-        new = res.acc.clone()
+        new = res.acc  # this step's own tensor: cleared in place
         new[res.local_indices[res.alive].long()] = 0
         if residual is not None:
             residual.copy_(new)

@@ -9,6 +9,7 @@ import logging
 import horovod.torch as hvd
 import torch
 
+from gtopk_hvd.common.join import last_to_join, rounds_until_all_joined
 from gtopk_hvd.common.process_sets import init_with_exchange_sets
 from gtopk_hvd.common.threads import share_threads
 from gtopk_hvd.torch.synchronizer import live_synchronizers
@@ -83,14 +84,10 @@ def join(device=-1):
     syncs = live_synchronizers()
     if not syncs:
         return hvd.join(device)
-    rounds = 0
-    while True:  # every rank leaves after the same step: the first that finds all joined
-        rounds += 1
-        if any(sync.synchronize_joined() for sync in syncs):
-            break
-    counts = hvd.allgather(torch.tensor([rounds], dtype=torch.int64), name="gtopk.join.rounds")
-    last = int(torch.argmin(counts))  # the fewest rounds: it trained the longest
-    if int(counts.max()) != int(counts.min()):  # some ranks skipped steps: they catch up
+    rounds = rounds_until_all_joined([sync.synchronize_joined for sync in syncs])
+    last, catch_up = last_to_join(hvd.allgather(torch.tensor([rounds]),
+                                                name="gtopk.join.rounds").tolist())
+    if catch_up:  # some ranks skipped steps: they take the last rank's parameters and state
         for sync in syncs:
             sync.adopt_from(last)
     return last

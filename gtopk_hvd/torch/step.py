@@ -105,8 +105,7 @@ class TorchStep(StepBackend):
     def compensate(self, buffer, scale, predivide):
         state, ps = self.state, buffer.members
         if self.hierarchy is not None:  # the shard's residual joins after the node's sum
-            lo, hi = self.hierarchy[0].shard(buffer.numel, hvd.rank())
-            eps = state.residual(buffer.name, hi - lo, ps[0].device)
+            eps = state.residual(buffer.name, self.shard_numel(buffer), ps[0].device)
             self._shard_terms.append(eps * (scale / predivide) if scale != predivide else eps)
             acc = flat_grads(ps)
             return acc.mul_(1.0 / predivide) if predivide != 1.0 else acc
@@ -119,6 +118,11 @@ class TorchStep(StepBackend):
 
     def flat_grads(self, members):
         return flat_grads(members)
+
+    def shard_numel(self, buffer):
+        """Hierarchical gTop-k: the entries of ``buffer`` in this rank's shard."""
+        lo, hi = self.hierarchy[0].shard(buffer.numel, hvd.rank())
+        return hi - lo
 
     def concat(self, parts):
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -248,8 +252,8 @@ class JoinedStep(AppliesNothing, TorchStep):
     def compensate(self, buffer, scale, predivide):
         device = buffer.members[0].device
         if self.hierarchy is not None:  # nothing of this rank's shard residual either
-            lo, hi = self.hierarchy[0].shard(buffer.numel, hvd.rank())
-            self._shard_terms.append(torch.zeros(hi - lo, dtype=torch.float32, device=device))
+            self._shard_terms.append(torch.zeros(self.shard_numel(buffer), dtype=torch.float32,
+                                                 device=device))
         return torch.zeros(buffer.numel, dtype=torch.float32, device=device)
 
     def flat_grads(self, members):

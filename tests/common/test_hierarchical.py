@@ -200,3 +200,14 @@ def test_the_network_carries_a_factor_l_fewer_bytes_than_flat_gtopk(nodes, local
         hier += sum(message_bytes(k_for(hi - lo, density))
                     for st in stages_for(0, nodes))  # node 0 on every rail
     assert flat / hier == pytest.approx(local, rel=0.01), (flat, hier)
+
+
+def test_a_call_is_checked_before_any_communication():
+    from gtopk_hvd.common.hierarchy import prepare_call
+    layout = hierarchical_layout(4, 2, 2, True)
+    (lo, hi), k, plan = prepare_call(layout, 11, 3, 0.2, "Average", "gtopk", None)
+    assert (lo, hi, k) == (5, 11, k_for(6, 0.2)) and plan["local_size"] == 2
+    with pytest.raises(ValueError, match="algorithm must be 'gtopk'"):
+        prepare_call(layout, 11, 3, 0.2, "Average", "topk", None)
+    with pytest.raises(ValueError, match="a float32 tensor of 6 elements"):
+        prepare_call(layout, 11, 3, 0.2, "Average", "gtopk", 11)
