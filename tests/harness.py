@@ -12,11 +12,13 @@ import pickle
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_ENV = "GTOPK_TEST_OUT"
+TIMES_ENV = "GTOPK_TEST_TIMES"  # a file: rank 0 of every job appends each scenario's seconds
 
 
 # horovodrun without its build probe (tests/hvdrun.py): the same launcher, 5 s less per launch
@@ -124,9 +126,15 @@ class _Scenario:
         self.recorder, self.name, self.data = recorder, name, {}
 
     def __enter__(self):
+        self.start = time.perf_counter()
         return self.data
 
     def __exit__(self, exc_type, exc, tb):
+        times = os.environ.get(TIMES_ENV)
+        if times and self.recorder.rank == 0:  # where a job's time goes, scenario by scenario
+            with open(times, "a") as f:
+                f.write(f"{time.perf_counter() - self.start:8.2f} s  {Path(sys.argv[0]).name} "
+                        f"{os.environ.get('HOROVOD_SIZE', '?')} {self.name}\n")
         if exc_type is None:
             self.recorder.results[self.name] = {"ok": True, **self.data}
         else:
