@@ -29,11 +29,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV" || fail "venv" "install the venv module (Debian: apt-get install -y python3-venv)"
 fi
 PIP=(pip_quiet)
-# --no-compile: pip byte-compiles every file of TensorFlow and torch (about 25 s here);
-# Python compiles what is imported, once, on first use
 # pip's find-links / extra-index settings on some machines print one warning per package.
 pip_quiet() {
-  "$VENV/bin/python" -m pip --disable-pip-version-check "$@" --no-compile \
+  "$VENV/bin/python" -m pip --disable-pip-version-check "$@" \
     2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 }
 

@@ -37,16 +37,22 @@ def resnet20():
     return layers + _linear(64, 10)
 
 
-def vgg16_cifar():
-    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-    layers, cin, hw = [], 3, 32
-    for c in cfg:
+VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+
+
+def _vgg_features(hw, bn):
+    layers, cin = [], 3
+    for c in VGG16:
         if c == "M":
             hw //= 2
             continue
-        layers += _conv(cin, c, 3, hw, bias=True, bn=True)
+        layers += _conv(cin, c, 3, hw, bias=True, bn=bn)
         cin = c
-    return layers + _linear(512, 10)
+    return layers
+
+
+def vgg16_cifar():
+    return _vgg_features(32, bn=True) + _linear(512, 10)
 
 
 def mlp25m():
@@ -69,15 +75,8 @@ def resnet50():
 
 
 def vgg16():
-    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-    layers, cin, hw = [], 3, 224
-    for c in cfg:
-        if c == "M":
-            hw //= 2
-            continue
-        layers += _conv(cin, c, 3, hw, bias=True)
-        cin = c
-    return layers + _linear(512 * 7 * 7, 4096) + _linear(4096, 4096) + _linear(4096, 1000)
+    return (_vgg_features(224, bn=False) + _linear(512 * 7 * 7, 4096) + _linear(4096, 4096)
+            + _linear(4096, 1000))
 
 
 def bert_base(seq=128, hidden=768, layers_n=12, vocab=30522, ffn=3072):
