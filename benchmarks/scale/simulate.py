@@ -29,6 +29,7 @@ in SimGrid and then waits the second step's duration for each remaining step.
 
 SimGrid allows one engine per process: :func:`run_programs` simulates in a forked child.
 """
+import importlib.util
 import multiprocessing
 import os
 from dataclasses import dataclass
@@ -40,11 +41,7 @@ EXACT_STEPS = 8
 
 def available():
     """Whether the SimGrid Python bindings import (benchmarks/scale/setup.sh installs them)."""
-    try:
-        import simgrid  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("simgrid") is not None
 
 
 @dataclass(frozen=True)
