@@ -83,14 +83,15 @@ def _dense_wfbp(layers, forward, backward, platform, work):
     return max(comm_free, forward + backward)
 
 
-def iteration_time(model, compute_s, platform, method, density, work):
+def iteration_time(model, compute_s, platform, method, density, work, exchange=exchange_time):
     """Seconds of one iteration of ``model`` whose forward and backward take ``compute_s`` on a
     rank, with ``method`` ('dense', 'topk', 'gtopk', 'hierarchical' or 'auto'); returns
-    (seconds, the method that ran)."""
+    (seconds, the method that ran).  ``exchange(platform, method, d, density, work)``: the
+    seconds of a sparse exchange (simulated by default)."""
     layers = layers_of(model)
     d = sum(e for e, _ in layers)
     if method == "auto":
         method = auto_choice(platform, d, density, work)
     if method == "dense" or platform.size == 1:
         return _dense_wfbp(layers, compute_s / 3, 2 * compute_s / 3, platform, work), "dense"
-    return compute_s + exchange_time(platform, method, d, density, work), method
+    return compute_s + exchange(platform, method, d, density, work), method

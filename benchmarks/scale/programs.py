@@ -39,9 +39,7 @@ class LocalWork:
 
 def horovod_ops(method, size, local_size=1):
     """Horovod operations one call issues on every rank."""
-    if method == "dense" or size == 1:
-        return 1
-    if method == "topk":
+    if method in ("dense", "topk") or size == 1:
         return 1
     if method == "gtopk":
         return len(stages_for(0, size))

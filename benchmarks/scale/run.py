@@ -58,18 +58,16 @@ def line(platform, method, density, work):
     return t1 - slope * LINE_D[0], slope
 
 
-def iteration(model_name, compute_s, platform, method, density, work, exact=False):
-    """model.iteration_time with the sparse exchanges from :func:`line` (or simulated)."""
-    if exact or method == "dense" or platform.size == 1:
-        return model.iteration_time(model_name, compute_s, platform, method, density, work)
-    d = total_params(model_name)
-    if method == "auto":
-        method = model.auto_choice(platform, d, density, work)
-        if method == "dense":
-            return model.iteration_time(model_name, compute_s, platform, "dense", density,
-                                        work)
+def line_exchange(platform, method, d, density, work):
+    """A sparse exchange's seconds read off :func:`line`."""
     t0, slope = line(platform, method, density, work)
-    return compute_s + t0 + slope * d, method
+    return t0 + slope * d
+
+
+def iteration(model_name, compute_s, platform, method, density, work):
+    """model.iteration_time with the sparse exchanges from :func:`line`."""
+    return model.iteration_time(model_name, compute_s, platform, method, density, work,
+                                exchange=line_exchange)
 
 
 # ---- validation
@@ -94,8 +92,9 @@ def validation():
         if r["method"] not in ("dense", "gtopk"):
             continue
         name = {"vgg16": "vgg16_cifar"}.get(r["model"], r["model"])
-        plat = Platform(2, 1, float(r["link_gbit"]), calibrate.platform_of(
-            calibrate.load_rows(P=2, network="1gbit")[0]).net_latency_s)
+        # the end-to-end rows carry no RTT: the collective runs' on the same network
+        latency = calibrate.platform_of(calibrate.load_rows(P=2, network="1gbit")[0])
+        plat = Platform(2, 1, float(r["link_gbit"]), latency.net_latency_s)
         rho = float(r["density"])
         pred, _ = model.iteration_time(name, float(r["compute_s"]), plat, r["method"], rho,
                                        works[(2, rho if rho < 1 else 0.01)])
