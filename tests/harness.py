@@ -60,6 +60,10 @@ def _horovodrun_once(np_, script, *args, timeout=600, env=None, survivors=False,
             "HOROVOD_GLOO_TIMEOUT_SECONDS": "120",
             "PYTHONUNBUFFERED": "1",
         })
+        if hosts and np_ > (os.cpu_count() or 1):
+            # emulated hosts: each counts only its own ranks against the cores, so the
+            # library would spin while the machine's cores are oversubscribed
+            full_env["GTOPK_HVD_WAIT"] = "sleep"
         full_env.update(env or {})
         cmd = [*HOROVODRUN, "-np", str(np_), "-H", hosts or f"localhost:{np_}", "--gloo",
                sys.executable, str(ROOT / script), *map(str, args)]

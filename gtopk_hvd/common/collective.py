@@ -154,7 +154,8 @@ class TensorOps:
         index.
     merge_truncate_many(lows, highs, ks): [merge_truncate(lows[b], highs[b], ks[b]) for each
         b], the same results (an adapter may do them together).
-    isin(a, b): bool mask over a, True where a's element is in b.
+    isin_many(as_, bs): [bool mask over as_[b], True where its element is in bs[b]] for each
+        buffer b; every bs[b] is sorted ascending (a merge's indices).
     logical_and(a, b), full_mask(k): bool helpers.
     """
 
@@ -400,13 +401,12 @@ def _merge_stage(ops, st, sets, alive, local, ks, v, size):
         if len(members) > 1:  # fold: the virtual rank's sets merged with its mirror's
             merged = ops.merge_truncate_many(merged, sets[members[1]], ks)
             if x == v:
-                alive = [ops.logical_and(a, ops.isin(mine, m[1]))
-                         for a, mine, m in zip(alive, local, merged)]
+                alive = [ops.logical_and(a, found) for a, found in
+                         zip(alive, ops.isin_many(local, [m[1] for m in merged]))]
         merged_sets[x] = merged
     merged = ops.merge_truncate_many(merged_sets[st.low], merged_sets[st.high], ks)
     values, indices = [m[0] for m in merged], [m[1] for m in merged]
-    alive = [ops.logical_and(a, ops.isin(mine, idx)) for a, mine, idx in zip(alive, local,
-                                                                            indices)]
+    alive = [ops.logical_and(a, found) for a, found in zip(alive, ops.isin_many(local, indices))]
     return values, indices, alive
 
 

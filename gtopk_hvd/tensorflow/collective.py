@@ -27,7 +27,7 @@ from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.plan import mismatch_error, plan_digest
 from gtopk_hvd.common.process_sets import exchange_sets, process_set_for_stage
-from gtopk_hvd.tensorflow.ops import TFOps, all_finite, select_topk
+from gtopk_hvd.tensorflow.ops import TFOps, all_finite, compress, select_topk
 
 __all__ = ["GTopkResult", "check_tf2_context", "compensate", "exchange", "exchange_grouped",
            "nonfinite_flag",
@@ -203,9 +203,9 @@ def update_residual(acc, result, scale=1.0):
 
     Entries that were sent but dropped at some stage stay: that is the paper's gMask.
     """
-    cleared = tf.boolean_mask(result.local_indices, result.alive)
+    cleared = compress(result.local_indices, result.alive)
     if result.wire == "float16":  # an applied entry keeps what the rounding took off
-        sent = tf.boolean_mask(result.local_values, result.alive)
+        sent = compress(result.local_values, result.alive)
         rest = tf.tensor_scatter_nd_sub(acc, tf.expand_dims(cleared, 1), sent)
     else:
         rest = tf.tensor_scatter_nd_update(acc, tf.expand_dims(cleared, 1),

@@ -24,6 +24,7 @@ from gtopk_hvd.common.validation import check_allreduce_arguments
 from gtopk_hvd.tensorflow.collective import check_tf2_context, op_name
 from gtopk_hvd.tensorflow.hierarchical import hierarchical_exchange
 from gtopk_hvd.tensorflow.step import TensorStep
+from gtopk_hvd.tensorflow.ops import compress
 
 __all__ = ["GTopkResult", "gtopk_allreduce"]
 
@@ -124,7 +125,7 @@ def _hierarchical_allreduce(tensor, density, name, op, algorithm, residual, proc
         dense = tf.scatter_nd(tf.expand_dims(res.indices, 1), res.values, [numel])
         if op_name(op) == "Average":
             dense = dense / hvd.size()
-        applied = tf.boolean_mask(res.local_indices, res.alive)
+        applied = compress(res.local_indices, res.alive)
         new = tf.tensor_scatter_nd_update(res.acc, tf.expand_dims(applied, 1),
                                           tf.zeros(tf.shape(applied), tf.float32))
     else:  # every rank: NaN, the residual as it was

@@ -26,12 +26,14 @@ Sparsification for Low Bandwidth Networks", ICDCS 2019.
 import logging
 import re
 
+import numpy as np
 import tensorflow as tf
 
 from gtopk_hvd.common.collective import (ALL_FLAGS, DIGEST_BITS, FLAG_BITS, JOINED, MISMATCH,
                                          NONFINITE)
 
-__all__ = ["TFOps", "select_topk", "merge_truncate", "op_name_safe", "all_finite"]
+__all__ = ["TFOps", "select_topk", "select_topk_many", "merge_truncate", "merge_truncate_many",
+           "isin", "isin_many", "compress", "op_name_safe", "all_finite"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,12 @@ def _magnitude(x):
     """|x| as the ranking key: NaN ranks below every number, as in the NumPy reference."""
     a = tf.abs(x)
     return tf.where(tf.math.is_nan(a), tf.constant(-1.0, a.dtype), a)
+
+
+def compress(x, mask):
+    """The entries of 1-D ``x`` where ``mask`` holds, in order: tf.boolean_mask in the few
+    operations a 1-D mask needs (a traced step holds many of them)."""
+    return tf.gather(x, tf.reshape(tf.where(mask), [-1]))
 
 
 def _topk_positions(key, k):
@@ -148,10 +156,95 @@ def merge_truncate(low, high, k):
     summed = tf.where(from_high,
                       tf.where(tf.equal(values, 0.0), tf.zeros_like(values), values),
                       tf.where(same_as_next, values + following, values))
-    values = tf.boolean_mask(summed, first)
-    indices = tf.boolean_mask(indices, first)
+    values, indices = compress(summed, first), compress(indices, first)
     keep = _topk_positions(_magnitude(values), tf.minimum(k, tf.size(values)))
     return tf.gather(values, keep), tf.gather(indices, keep)
+
+
+_SMALL_SELECT = 4096  # select_topk_many: buffers up to this size are selected together
+
+
+def select_topk_many(accs, ks):
+    """[select_topk(acc, k) for each buffer], the same indices: the buffers of at most
+    ``_SMALL_SELECT`` entries (static sizes: a layer's biases and norms) ranked together by
+    one segmented ranking (:func:`_largest_per_segment`), the others one by one.  As
+    gtopk_hvd.torch.ops.select_topk_many; in a graph the segmented form keeps the traced
+    step's size independent of the number of small buffers."""
+    out = [None] * len(accs)
+    small = [b for b, acc in enumerate(accs)
+             if acc.shape[0] is not None and acc.shape[0] <= _SMALL_SELECT]
+    if len(small) > 1:
+        sizes = [int(accs[b].shape[0]) for b in small]
+        for b, n in zip(small, sizes):
+            k = _static_int(ks[b])
+            if k is not None and not 0 <= k <= n:
+                raise ValueError(f"k must be in [0, {n}], got {k}")
+        segment = tf.constant(np.repeat(np.arange(len(small), dtype=np.int32), sizes))
+        starts = tf.constant(np.cumsum([0] + sizes[:-1], dtype=np.int32))
+        keep = _largest_per_segment(tf.concat([accs[b] for b in small], 0), segment,
+                                    [ks[b] for b in small])
+        positions = keep - tf.gather(starts, tf.gather(segment, keep))
+        pieces = tf.split(positions, tf.stack([tf.cast(ks[b], tf.int32) for b in small]),
+                          num=len(small))
+        for b, chosen in zip(small, pieces):
+            out[b] = chosen
+    return [select_topk(acc, k) if chosen is None else chosen
+            for acc, k, chosen in zip(accs, ks, out)]
+
+
+def _largest_per_segment(values, segment, ks):
+    """The ascending positions of the ks[b] largest |values| of each segment b (NaN below
+    every number, ties by lower position, as :func:`_topk_positions`).  ``segment`` (int32):
+    the segment of each entry, non-decreasing, so a stable sort by magnitude then one by
+    segment rank every segment's entries; the first ks[b] of segment b are kept.  As
+    gtopk_hvd.torch.ops._largest_per_segment."""
+    n = len(ks)
+    order = tf.argsort(_magnitude(values), direction="DESCENDING", stable=True)
+    order = tf.gather(order, tf.argsort(tf.gather(segment, order), stable=True))
+    counts = tf.math.bincount(segment, minlength=n, maxlength=n, dtype=tf.int32)
+    starts = tf.cumsum(counts, exclusive=True)
+    by_segment = tf.gather(segment, order)
+    rank = tf.range(tf.size(values)) - tf.gather(starts, by_segment)
+    limit = tf.stack([tf.cast(k, tf.int32) for k in ks])
+    return tf.sort(compress(order, rank < tf.gather(limit, by_segment)))
+
+
+def merge_truncate_many(lows, highs, ks):
+    """:func:`merge_truncate` of every pair ``(lows[b], highs[b])`` with ``ks[b]``, the same
+    results bit for bit, in one set of operations for all of them (as
+    gtopk_hvd.torch.ops.merge_truncate_many): every entry carries its buffer b; two stable
+    sorts (by index, then by buffer) put low's entry right before high's one of the same
+    (buffer, index); the union adds them as :func:`merge_truncate` does; then
+    :func:`_largest_per_segment` keeps the first ks[b] of each buffer, in index order.  A
+    traced step of many buffers (``granularity="layer"``) holds a few dozen operations per
+    merge instead of a few dozen per buffer.  Returns a list of (values, indices)."""
+    n = len(ks)
+    if n == 1:
+        return [merge_truncate(lows[0], highs[0], ks[0])]
+    sets = list(lows) + list(highs)
+    indices = tf.concat([i for _, i in sets], 0)
+    values = tf.concat([v for v, _ in sets], 0)
+    sizes = tf.stack([tf.size(i) for _, i in sets])
+    buffer = tf.repeat(tf.tile(tf.range(n, dtype=tf.int32), [2]), sizes)
+    from_high = tf.range(tf.size(indices)) >= tf.reduce_sum(sizes[:n])
+    order = tf.argsort(indices, stable=True)
+    order = tf.gather(order, tf.argsort(tf.gather(buffer, order), stable=True))
+    indices, values, buffer, from_high = (tf.gather(t, order)
+                                          for t in (indices, values, buffer, from_high))
+    m = tf.size(indices)  # [:m]: every set may be empty
+    same_as_next = tf.logical_and(tf.equal(indices[1:], indices[:-1]),
+                                  tf.equal(buffer[1:], buffer[:-1]))
+    following = tf.concat([values[1:], tf.zeros([1], values.dtype)], 0)[:m]
+    first = tf.concat([[True], tf.logical_not(same_as_next)], 0)[:m]
+    same_as_next = tf.concat([same_as_next, [False]], 0)[:m]
+    summed = tf.where(from_high,
+                      tf.where(tf.equal(values, 0.0), tf.zeros_like(values), values),
+                      tf.where(same_as_next, values + following, values))
+    values, indices, buffer = (compress(t, first) for t in (summed, indices, buffer))
+    keep = _largest_per_segment(values, buffer, ks)
+    values, indices, buffer = (tf.gather(t, keep) for t in (values, indices, buffer))
+    kept = tf.math.bincount(buffer, minlength=n, maxlength=n, dtype=tf.int32)
+    return list(zip(tf.split(values, kept, num=n), tf.split(indices, kept, num=n)))
 
 
 def all_finite(tensors):
@@ -177,6 +270,25 @@ def isin(a, b):
     return tf.equal(tf.gather(sorted_b, position), a)
 
 
+def isin_many(as_, bs):
+    """[isin(a, b) for each buffer], each b sorted ascending (a merge's indices): one
+    search for all buffers, by int64 keys ``buffer << 32 | index``, which are then sorted
+    already."""
+    if len(as_) == 1:
+        return [isin(as_[0], bs[0])]
+
+    def keyed(sets):
+        sizes = tf.stack([tf.size(x) for x in sets])
+        buffer = tf.repeat(tf.range(len(sets), dtype=tf.int64), sizes)
+        return tf.bitwise.bitwise_or(tf.bitwise.left_shift(buffer, 32),
+                                     tf.cast(tf.concat(sets, 0), tf.int64)), sizes
+
+    keys, sizes = keyed(as_)
+    sorted_b = tf.concat([keyed(bs)[0], [len(bs) << 32]], 0)  # a sentinel above every key
+    position = tf.searchsorted(sorted_b, keys, side="left", out_type=tf.int32)
+    return tf.split(tf.equal(tf.gather(sorted_b, position), keys), sizes, num=len(as_))
+
+
 class TFOps:
     """The :class:`~gtopk_hvd.common.collective.TensorOps` of TensorFlow, for one buffer.
 
@@ -192,7 +304,7 @@ class TFOps:
         return select_topk(acc, k)
 
     def select_topk_many(self, accs, ks):
-        return [select_topk(acc, k) for acc, k in zip(accs, ks)]
+        return select_topk_many(accs, ks)
 
     def take(self, x, indices):
         return tf.gather(x, indices)
@@ -291,11 +403,10 @@ class TFOps:
         return merge_truncate(low, high, k)
 
     def merge_truncate_many(self, lows, highs, ks):
-        # one merge per buffer (a graph holds them all in one traced step)
-        return [merge_truncate(low, high, k) for low, high, k in zip(lows, highs, ks)]
+        return merge_truncate_many(lows, highs, ks)
 
-    def isin(self, a, b):
-        return isin(a, b)
+    def isin_many(self, as_, bs):
+        return isin_many(as_, bs)
 
     def logical_and(self, a, b):
         return tf.logical_and(a, b)

@@ -368,8 +368,8 @@ class TorchOps:
     def merge_truncate_many(self, lows, highs, ks):
         return merge_truncate_many(lows, highs, ks)
 
-    def isin(self, a, b):
-        return torch.isin(a, b)
+    def isin_many(self, as_, bs):
+        return [torch.isin(a, b) for a, b in zip(as_, bs)]
 
     def logical_and(self, a, b):
         return a & b

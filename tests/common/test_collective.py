@@ -126,8 +126,8 @@ class NumpyOps:
     def merge_truncate_many(self, lows, highs, ks):
         return [self.merge_truncate(low, high, k) for low, high, k in zip(lows, highs, ks)]
 
-    def isin(self, a, b):
-        return np.isin(a, b)
+    def isin_many(self, as_, bs):
+        return [np.isin(a, b) for a, b in zip(as_, bs)]
 
     def logical_and(self, a, b):
         return a & b

@@ -11,7 +11,8 @@ tf = pytest.importorskip("tensorflow")
 from gtopk_hvd.common.reference import SparseSet, merge, truncate  # noqa: E402
 from gtopk_hvd.common.reference import select_topk as ref_select_topk  # noqa: E402
 from gtopk_hvd.tensorflow.collective import exact_divide  # noqa: E402
-from gtopk_hvd.tensorflow.ops import isin, merge_truncate, select_topk  # noqa: E402
+from gtopk_hvd.tensorflow.ops import (isin, merge_truncate, merge_truncate_many,  # noqa: E402
+                                      select_topk, select_topk_many)
 from gtopk_hvd.tensorflow.state import GTopkState  # noqa: E402
 
 LARGE = 600_000  # above 4 * 2^16: the threshold-estimate path
@@ -89,6 +90,72 @@ def test_merge_truncate_equals_reference_bit_for_bit(integer):
             # bits: -0.0 only where the reference keeps it
             np.testing.assert_array_equal(values.numpy().view(np.int32),
                                           want.values.view(np.int32))
+
+
+def _tf_set(values, indices):
+    return tf.constant(values, tf.float32), tf.constant(indices, tf.int32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_merge_truncate_many_equals_one_merge_per_buffer_bit_for_bit(seed):
+    """Many buffers (empty sets, k above and below the union, ties, NaN, Inf, -0.0, indices
+    up to 2**31 - 2), eagerly and in a tf.function with tensor ks: the one segmented merge
+    keeps what merge_truncate keeps, bit for bit."""
+    rng = np.random.default_rng(seed)
+    lows, highs, ks = [], [], []
+    for _ in range(int(rng.integers(2, 25))):
+        d = int(rng.choice([1, 5, 60, 300, 2 ** 31 - 1]))
+        n_low, n_high = (int(rng.integers(0, min(d, 40) + 1)) for _ in range(2))
+        low, high = (_random_set(rng, min(d, 300), n, seed % 2 == 0) for n in (n_low, n_high))
+        if d > 300:  # far indices: every bit of the index survives
+            low.indices, high.indices = low.indices + (d - 301), high.indices + (d - 301)
+        for sset in (low, high):
+            if sset.values.size and rng.random() < 0.3:
+                sset.values[rng.integers(sset.values.size)] = rng.choice(
+                    [np.nan, np.inf, -np.inf, -0.0, 0.0])
+        lows.append(_tf_set(low.values, low.indices))
+        highs.append(_tf_set(high.values, high.indices))
+        ks.append(int(rng.integers(1, 50)))
+    graph = tf.function(lambda lows, highs, ks: merge_truncate_many(lows, highs, ks))
+    for got in (merge_truncate_many(lows, highs, ks),
+                graph(lows, highs, [tf.constant(k) for k in ks])):
+        assert len(got) == len(ks)
+        for b, (low, high, k) in enumerate(zip(lows, highs, ks)):
+            want_values, want_indices = merge_truncate(low, high, k)
+            values, indices = got[b]
+            assert indices.dtype == tf.int32 and values.dtype == tf.float32
+            np.testing.assert_array_equal(indices.numpy(), want_indices.numpy(), f"buffer {b}")
+            np.testing.assert_array_equal(values.numpy().view(np.int32),
+                                          want_values.numpy().view(np.int32), f"buffer {b}")
+
+
+def test_merge_truncate_many_of_empty_sets_gives_empty_sets():
+    empty = _tf_set(np.zeros(0), np.zeros(0))
+    got = merge_truncate_many([empty, empty], [empty, empty], [1, 2])
+    assert [(v.shape[0], i.shape[0]) for v, i in got] == [(0, 0), (0, 0)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_select_topk_many_equals_one_selection_per_buffer(seed):
+    """Small and large buffers, k = 0, 1, n and in between, ties, NaN, Inf; eagerly and in a
+    tf.function with tensor ks."""
+    rng = np.random.default_rng(100 + seed)
+    accs, ks = [], []
+    for _ in range(int(rng.integers(2, 20))):
+        n = int(rng.choice([1, 3, 64, 700, 4096, 5000]))
+        acc = (rng.integers(-2, 3, n) if seed % 2 else rng.standard_normal(n)).astype(np.float32)
+        for _ in range(int(rng.integers(0, 3))):
+            acc[rng.integers(n)] = rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0])
+        accs.append(tf.constant(acc))
+        ks.append(int(rng.choice([0, 1, n, max(0, n // 3), min(n, 7)])))
+    graph = tf.function(lambda accs, ks: select_topk_many(accs, ks))
+    for got in (select_topk_many(accs, ks), graph(accs, [tf.constant(k) for k in ks])):
+        for b, (acc, k) in enumerate(zip(accs, ks)):
+            assert got[b].dtype == tf.int32, b
+            np.testing.assert_array_equal(got[b].numpy(), ref_select_topk(acc.numpy(), k),
+                                          f"buffer {b}, k={k}")
+    with pytest.raises(ValueError, match="k must be in"):
+        select_topk_many([tf.ones([3]), tf.ones([2])], [1, 3])
 
 
 def test_isin_with_empty_and_unsorted_sets():
