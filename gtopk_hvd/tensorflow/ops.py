@@ -195,18 +195,25 @@ def select_topk_many(accs, ks):
 def _largest_per_segment(values, segment, ks):
     """The ascending positions of the ks[b] largest |values| of each segment b (NaN below
     every number, ties by lower position, as :func:`_topk_positions`).  ``segment`` (int32):
-    the segment of each entry, non-decreasing, so a stable sort by magnitude then one by
-    segment rank every segment's entries; the first ks[b] of segment b are kept.  As
-    gtopk_hvd.torch.ops._largest_per_segment."""
+    the segment of each entry, non-decreasing.  One stable sort by the int64 key
+    ``segment << 32 | (2**31 - 1 - bits(|value|))`` (the bits of a non-negative float32
+    order as the float does; NaN's stand for -1, below 0.0) ranks every segment's entries
+    by magnitude; the first ks[b] of segment b are kept, marked in place so that they come
+    out in position order without a second sort.  The torch adapter's
+    ``_largest_per_segment`` does the same with two stable sorts."""
     n = len(ks)
-    order = tf.argsort(_magnitude(values), direction="DESCENDING", stable=True)
-    order = tf.gather(order, tf.argsort(tf.gather(segment, order), stable=True))
+    magnitude = tf.abs(tf.cast(values, tf.float32))
+    bits = tf.where(tf.math.is_nan(magnitude), -1, tf.bitcast(magnitude, tf.int32))
+    key = tf.bitwise.bitwise_or(tf.bitwise.left_shift(tf.cast(segment, tf.int64), 32),
+                                _INT32_MAX - tf.cast(bits, tf.int64))
+    order = tf.argsort(key, stable=True)
     counts = tf.math.bincount(segment, minlength=n, maxlength=n, dtype=tf.int32)
-    starts = tf.cumsum(counts, exclusive=True)
     by_segment = tf.gather(segment, order)
-    rank = tf.range(tf.size(values)) - tf.gather(starts, by_segment)
+    rank = tf.range(tf.size(values)) - tf.gather(tf.cumsum(counts, exclusive=True), by_segment)
     limit = tf.stack([tf.cast(k, tf.int32) for k in ks])
-    return tf.sort(compress(order, rank < tf.gather(limit, by_segment)))
+    kept = compress(order, rank < tf.gather(limit, by_segment))
+    marks = tf.scatter_nd(tf.expand_dims(kept, 1), tf.ones_like(kept), tf.shape(values))
+    return tf.cast(tf.reshape(tf.where(marks > 0), [-1]), tf.int32)
 
 
 def merge_truncate_many(lows, highs, ks):
@@ -227,8 +234,9 @@ def merge_truncate_many(lows, highs, ks):
     sizes = tf.stack([tf.size(i) for _, i in sets])
     buffer = tf.repeat(tf.tile(tf.range(n, dtype=tf.int32), [2]), sizes)
     from_high = tf.range(tf.size(indices)) >= tf.reduce_sum(sizes[:n])
-    order = tf.argsort(indices, stable=True)
-    order = tf.gather(order, tf.argsort(tf.gather(buffer, order), stable=True))
+    # one stable sort by (buffer, index): low's entry right before high's one of the same
+    order = tf.argsort(tf.bitwise.bitwise_or(tf.bitwise.left_shift(tf.cast(buffer, tf.int64), 32),
+                                             tf.cast(indices, tf.int64)), stable=True)
     indices, values, buffer, from_high = (tf.gather(t, order)
                                           for t in (indices, values, buffer, from_high))
     m = tf.size(indices)  # [:m]: every set may be empty
