@@ -1,24 +1,19 @@
 """The TensorFlow and PyTorch backends return the same bits for the same inputs.
 
-workers/crossframework_worker.py runs the same cases (inputs from seeds) once under
-gtopk_hvd.tensorflow and once under gtopk_hvd.torch, at P = 3 (fold / unfold included); every
-rank's global set, dense output, residual, local set and alive flags must agree bit for bit.
+The same cases (tests/crossframework_cases.py, inputs from seeds) run in the TensorFlow job at
+P = 3 (fold / unfold included; workers/tf_worker.py) and in the torch job at P = 3
+(tests/torch/workers/torch_worker.py), both shared with other modules through tests/jobs.py;
+every rank's global set, dense output, residual, local set and alive flags must agree bit for
+bit.
 """
 import numpy as np
 import pytest
 
-from tests.harness import check_scenario, horovodrun
+from tests import jobs
+from tests.crossframework_cases import CASES, FIELDS
+from tests.harness import check_scenario
 
 pytest.importorskip("torch")
-WORKER = "tests/tensorflow/workers/crossframework_worker.py"
-CASES = ["gtopk_random", "gtopk_ties", "gtopk_large_fast_path", "gtopk_density_one",
-         "topk_random"]
-FIELDS = ("output", "residual", "values", "indices", "local_indices", "alive")
-
-
-@pytest.fixture(scope="module")
-def recordings():
-    return {framework: horovodrun(3, WORKER, framework) for framework in ("tensorflow", "torch")}
 
 
 def _bits(array):
@@ -26,10 +21,10 @@ def _bits(array):
     return array.view(np.uint32) if array.dtype == np.float32 else array
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_tensorflow_and_torch_agree_bit_for_bit(recordings, case):
-    tf_records = check_scenario(recordings["tensorflow"], case)
-    torch_records = check_scenario(recordings["torch"], case)
+@pytest.mark.parametrize("case", [name for name, *_ in CASES])
+def test_tensorflow_and_torch_agree_bit_for_bit(case):
+    tf_records = check_scenario(jobs.tensorflow_job_p3(), f"crossframework_{case}")
+    torch_records = check_scenario(jobs.torch_job(3), f"crossframework_{case}")
     for rank, (a, b) in enumerate(zip(tf_records, torch_records)):
         assert (a["k"], a["bytes_sent"]) == (b["k"], b["bytes_sent"]), f"rank {rank}"
         for field in FIELDS:

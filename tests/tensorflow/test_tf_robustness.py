@@ -3,8 +3,9 @@ extra rank: a fold group and a hypercube stage): unnamed collectives between ste
 on one rank, a variable without a gradient on some ranks, set-ups that differ, ``hvd.join()``
 with uneven data; loss scaling (the tape with ``loss_scale_optimizer=``, a LossScaleOptimizer
 around or inside DistributedOptimizer, a mixed_float16 fit); eagerly and in tf.function
-(workers/robustness_worker.py, every rank against the reference).  The job ends with Horovod's
-own shutdown, no barrier.
+(workers/robustness_worker.py, every rank against the reference).  At P = 3 they run in the
+TensorFlow job that the tape's comparisons and the cross-framework cases share
+(workers/tf_worker.py, tests/jobs.py); the job ends with Horovod's own shutdown, no barrier.
 
 The world-size scenarios (not loss scaling, which is each rank's own arithmetic) also run at
 P = 5 under ``make test-stress`` (``GTOPK_TEST_STRESS=1``): the stage loop and the step driver
@@ -15,7 +16,9 @@ import os
 
 import pytest
 
+from tests import crossframework_cases, jobs
 from tests.harness import check_scenario, horovodrun
+from tests.tensorflow import test_tf_training
 
 WORKER = "tests/tensorflow/workers/robustness_worker.py"
 SCENARIOS = [
@@ -40,17 +43,16 @@ SCENARIOS = [
 
 LOSS_SCALING = [s for s in SCENARIOS if "loss_scale" in s or "overflow" in s
                 or "mixed_float16" in s]
-RUNS = {3: (SCENARIOS, ()),
-        5: ([s for s in SCENARIOS if s not in LOSS_SCALING], ("--world-size-only",))}
-
-
 WORLD_SIZES = [3, 5] if os.environ.get("GTOPK_TEST_STRESS") else [3]
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"np{n}")
 def results(request):
-    scenarios, args = RUNS[request.param]
-    return scenarios, horovodrun(request.param, WORKER, *args)
+    if request.param == 3:  # the TensorFlow job at P = 3 (tests/jobs.py) runs them all
+        return (SCENARIOS + test_tf_training.EXCHANGE_SHAPE + crossframework_cases.NAMES,
+                jobs.tensorflow_job_p3())
+    return ([s for s in SCENARIOS if s not in LOSS_SCALING],
+            horovodrun(5, WORKER, "--world-size-only"))
 
 
 def test_worker_ran_exactly_the_listed_scenarios(results):

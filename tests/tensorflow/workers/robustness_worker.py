@@ -314,16 +314,18 @@ def uneven_data_join(tf, hvd, rec, rank, size):
         assert same_on_every_rank(tf, hvd, variables, "join.keras.next")
 
 
-# every rank); ``--world-size-only`` runs just these (test_tf_robustness.py at P = 5), the
-# loss-scaling arithmetic, which is each rank's own, runs at P = 3
+# every rank); ``--world-size-only`` runs just these (test_tf_robustness.py at P = 5 under
+# make test-stress); the loss-scaling arithmetic, which is each rank's own, runs at P = 3 in
+# the TensorFlow job (tf_worker.py)
 WORLD_SIZE = (unnamed_collectives, nonfinite, missing_gradient, mismatches, uneven_data_join)
+OWN_ARITHMETIC = (loss_scaling, mixed_float16_fit)
 
 
 def main():
     tf, hvd, rec = start()
     rank, size = hvd.rank(), hvd.size()
     only = "--world-size-only" in sys.argv[1:]
-    for scenario in WORLD_SIZE + (() if only else (loss_scaling, mixed_float16_fit)):
+    for scenario in WORLD_SIZE + (() if only else OWN_ARITHMETIC):
         scenario(tf, hvd, rec, rank, size)
     rec.save()
     plain_hvd.shutdown()  # Horovod's own, no barrier

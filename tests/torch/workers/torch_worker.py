@@ -3,7 +3,8 @@
 Started once per world size by tests/torch/conftest.py.  First Horovod is initialised with a
 plain ``hvd.init()`` (plain_init_worker.py), then shut down and initialised again with
 ``gtopk_hvd.torch.init()`` for the collective and optimizer scenarios.  One interpreter start
-per world size keeps the suite fast on 2 cores.
+per world size keeps the suite fast on 2 cores (tests/jobs.py); the cross-framework cases
+(tests/crossframework_cases.py) run here too.
 """
 import os
 
@@ -16,6 +17,7 @@ import torch
 from _common import Recorder
 
 import gtopk_hvd.torch as hvd
+from tests import crossframework_cases
 
 
 def main():
@@ -29,6 +31,8 @@ def main():
     hvd.shutdown()
 
     hvd.init()
+    crossframework_cases.record(hvd, rec, rank, torch.from_numpy,
+                                lambda t: t.detach().cpu().numpy())
     for scenario in (collective_worker.SCENARIOS + optimizer_worker.SCENARIOS
                      + compressor_worker.SCENARIOS):
         scenario(hvd, rec, rank, size)

@@ -1,0 +1,20 @@
+"""The real Horovod jobs several test modules share, each launched once per pytest session
+(on first use) and its per-rank records kept: one interpreter start per framework and world
+size instead of one per module (the launches carry most of the suite's time on 2 cores)."""
+import functools
+
+from tests.harness import horovodrun
+
+
+@functools.lru_cache(maxsize=None)
+def torch_job(np_):
+    """workers/torch_worker.py at ``np_`` ranks: the collective, optimizer, Compressor and
+    plain-init scenarios, and the cross-framework cases."""
+    return horovodrun(np_, "tests/torch/workers/torch_worker.py")
+
+
+@functools.lru_cache(maxsize=None)
+def tensorflow_job_p3():
+    """workers/tf_worker.py at 3 ranks: the tape's reference comparisons, the cross-framework
+    cases and the robustness scenarios, ending with Horovod's own shutdown."""
+    return horovodrun(3, "tests/tensorflow/workers/tf_worker.py")
