@@ -4,7 +4,7 @@ tests/tensorflow/test_tf_cross_framework.py can compare them bit for bit: the to
 (tests/tensorflow/workers/tf_worker.py) each call :func:`record` (records
 ``crossframework_<case>``).
 """
-import numpy as np
+from tests.harness import rank_array
 
 CASES = [  # name, seed, d, density, integer inputs, algorithm
     ("gtopk_random", 1, 1000, 0.01, False, "gtopk"),
@@ -22,10 +22,9 @@ def record(hvd, rec, rank, as_input, as_numpy):
     record what it returned as NumPy arrays."""
     for (name, seed, d, density, integer, algorithm), record_name in zip(CASES, NAMES):
         with rec(record_name) as data:
-            rng = np.random.default_rng([seed, rank])  # the workers' rank_array
-            x = (rng.integers(-20, 21, d) if integer else rng.standard_normal(d))
-            res = hvd.gtopk_allreduce(as_input(x.astype(np.float32)), density=density,
-                                      name=f"x.{name}", algorithm=algorithm)
+            x = rank_array(seed, rank, d, integer=integer, low=-20, high=21)
+            res = hvd.gtopk_allreduce(as_input(x), density=density, name=f"x.{name}",
+                                      algorithm=algorithm)
             for field in FIELDS:
                 data[field] = as_numpy(getattr(res, field))
             data["k"], data["bytes_sent"] = int(res.k), int(res.bytes_sent)

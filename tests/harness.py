@@ -16,6 +16,8 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT_ENV = "GTOPK_TEST_OUT"
 TIMES_ENV = "GTOPK_TEST_TIMES"  # a file: rank 0 of every job appends each scenario's seconds
@@ -93,6 +95,16 @@ def run_python(script, *args, timeout=300, env=None):
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()
+
+
+def rank_array(seed, rank, d, integer=False, low=-3, high=4):
+    """Rank ``rank``'s float32 input of scenario ``seed``: standard normal or small integers.
+    Every rank of a job generates every rank's inputs this way, so each can run the NumPy
+    reference of the whole step on its own (the workers of both frameworks use it)."""
+    rng = np.random.default_rng([seed, rank])
+    if integer:
+        return rng.integers(low, high, d).astype(np.float32)
+    return rng.standard_normal(d).astype(np.float32)
 
 
 def check_scenario(results, name):

@@ -21,10 +21,9 @@ from gtopk_hvd.common.hierarchy import prepare_call
 from gtopk_hvd.common.process_sets import hierarchical_sets
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_allreduce_arguments
-from gtopk_hvd.tensorflow.collective import check_tf2_context, op_name
+from gtopk_hvd.tensorflow.collective import check_tf2_context, op_name, update_residual
 from gtopk_hvd.tensorflow.hierarchical import hierarchical_exchange
 from gtopk_hvd.tensorflow.step import TensorStep
-from gtopk_hvd.tensorflow.ops import compress
 
 __all__ = ["GTopkResult", "gtopk_allreduce"]
 
@@ -125,9 +124,7 @@ def _hierarchical_allreduce(tensor, density, name, op, algorithm, residual, proc
         dense = tf.scatter_nd(tf.expand_dims(res.indices, 1), res.values, [numel])
         if op_name(op) == "Average":
             dense = dense / hvd.size()
-        applied = compress(res.local_indices, res.alive)
-        new = tf.tensor_scatter_nd_update(res.acc, tf.expand_dims(applied, 1),
-                                          tf.zeros(tf.shape(applied), tf.float32))
+        new = update_residual(res.acc, res)
     else:  # every rank: NaN, the residual as it was
         dense, new = tf.fill([numel], float("nan")), eps
     result = GTopkResult(tf.cast(tf.reshape(dense, tensor.shape), tensor.dtype), new,

@@ -54,6 +54,13 @@ def _magnitude(x):
     return tf.where(tf.math.is_nan(a), tf.constant(-1.0, a.dtype), a)
 
 
+def _key(high, low):
+    """int64 keys ``high << 32 | low`` (``low`` non-negative, below 2**32): they order by
+    ``high``, then by ``low``."""
+    return tf.bitwise.bitwise_or(tf.bitwise.left_shift(tf.cast(high, tf.int64), 32),
+                                 tf.cast(low, tf.int64))
+
+
 def compress(x, mask):
     """The entries of 1-D ``x`` where ``mask`` holds, in order: tf.boolean_mask in the few
     operations a 1-D mask needs (a traced step holds many of them)."""
@@ -204,9 +211,7 @@ def _largest_per_segment(values, segment, ks):
     n = len(ks)
     magnitude = tf.abs(tf.cast(values, tf.float32))
     bits = tf.where(tf.math.is_nan(magnitude), -1, tf.bitcast(magnitude, tf.int32))
-    key = tf.bitwise.bitwise_or(tf.bitwise.left_shift(tf.cast(segment, tf.int64), 32),
-                                _INT32_MAX - tf.cast(bits, tf.int64))
-    order = tf.argsort(key, stable=True)
+    order = tf.argsort(_key(segment, _INT32_MAX - tf.cast(bits, tf.int64)), stable=True)
     counts = tf.math.bincount(segment, minlength=n, maxlength=n, dtype=tf.int32)
     by_segment = tf.gather(segment, order)
     rank = tf.range(tf.size(values)) - tf.gather(tf.cumsum(counts, exclusive=True), by_segment)
@@ -219,9 +224,9 @@ def _largest_per_segment(values, segment, ks):
 def merge_truncate_many(lows, highs, ks):
     """:func:`merge_truncate` of every pair ``(lows[b], highs[b])`` with ``ks[b]``, the same
     results bit for bit, in one set of operations for all of them (as
-    gtopk_hvd.torch.ops.merge_truncate_many): every entry carries its buffer b; two stable
-    sorts (by index, then by buffer) put low's entry right before high's one of the same
-    (buffer, index); the union adds them as :func:`merge_truncate` does; then
+    gtopk_hvd.torch.ops.merge_truncate_many): every entry carries its buffer b; one stable
+    sort by (buffer, index) puts low's entry right before high's one of the same (buffer,
+    index); the union adds them as :func:`merge_truncate` does; then
     :func:`_largest_per_segment` keeps the first ks[b] of each buffer, in index order.  A
     traced step of many buffers (``granularity="layer"``) holds a few dozen operations per
     merge instead of a few dozen per buffer.  Returns a list of (values, indices)."""
@@ -235,8 +240,7 @@ def merge_truncate_many(lows, highs, ks):
     buffer = tf.repeat(tf.tile(tf.range(n, dtype=tf.int32), [2]), sizes)
     from_high = tf.range(tf.size(indices)) >= tf.reduce_sum(sizes[:n])
     # one stable sort by (buffer, index): low's entry right before high's one of the same
-    order = tf.argsort(tf.bitwise.bitwise_or(tf.bitwise.left_shift(tf.cast(buffer, tf.int64), 32),
-                                             tf.cast(indices, tf.int64)), stable=True)
+    order = tf.argsort(_key(buffer, indices), stable=True)
     indices, values, buffer, from_high = (tf.gather(t, order)
                                           for t in (indices, values, buffer, from_high))
     m = tf.size(indices)  # [:m]: every set may be empty
@@ -272,29 +276,31 @@ def all_finite(tensors):
 
 def isin(a, b):
     """Bool mask over ``a`` (int32, non-negative): True where the element is also in ``b``."""
-    # a sentinel above every index keeps searchsorted's answer inside the sequence
-    sorted_b = tf.concat([tf.sort(b), [_INT32_MAX]], 0)
+    return _found(a, tf.sort(b))
+
+
+def _found(a, sorted_b):
+    """Bool mask over ``a``: True where the element is in ``sorted_b`` (ascending, every
+    element below its dtype's largest value, which then serves as a sentinel that keeps
+    searchsorted's answer inside the sequence)."""
+    sorted_b = tf.concat([sorted_b, [sorted_b.dtype.max]], 0)
     position = tf.searchsorted(sorted_b, a, side="left", out_type=tf.int32)
     return tf.equal(tf.gather(sorted_b, position), a)
 
 
 def isin_many(as_, bs):
-    """[isin(a, b) for each buffer], each b sorted ascending (a merge's indices): one
-    search for all buffers, by int64 keys ``buffer << 32 | index``, which are then sorted
-    already."""
+    """[isin(a, b) for each buffer], each b sorted ascending (a merge's indices), so no
+    sort: one search for all buffers, by the keys ``buffer << 32 | index``, which are then
+    sorted already."""
     if len(as_) == 1:
-        return [isin(as_[0], bs[0])]
+        return [_found(as_[0], bs[0])]
 
     def keyed(sets):
         sizes = tf.stack([tf.size(x) for x in sets])
-        buffer = tf.repeat(tf.range(len(sets), dtype=tf.int64), sizes)
-        return tf.bitwise.bitwise_or(tf.bitwise.left_shift(buffer, 32),
-                                     tf.cast(tf.concat(sets, 0), tf.int64)), sizes
+        return _key(tf.repeat(tf.range(len(sets)), sizes), tf.concat(sets, 0)), sizes
 
     keys, sizes = keyed(as_)
-    sorted_b = tf.concat([keyed(bs)[0], [len(bs) << 32]], 0)  # a sentinel above every key
-    position = tf.searchsorted(sorted_b, keys, side="left", out_type=tf.int32)
-    return tf.split(tf.equal(tf.gather(sorted_b, position), keys), sizes, num=len(as_))
+    return tf.split(_found(keys, keyed(bs)[0]), sizes, num=len(as_))
 
 
 class TFOps:

@@ -11,7 +11,8 @@ tf = pytest.importorskip("tensorflow")
 from gtopk_hvd.common.reference import SparseSet, merge, truncate  # noqa: E402
 from gtopk_hvd.common.reference import select_topk as ref_select_topk  # noqa: E402
 from gtopk_hvd.tensorflow.collective import exact_divide  # noqa: E402
-from gtopk_hvd.tensorflow.ops import (isin, merge_truncate, merge_truncate_many,  # noqa: E402
+from gtopk_hvd.tensorflow.ops import (isin, isin_many, merge_truncate,  # noqa: E402
+                                      merge_truncate_many,
                                       select_topk, select_topk_many)
 from gtopk_hvd.tensorflow.state import GTopkState  # noqa: E402
 
@@ -162,6 +163,26 @@ def test_isin_with_empty_and_unsorted_sets():
     a = tf.constant([0, 3, 5, 7], tf.int32)
     assert isin(a, tf.constant([7, 3], tf.int32)).numpy().tolist() == [False, True, False, True]
     assert not isin(a, tf.zeros([0], tf.int32)).numpy().any()
+
+
+@pytest.mark.parametrize("buffers", [1, 2, 9])
+def test_isin_many_equals_numpy_per_buffer(buffers):
+    """Sorted sets (a merge's indices), empty ones, indices up to 2**31 - 2; eagerly and in a
+    tf.function."""
+    rng = np.random.default_rng(buffers)
+    as_, bs = [], []
+    for _ in range(buffers):
+        d = int(rng.choice([1, 50, 2 ** 31 - 1]))
+        a = np.sort(rng.choice(min(d, 60), int(rng.integers(0, min(d, 60) + 1)), replace=False))
+        b = np.sort(rng.choice(min(d, 60), int(rng.integers(0, min(d, 60) + 1)), replace=False))
+        if d > 60:
+            a, b = a + (d - 61), b + (d - 61)
+        as_.append(tf.constant(a, tf.int32))
+        bs.append(tf.constant(b, tf.int32))
+    graph = tf.function(lambda as_, bs: isin_many(as_, bs))
+    for got in (isin_many(as_, bs), graph(as_, bs)):
+        for a, b, found in zip(as_, bs, got):
+            np.testing.assert_array_equal(found.numpy(), np.isin(a.numpy(), b.numpy()))
 
 
 def test_division_by_the_world_size_is_exact_in_a_graph():

@@ -14,15 +14,7 @@ ROOT = Path(__file__).resolve().parents[3]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.harness import Recorder  # noqa: E402,F401  (re-exported for the workers)
-
-
-def rank_array(seed, rank, d, integer=False, low=-3, high=4):
-    """Rank ``rank``'s float32 input of scenario ``seed``: standard normal or small integers."""
-    rng = np.random.default_rng([seed, rank])
-    if integer:
-        return rng.integers(low, high, d).astype(np.float32)
-    return rng.standard_normal(d).astype(np.float32)
+from tests.harness import Recorder, rank_array  # noqa: E402,F401  (re-exported for the workers)
 
 
 def assert_equal(actual, expected, what):
