@@ -15,6 +15,14 @@ def torch_job(np_):
 
 @functools.lru_cache(maxsize=None)
 def tensorflow_job_p3():
-    """workers/tf_worker.py at 3 ranks: the tape's reference comparisons, the cross-framework
-    cases and the robustness scenarios, ending with Horovod's own shutdown."""
-    return horovodrun(3, "tests/tensorflow/workers/tf_worker.py")
+    """workers/tf_worker.py's ``world`` part at 3 ranks: the tape's reference comparisons,
+    the cross-framework cases and the world-size robustness scenarios, ending with Horovod's
+    own shutdown."""
+    return horovodrun(3, "tests/tensorflow/workers/tf_worker.py", "world")
+
+
+@functools.lru_cache(maxsize=None)
+def tensorflow_job_p2():
+    """workers/tf_worker.py's ``own`` part at 2 ranks: the other training scenarios and the
+    loss-scaling ones (each rank's own arithmetic)."""
+    return horovodrun(2, "tests/tensorflow/workers/tf_worker.py", "own")

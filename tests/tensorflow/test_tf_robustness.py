@@ -1,12 +1,16 @@
-"""gTop-k inside ordinary TensorFlow training programs under real ``horovodrun`` at P = 3 (an
-extra rank: a fold group and a hypercube stage): unnamed collectives between steps, NaN / Inf
-on one rank, a variable without a gradient on some ranks, set-ups that differ, ``hvd.join()``
-with uneven data; loss scaling (the tape with ``loss_scale_optimizer=``, a LossScaleOptimizer
-around or inside DistributedOptimizer, a mixed_float16 fit); eagerly and in tf.function
-(workers/robustness_worker.py, every rank against the reference).  At P = 3 they run in the
-TensorFlow job that the tape's comparisons and the cross-framework cases share
-(workers/tf_worker.py, tests/jobs.py); the job ends with Horovod's own shutdown, no barrier.
+"""gTop-k inside ordinary TensorFlow training programs under real ``horovodrun``
+(workers/robustness_worker.py, every rank against the reference, eagerly and in tf.function):
 
+- at P = 3 (an extra rank: a fold group and a hypercube stage), the world-size scenarios:
+  unnamed collectives between steps, NaN / Inf on one rank, a variable without a gradient on
+  some ranks, set-ups that differ, ``hvd.join()`` with uneven data; in the TensorFlow job
+  that the tape's comparisons and the cross-framework cases share, which ends with Horovod's
+  own shutdown, no barrier;
+- at P = 2 (a core per rank), loss scaling, each rank's own arithmetic: the tape with
+  ``loss_scale_optimizer=``, a LossScaleOptimizer around or inside DistributedOptimizer, a
+  mixed_float16 fit; in the TensorFlow job of the other training scenarios.
+
+Both jobs: workers/tf_worker.py, tests/jobs.py.
 The world-size scenarios (not loss scaling, which is each rank's own arithmetic) also run at
 P = 5 under ``make test-stress`` (``GTOPK_TEST_STRESS=1``): the stage loop and the step driver
 are the core's, which tests/common runs at P = 1 to 8 and 11 and the PyTorch robustness tests
@@ -43,16 +47,17 @@ SCENARIOS = [
 
 LOSS_SCALING = [s for s in SCENARIOS if "loss_scale" in s or "overflow" in s
                 or "mixed_float16" in s]
+WORLD = [s for s in SCENARIOS if s not in LOSS_SCALING]
 WORLD_SIZES = [3, 5] if os.environ.get("GTOPK_TEST_STRESS") else [3]
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"np{n}")
 def results(request):
-    if request.param == 3:  # the TensorFlow job at P = 3 (tests/jobs.py) runs them all
-        return (SCENARIOS + test_tf_training.EXCHANGE_SHAPE + crossframework_cases.NAMES,
+    """(every scenario the job ran, its per-rank records) for the world-size scenarios."""
+    if request.param == 3:  # the TensorFlow job at P = 3 (tests/jobs.py)
+        return (WORLD + test_tf_training.EXCHANGE_SHAPE + crossframework_cases.NAMES,
                 jobs.tensorflow_job_p3())
-    return ([s for s in SCENARIOS if s not in LOSS_SCALING],
-            horovodrun(5, WORKER, "--world-size-only"))
+    return WORLD, horovodrun(5, WORKER, "--world-size-only")
 
 
 def test_worker_ran_exactly_the_listed_scenarios(results):
@@ -61,9 +66,18 @@ def test_worker_ran_exactly_the_listed_scenarios(results):
         assert sorted(res) == sorted(scenarios), f"rank {rank}"
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("scenario", WORLD)
 def test_robustness(results, scenario):
-    scenarios, per_rank = results
-    if scenario not in scenarios:
-        pytest.skip("run at P = 3 only: loss scaling is each rank's own arithmetic")
-    check_scenario(per_rank, scenario)
+    check_scenario(results[1], scenario)
+
+
+@pytest.mark.parametrize("scenario", LOSS_SCALING)
+def test_loss_scaling_at_p2(scenario):
+    """Each rank's own arithmetic: in the TensorFlow job at P = 2 (tests/jobs.py)."""
+    check_scenario(jobs.tensorflow_job_p2(), scenario)
+
+
+def test_the_p2_job_ran_exactly_the_listed_scenarios():
+    expected = [s for s in test_tf_training.SCENARIOS if s not in test_tf_training.EXCHANGE_SHAPE]
+    for rank, res in enumerate(jobs.tensorflow_job_p2()):
+        assert sorted(res) == sorted(expected + LOSS_SCALING), f"rank {rank}"

@@ -1,6 +1,8 @@
-"""Scenarios: gTop-k inside ordinary TensorFlow training programs, at world sizes 3 and 5.
+"""Scenarios: gTop-k inside ordinary TensorFlow training programs.
 
-Run under ``horovodrun -np N`` by test_tf_robustness.py.  Unnamed Horovod collectives
+The WORLD_SIZE scenarios run at P = 3 and the OWN_ARITHMETIC ones at P = 2 in tf_worker.py's
+jobs, the WORLD_SIZE ones at P = 5 too under ``make test-stress`` (``--world-size-only``;
+test_tf_robustness.py).  Unnamed Horovod collectives
 between steps, NaN / Inf in one rank's gradients, a variable without a gradient on some ranks,
 set-ups that differ across ranks; eagerly and in ``tf.function``.  The linear loss of
 training_worker.py makes every rank's gradients known from seeds, so each rank checks itself
@@ -205,9 +207,13 @@ LOSS_SCALE_WIRINGS = ("tape", "keras_outside", "keras_inside", "keras_inside_leg
 
 
 def loss_scaling(tf, hvd, rec, rank, size):
+    plains = {}  # without a LossScaleOptimizer keras_outside and keras_inside are one wiring
     for how in LOSS_SCALE_WIRINGS:
         with rec(f"{how}_loss_scale_bit_identical_to_the_unscaled_run_across_scale_growth"):
-            plain, _ = _loss_scale_run(tf, hvd, rank, size, how, 6)
+            wiring = how.replace("_outside", "_inside")
+            if wiring not in plains:
+                plains[wiring], _ = _loss_scale_run(tf, hvd, rank, size, how, 6)
+            plain = plains[wiring]
             scaled, state = _loss_scale_run(tf, hvd, rank, size, how, 6, lso=(16.0, 2))
             scales = [s for _, s, _ in scaled]
             assert scales[-1] > scales[0], f"the scale never grew: {scales}"
@@ -315,8 +321,8 @@ def uneven_data_join(tf, hvd, rec, rank, size):
 
 
 # every rank); ``--world-size-only`` runs just these (test_tf_robustness.py at P = 5 under
-# make test-stress); the loss-scaling arithmetic, which is each rank's own, runs at P = 3 in
-# the TensorFlow job (tf_worker.py)
+# make test-stress; at P = 3 in tf_worker.py's ``world`` job); the loss-scaling arithmetic,
+# which is each rank's own, runs at P = 2 (tf_worker.py's ``own`` job)
 WORLD_SIZE = (unnamed_collectives, nonfinite, missing_gradient, mismatches, uneven_data_join)
 OWN_ARITHMETIC = (loss_scaling, mixed_float16_fit)
 

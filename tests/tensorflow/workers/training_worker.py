@@ -791,28 +791,31 @@ def auto_algorithm(tf, hvd, rec, rank, size):
 
 
 # The scenarios whose subject is the exchange's shape inside the tape (the reference
-# comparisons, eagerly and in a graph, one allgather a stage): ``--exchange-only`` runs just
-# these (tests/tensorflow/test_tf_training.py at P = 3, a fold and a stage, and P = 4, two
-# pure hypercube stages), without it everything else runs (at P = 2).  The rest is the same
-# core step driver over the same exchange, at every world size of the collective tests.
+# comparisons, eagerly and in a graph, one allgather a stage), run at P = 3 (a fold and a
+# stage) and under make test-stress at P = 4 (two pure hypercube stages); the OTHERS, each
+# rank's own arithmetic around the same core step driver and exchange, run at P = 2.
+# tf_worker.py runs them in make test's two TensorFlow jobs (tests/jobs.py).
 EXCHANGE_SHAPE = (tape_equals_reference, tape_layer_one_allgather_per_stage)
 
 
+SCENARIOS = (tape_equals_reference, tape_layer_one_allgather_per_stage,
+             tape_density_one, tape_local_source, tape_dense_threshold,
+             tape_schedule_in_graph, tape_mlp_identical_across_ranks,
+             tape_checkpoint_restore, tape_world_size_change, tape_sparse_gradients,
+             keras_minimize_equals_reference, keras_backward_passes,
+             keras_fit_with_callbacks, keras_checkpoint_restore, keras_load_model,
+             predivide, fp16_compression, bad_arguments, auto_algorithm,
+             *compressor_worker.SCENARIOS)
+OTHERS = tuple(s for s in SCENARIOS if s not in EXCHANGE_SHAPE)
+
+
 def main():
+    """``--exchange-only``: the EXCHANGE_SHAPE scenarios (P = 4 under make test-stress);
+    without it, the OTHERS."""
     tf, hvd, rec = start()
     rank, size = hvd.rank(), hvd.size()
-    exchange_only = "--exchange-only" in sys.argv[1:]
-    for scenario in (tape_equals_reference, tape_layer_one_allgather_per_stage,
-                     tape_density_one, tape_local_source,
-                     tape_dense_threshold,
-                     tape_schedule_in_graph, tape_mlp_identical_across_ranks,
-                     tape_checkpoint_restore, tape_world_size_change, tape_sparse_gradients,
-                     keras_minimize_equals_reference, keras_backward_passes,
-                     keras_fit_with_callbacks, keras_checkpoint_restore, keras_load_model,
-                     predivide, fp16_compression, bad_arguments, auto_algorithm,
-                     *compressor_worker.SCENARIOS):
-        if (scenario in EXCHANGE_SHAPE) == exchange_only:
-            scenario(tf, hvd, rec, rank, size)
+    for scenario in EXCHANGE_SHAPE if "--exchange-only" in sys.argv[1:] else OTHERS:
+        scenario(tf, hvd, rec, rank, size)
     finish(tf, hvd, rec)
 
 
