@@ -6,11 +6,16 @@ import functools
 from tests.harness import horovodrun
 
 
+ROBUSTNESS_IN_TORCH_JOB = {3}  # the world sizes whose torch job runs robustness_worker.py
+
+
 @functools.lru_cache(maxsize=None)
 def torch_job(np_):
     """workers/torch_worker.py at ``np_`` ranks: the collective, optimizer, Compressor and
-    plain-init scenarios, and the cross-framework cases."""
-    return horovodrun(np_, "tests/torch/workers/torch_worker.py")
+    plain-init scenarios, the cross-framework cases, and at 3 ranks the robustness ones."""
+    return horovodrun(np_, "tests/torch/workers/torch_worker.py",
+                      *(["--robustness"] if np_ in ROBUSTNESS_IN_TORCH_JOB else []))
+
 
 
 @functools.lru_cache(maxsize=None)

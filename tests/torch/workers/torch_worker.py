@@ -4,15 +4,18 @@ Started once per world size by tests/torch/conftest.py.  First Horovod is initia
 plain ``hvd.init()`` (plain_init_worker.py), then shut down and initialised again with
 ``gtopk_hvd.torch.init()`` for the collective and optimizer scenarios.  One interpreter start
 per world size keeps the suite fast on 2 cores (tests/jobs.py); the cross-framework cases
-(tests/crossframework_cases.py) run here too.
+(tests/crossframework_cases.py) run here too, and with ``--robustness`` (at P = 3) the
+scenarios of robustness_worker.py.
 """
 import os
+import sys
 
 import collective_worker
 import compressor_worker
 import horovod.torch as plain_hvd
 import optimizer_worker
 import plain_init_worker
+import robustness_worker
 import torch
 from _common import Recorder
 
@@ -20,7 +23,7 @@ import gtopk_hvd.torch as hvd
 from tests import crossframework_cases
 
 
-def main():
+def main(robustness):
     torch.set_num_threads(1)
     os.environ.pop("HOROVOD_DYNAMIC_PROCESS_SETS", None)
     plain_hvd.init()
@@ -36,9 +39,11 @@ def main():
     for scenario in (collective_worker.SCENARIOS + optimizer_worker.SCENARIOS
                      + compressor_worker.SCENARIOS):
         scenario(hvd, rec, rank, size)
+    for scenario in robustness_worker.SCENARIOS if robustness else ():
+        scenario(rec, rank, size)
     rec.save()
     hvd.shutdown()  # after a barrier: the extra ranks' last unfold must not be cut short
 
 
 if __name__ == "__main__":
-    main()
+    main("--robustness" in sys.argv[1:])
