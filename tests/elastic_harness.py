@@ -28,6 +28,20 @@ GLOO_TIMEOUT_S = 60
 RECOVERY_BOUND_S = 40  # kill -> first step of the 3 survivors; Gloo's timeout is 60 s
 
 
+class Pace:
+    """Called by the workers after each step: a pause of ``seconds`` while the world has
+    never been larger, so that the harness sees it grow and kills the added worker mid-run;
+    once the world has shrunk, the survivors run the remaining steps at full speed."""
+
+    def __init__(self, seconds=0.3):
+        self.seconds, self.largest = seconds, 0
+
+    def __call__(self, size):
+        self.largest = max(self.largest, size)
+        if size == self.largest:
+            time.sleep(self.seconds)
+
+
 def events_in(out):
     events = []
     for path in Path(out).glob("*.jsonl"):

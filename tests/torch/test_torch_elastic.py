@@ -34,7 +34,7 @@ def test_killing_the_worker_that_joined_2_3_2_recovers_within_10_s():
     10 s of the kill (Gloo's timeout is 60 s: a survivor left waiting on the dead peer fails
     this every time) and every check of the 3 -> 4 -> 3 job holds.  A stall here was
     intermittent, so ``make test-stress`` runs five jobs in a row
-    (``GTOPK_TEST_ELASTIC_REPEAT``; one in ``make test``, 22 s).  Measured on the 2-core
+    (``GTOPK_TEST_ELASTIC_REPEAT``; one in ``make test``, 15 s).  Measured on the 2-core
     machine: 0.18 to 0.66 s in nine jobs (2026-12-06)."""
     recoveries = [check_elastic_run(WORKER, STEPS, "gtopk", base=2, recovery_bound=10)
                   for _ in range(int(os.environ.get("GTOPK_TEST_ELASTIC_REPEAT", "1")))]

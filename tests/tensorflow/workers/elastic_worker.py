@@ -5,7 +5,8 @@ Run by test_tf_elastic.py (through tests/elastic_harness.py), which grows the jo
 workers and then kills one; with gtopk_hvd's ``hvd.elastic.run`` (second argument "gtopk").
 ``model.fit`` with Horovod's elastic callbacks (commit every batch) and a logging callback that
 appends the events tests/elastic_harness.py checks to ``$GTOPK_ELASTIC_OUT/<pid>.jsonl``.
-Batches are slowed down so that the world changes mid-run.
+Batches are slowed down until the world shrinks (tests.elastic_harness.Pace), so that it
+changes mid-run.
 """
 import json
 import os
@@ -20,9 +21,11 @@ import tensorflow as tf  # noqa: E402
 
 import gtopk_hvd.tensorflow.keras as hvd  # noqa: E402
 from gtopk_hvd.common import StepwiseDensity  # noqa: E402
+from tests.elastic_harness import Pace  # noqa: E402
 
 TOTAL_STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 30
 OUT = os.environ["GTOPK_ELASTIC_OUT"]
+PACE = Pace()  # one for the process: it remembers the largest world across resets
 
 
 def log(**event):
@@ -47,7 +50,7 @@ class LogSteps(tf.keras.callbacks.Callback):
         log(kind="step", size=hvd.size(), rank=hvd.rank(), batch=self.state.step,
             digest=zlib.crc32(flat.numpy().tobytes()), same=bool((rows == rows[0]).all()),
             gtopk_step=self.gtopk.step, residual_norm=self.gtopk.residual_norm() ** 2)
-        time.sleep(0.3)
+        PACE(hvd.size())
 
 
 def main():

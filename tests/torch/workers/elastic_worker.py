@@ -5,7 +5,8 @@ with gtopk_hvd's ``hvd.elastic.run`` or Horovod's own (second argument).
 Every process appends one JSON line per event to ``$GTOPK_ELASTIC_OUT/<pid>.jsonl``:
 ``start`` when ``train`` (re)starts after a sync (world, residual norm, schedule step), and
 ``step`` after each step (world, a digest of the parameters, whether they are bitwise the same
-on every rank, the residual norm).  Steps are slowed down so that the world changes mid-run.
+on every rank, the residual norm).  Steps are slowed down until the world shrinks
+(tests.elastic_harness.Pace), so that it changes mid-run.
 """
 import json
 import os
@@ -18,6 +19,7 @@ import torch
 
 import gtopk_hvd.torch as hvd
 from gtopk_hvd.common import StepwiseDensity
+from tests.elastic_harness import Pace
 
 TOTAL_STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 60
 # "gtopk": gtopk_hvd.torch.elastic.run; "horovod": Horovod's own horovod.torch.elastic.run
@@ -50,6 +52,7 @@ def main():
         named_parameters=model.named_parameters(),
         density=StepwiseDensity([0.2, 0.05], steps_per_epoch=10), **BUCKETS)
     state = hvd.elastic.TorchState(model=model, optimizer=opt, batch=0)
+    pace = Pace()
 
     if RUN == "horovod":
         import horovod.torch.elastic
@@ -74,7 +77,7 @@ def main():
                 digest=zlib.crc32(flat.numpy().tobytes()),
                 same=bool((rows == rows[0]).all()), gtopk_step=opt.gtopk_stats()["step"],
                 residual_norm=residual_norm(opt))
-            time.sleep(0.3)
+            pace(hvd.size())
             state.commit()
     train(state)
     log(kind="done", batch=state.batch)
