@@ -1,8 +1,12 @@
 """Intra-op threads after gtopk_hvd's init() (run by tests/test_threads_policy.py).
 
-``python tests/torch/workers/threads_worker.py torch|tf`` under horovodrun: records the framework's
-intra-op threads before and after ``init()`` and the host's cores.
+``python tests/torch/workers/threads_worker.py torch|tf [JSON]`` under horovodrun: records the
+framework's intra-op threads before and after ``init()`` and the host's cores.  JSON maps a
+rank to environment variables that this rank sets before it imports the framework, as if it
+had been started with them: one job tries several settings side by side.
 """
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +16,8 @@ from gtopk_hvd.common.threads import host_cores  # noqa: E402
 from tests.harness import Recorder  # noqa: E402
 
 
-def main(framework):
+def main(framework, per_rank="{}"):
+    os.environ.update(json.loads(per_rank).get(os.environ.get("HOROVOD_RANK", "0"), {}))
     if framework == "torch":
         import torch
 
@@ -36,4 +41,4 @@ def main(framework):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
