@@ -7,7 +7,7 @@ and so TensorFlow: about 5 s of CPU and wall time per launch on the 2-core machi
 Horovod had no Gloo fails at ``hvd.init()`` anyway, so the suite answers the probe here and
 runs the rest of the launcher unchanged (argument parsing, host assignment, the Gloo
 rendezvous, Elastic's driver).  The plain ``horovodrun`` command runs in the demo test
-(tests/torch/test_torch_example.py) and the benchmarks' tests (tests/benchmarks).
+(tests/torch/test_torch_example.py).
 
 Usage: ``python tests/hvdrun.py <horovodrun arguments>``.
 """
