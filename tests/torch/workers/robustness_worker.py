@@ -5,8 +5,9 @@ Run under ``horovodrun -np N`` by test_torch_robustness.py at P = 6 and 7 (and 5
 tests/jobs.py).  What a user's program does around the optimizer: unnamed Horovod collectives
 between steps, NaN / Inf in one rank's gradients, loss scaling with GradScaler, set-ups that
 differ across ranks.  Every rank checks its parameters against the simulated reference
-(reference_sgd.py) or against every other rank.  A job of its own ends with a plain ``hvd.shutdown()`` (no barrier): every rank issues the same
-operations, so none is left behind in an exchange.
+(reference_sgd.py) or against every other rank.  A job of its own ends with a plain
+``hvd.shutdown()`` (no barrier): every rank issues the same operations, so none is left
+behind in an exchange.
 """
 
 import numpy as np
