@@ -61,6 +61,33 @@ def _key(high, low):
                                  tf.cast(low, tf.int64))
 
 
+def _bound(sorted_sequence, values, upper):
+    """tf.searchsorted(sorted_sequence, values, side="right" if upper else "left") of 1-D
+    int tensors, int32, in the few operations that 1-D inputs need."""
+    op = tf.raw_ops.UpperBound if upper else tf.raw_ops.LowerBound
+    found = op(sorted_inputs=tf.reshape(sorted_sequence, [1, -1]),
+               values=tf.reshape(values, [1, -1]), out_type=tf.int32)
+    return tf.reshape(found, [-1])
+
+
+def _segment_of(sizes):
+    """``tf.repeat(tf.range(len(sizes)), sizes)`` (int32 sizes, some may be 0): the segment
+    of every entry of the concatenated segments, in a dozen graph operations instead of
+    tf.repeat's sixty."""
+    ends = tf.cumsum(sizes)
+    return _bound(ends, tf.range(tf.reduce_sum(sizes)), upper=True)
+
+
+def _next(x, pad):
+    """Every entry's successor in 1-D ``x``, ``pad`` after the last (as long as x)."""
+    return tf.concat([x, tf.constant([pad], x.dtype)], 0)[1:]
+
+
+def _previous(x, pad):
+    """Every entry's predecessor in 1-D ``x``, ``pad`` before the first (as long as x)."""
+    return tf.concat([tf.constant([pad], x.dtype), x], 0)[:-1]
+
+
 def compress(x, mask):
     """The entries of 1-D ``x`` where ``mask`` holds, in order: tf.boolean_mask in the few
     operations a 1-D mask needs (a traced step holds many of them)."""
@@ -156,13 +183,12 @@ def merge_truncate(low, high, k):
     # a stable sort puts low's entry right before high's one of the same index
     order = tf.argsort(indices, stable=True)
     indices, values, from_high = (tf.gather(t, order) for t in (indices, values, from_high))
-    n = tf.size(indices)
-    same_as_next = tf.concat([tf.equal(indices[1:], indices[:-1]), [False]], 0)[:n]
-    first = tf.concat([[True], tf.not_equal(indices[1:], indices[:-1])], 0)[:n]
-    following = tf.concat([values[1:], tf.zeros([1], values.dtype)], 0)[:n]
+    # indices are never negative: -1 beyond the ends matches nothing
+    same_as_next = tf.equal(indices, _next(indices, -1))
+    first = tf.not_equal(indices, _previous(indices, -1))
     summed = tf.where(from_high,
                       tf.where(tf.equal(values, 0.0), tf.zeros_like(values), values),
-                      tf.where(same_as_next, values + following, values))
+                      tf.where(same_as_next, values + _next(values, 0), values))
     values, indices = compress(summed, first), compress(indices, first)
     keep = _topk_positions(_magnitude(values), tf.minimum(k, tf.size(values)))
     return tf.gather(values, keep), tf.gather(indices, keep)
@@ -236,22 +262,20 @@ def merge_truncate_many(lows, highs, ks):
     sets = list(lows) + list(highs)
     indices = tf.concat([i for _, i in sets], 0)
     values = tf.concat([v for v, _ in sets], 0)
-    sizes = tf.stack([tf.size(i) for _, i in sets])
-    buffer = tf.repeat(tf.tile(tf.range(n, dtype=tf.int32), [2]), sizes)
-    from_high = tf.range(tf.size(indices)) >= tf.reduce_sum(sizes[:n])
+    sets_of = _segment_of(tf.stack([tf.size(i) for _, i in sets]))  # lows 0..n-1, highs n..
+    buffer = tf.math.floormod(sets_of, n)
+    from_high = sets_of >= n
     # one stable sort by (buffer, index): low's entry right before high's one of the same
-    order = tf.argsort(_key(buffer, indices), stable=True)
-    indices, values, buffer, from_high = (tf.gather(t, order)
-                                          for t in (indices, values, buffer, from_high))
-    m = tf.size(indices)  # [:m]: every set may be empty
-    same_as_next = tf.logical_and(tf.equal(indices[1:], indices[:-1]),
-                                  tf.equal(buffer[1:], buffer[:-1]))
-    following = tf.concat([values[1:], tf.zeros([1], values.dtype)], 0)[:m]
-    first = tf.concat([[True], tf.logical_not(same_as_next)], 0)[:m]
-    same_as_next = tf.concat([same_as_next, [False]], 0)[:m]
+    keys = _key(buffer, indices)
+    order = tf.argsort(keys, stable=True)
+    keys, indices, values, buffer, from_high = (
+        tf.gather(t, order) for t in (keys, indices, values, buffer, from_high))
+    # keys are never negative: -1 beyond the ends matches nothing
+    same_as_next = tf.equal(keys, _next(keys, -1))
+    first = tf.not_equal(keys, _previous(keys, -1))
     summed = tf.where(from_high,
                       tf.where(tf.equal(values, 0.0), tf.zeros_like(values), values),
-                      tf.where(same_as_next, values + following, values))
+                      tf.where(same_as_next, values + _next(values, 0), values))
     values, indices, buffer = (compress(t, first) for t in (summed, indices, buffer))
     keep = _largest_per_segment(values, buffer, ks)
     values, indices, buffer = (tf.gather(t, keep) for t in (values, indices, buffer))
@@ -284,8 +308,7 @@ def _found(a, sorted_b):
     element below its dtype's largest value, which then serves as a sentinel that keeps
     searchsorted's answer inside the sequence)."""
     sorted_b = tf.concat([sorted_b, [sorted_b.dtype.max]], 0)
-    position = tf.searchsorted(sorted_b, a, side="left", out_type=tf.int32)
-    return tf.equal(tf.gather(sorted_b, position), a)
+    return tf.equal(tf.gather(sorted_b, _bound(sorted_b, a, upper=False)), a)
 
 
 def isin_many(as_, bs):
@@ -297,7 +320,7 @@ def isin_many(as_, bs):
 
     def keyed(sets):
         sizes = tf.stack([tf.size(x) for x in sets])
-        return _key(tf.repeat(tf.range(len(sets)), sizes), tf.concat(sets, 0)), sizes
+        return _key(_segment_of(sizes), tf.concat(sets, 0)), sizes
 
     keys, sizes = keyed(as_)
     return tf.split(_found(keys, keyed(bs)[0]), sizes, num=len(as_))
@@ -374,9 +397,9 @@ class TFOps:
                 pos = pos + 2 + count + words
             return blocks
         for _ in range(members):
-            count, meta = gathered[pos, 0], gathered[pos, 1]
-            body = gathered[pos + 1:pos + 1 + count]
-            blocks.append((tf.bitcast(body[:, 0], tf.float32), body[:, 1], meta))
+            count, meta = tf.unstack(gathered[pos], num=2)
+            bits, indices = tf.unstack(gathered[pos + 1:pos + 1 + count], num=2, axis=1)
+            blocks.append((tf.bitcast(bits, tf.float32), indices, meta))
             pos = pos + 1 + count
         return blocks
 
