@@ -38,6 +38,8 @@ SCENARIOS = [
     "tape_mlp_adam_variables_bitwise_identical_across_ranks",
     "tape_checkpoint_restore_continues_the_uninterrupted_trajectory",
     "tape_checkpoint_from_other_world_size_drops_residuals_with_warning",
+    *[f"tape_{m}_{g}_excluded_variables_keep_their_residuals"
+      for m, g in (("eager", "model"), ("graph", "layer"))],
     "tape_indexed_slices_need_sparse_as_dense_then_equal_reference",
     "keras_sgd_minimize_equals_reference_every_step",
     "keras_legacy_sgd_minimize_equals_reference_every_step",

@@ -252,6 +252,48 @@ def tape_world_size_change(tf, hvd, rec, rank, size):
             assert_equal(got[j], want[j], f"variable {j} (residuals started from zero)")
 
 
+def tape_excluded_variables(tf, hvd, rec, rank, size):
+    """A step whose tape asks for some variables only (the others frozen for a step, as in
+    fine-tuning): their residuals stay aside untouched, the buffer of the step is the chosen
+    variables' with their own residuals, and the next full step takes every residual up again;
+    each step against the reference."""
+    chosen = [0, 2]  # without the two biases
+    for mode, granularity in (("eager", "model"), ("graph", "layer")):
+        with rec(f"tape_{mode}_{granularity}_excluded_variables_keep_their_residuals"):
+            variables = make_variables(tf, prefix=f"ex{mode}{granularity}")
+            state = hvd.GTopkState(0.05, granularity=granularity)
+            every = tape_step_fn(tf, hvd, variables, mode, gtopk_state=state)
+
+            def some(grads):
+                with tf.GradientTape() as tape:
+                    loss = linear_loss(tf, variables, grads)
+                tape = hvd.DistributedGradientTape(tape, gtopk_state=state)
+                return tape.gradient(loss, [variables[j] for j in chosen])
+            some = tf.function(some) if mode == "graph" else some
+            ref = ReferenceModel(SHAPES, size, 0.05, granularity)
+            sub = ReferenceModel([SHAPES[j] for j in chosen], size, 0.05, granularity)
+
+            def residual(j):
+                return state.residuals[variables[j].name.split(":")[0]]
+            for t, step in enumerate([every, every, some, every]):
+                grads = [rank_grads(37, t, p, SHAPES) for p in range(size)]
+                got = step([tf.constant(g) for g in grads[rank]])
+                if step is some:  # the reference of the chosen variables' buffer; the
+                    # others' residuals stay as they were in ``ref``
+                    sub.eps = [[ref.eps[p][j] for j in chosen] for p in range(size)]
+                    want = sub.step([[g[j] for j in chosen] for g in grads])
+                    for p in range(size):
+                        for n, j in enumerate(chosen):
+                            ref.eps[p][j] = sub.eps[p][n]
+                else:
+                    want = ref.step(grads)
+                assert len(got) == len(want), (t, len(got))
+                for n, (g, w) in enumerate(zip(got, want)):
+                    assert_equal(g, w, f"step {t} gradient {n}")
+                for j in range(len(SHAPES)):
+                    assert_equal(residual(j), ref.eps[rank][j], f"step {t} residual {j}")
+
+
 def tape_sparse_gradients(tf, hvd, rec, rank, size):
     with rec("tape_indexed_slices_need_sparse_as_dense_then_equal_reference"):
         table = tf.Variable(tf.zeros([50, 4]), name="table")
@@ -801,7 +843,8 @@ EXCHANGE_SHAPE = (tape_equals_reference, tape_layer_one_allgather_per_stage)
 SCENARIOS = (tape_equals_reference, tape_layer_one_allgather_per_stage,
              tape_density_one, tape_local_source, tape_dense_threshold,
              tape_schedule_in_graph, tape_mlp_identical_across_ranks,
-             tape_checkpoint_restore, tape_world_size_change, tape_sparse_gradients,
+             tape_checkpoint_restore, tape_world_size_change, tape_excluded_variables,
+             tape_sparse_gradients,
              keras_minimize_equals_reference, keras_backward_passes,
              keras_fit_with_callbacks, keras_checkpoint_restore, keras_load_model,
              predivide, fp16_compression, bad_arguments, auto_algorithm,
