@@ -1,8 +1,8 @@
 """Elastic Keras training with gTop-k under Horovod's elastic driver (horovodrun
 --host-discovery-script).
 
-Run by test_tf_elastic.py (through tests/elastic_harness.py), which grows the job from 3 to 4
-workers and then kills one; with gtopk_hvd's ``hvd.elastic.run`` (second argument "gtopk").
+Run by test_tf_elastic.py (through tests/elastic_harness.py), which grows the job from 2 to 3
+workers and then kills the added one; with gtopk_hvd's ``hvd.elastic.run`` (second argument "gtopk").
 ``model.fit`` with Horovod's elastic callbacks (commit every batch) and a logging callback that
 appends the events tests/elastic_harness.py checks to ``$GTOPK_ELASTIC_OUT/<pid>.jsonl``.
 Batches are slowed down until the world shrinks (tests.elastic_harness.Pace), so that it

@@ -1,6 +1,6 @@
 """Scenarios: gTop-k inside ordinary training programs, at world sizes 3, 5, 6 and 7.
 
-Run under ``horovodrun -np N`` by test_torch_robustness.py at P = 6 and 7 (and 5 under
+Run under ``horovodrun -np N`` by test_torch_robustness.py at P = 6 (and 5, 7 under
 ``make test-stress``), and inside the torch job at P = 3 (torch_worker.py ``--robustness``,
 tests/jobs.py).  What a user's program does around the optimizer: unnamed Horovod collectives
 between steps, NaN / Inf in one rank's gradients, loss scaling with GradScaler, set-ups that
