@@ -8,13 +8,14 @@ import pytest
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 tf = pytest.importorskip("tensorflow")
 
-from gtopk_hvd.common.reference import SparseSet, merge, truncate  # noqa: E402
+from gtopk_hvd.common.reference import merge, truncate  # noqa: E402
 from gtopk_hvd.common.reference import select_topk as ref_select_topk  # noqa: E402
 from gtopk_hvd.tensorflow.collective import exact_divide  # noqa: E402
 from gtopk_hvd.tensorflow.ops import (isin, isin_many, merge_truncate,  # noqa: E402
                                       merge_truncate_many,
                                       select_topk, select_topk_many)
 from gtopk_hvd.tensorflow.state import GTopkState  # noqa: E402
+from tests.sparse_cases import merge_cases, random_set  # noqa: E402
 
 LARGE = 600_000  # above 4 * 2^16: the threshold-estimate path
 select_topk_graph = tf.function(select_topk)
@@ -69,19 +70,12 @@ def test_select_topk_large_buffer_equals_a_full_top_k():
     np.testing.assert_array_equal(fast(x).numpy(), full(x).numpy())
 
 
-def _random_set(rng, d, k, integer):
-    idx = np.sort(rng.choice(d, k, replace=False)).astype(np.int64)
-    values = (rng.integers(-3, 4, k) if integer else rng.standard_normal(k)).astype(np.float32)
-    values[rng.random(k) < 0.2] = -0.0
-    return SparseSet(idx, values)
-
-
 @pytest.mark.parametrize("integer", [False, True])
 def test_merge_truncate_equals_reference_bit_for_bit(integer):
     rng = np.random.default_rng(7 + integer)
     for trial in range(60):
         k = int(rng.integers(1, 15))
-        low, high = _random_set(rng, 40, k, integer), _random_set(rng, 40, k, integer)
+        low, high = random_set(rng, 40, k, integer, 0.2), random_set(rng, 40, k, integer, 0.2)
         want = truncate(merge(low, high), k)
         for f in (merge_truncate, merge_truncate_graph):
             values, indices = f((tf.constant(low.values), tf.constant(low.indices, tf.int32)),
@@ -102,21 +96,10 @@ def test_merge_truncate_many_equals_one_merge_per_buffer_bit_for_bit(seed):
     """Many buffers (empty sets, k above and below the union, ties, NaN, Inf, -0.0, indices
     up to 2**31 - 2), eagerly and in a tf.function with tensor ks: the one segmented merge
     keeps what merge_truncate keeps, bit for bit."""
-    rng = np.random.default_rng(seed)
-    lows, highs, ks = [], [], []
-    for _ in range(int(rng.integers(2, 25))):
-        d = int(rng.choice([1, 5, 60, 300, 2 ** 31 - 1]))
-        n_low, n_high = (int(rng.integers(0, min(d, 40) + 1)) for _ in range(2))
-        low, high = (_random_set(rng, min(d, 300), n, seed % 2 == 0) for n in (n_low, n_high))
-        if d > 300:  # far indices: every bit of the index survives
-            low.indices, high.indices = low.indices + (d - 301), high.indices + (d - 301)
-        for sset in (low, high):
-            if sset.values.size and rng.random() < 0.3:
-                sset.values[rng.integers(sset.values.size)] = rng.choice(
-                    [np.nan, np.inf, -np.inf, -0.0, 0.0])
-        lows.append(_tf_set(low.values, low.indices))
-        highs.append(_tf_set(high.values, high.indices))
-        ks.append(int(rng.integers(1, 50)))
+    cases = merge_cases(seed, 25, negative_zeros=0.2)
+    lows = [_tf_set(low.values, low.indices) for low, _, _ in cases]
+    highs = [_tf_set(high.values, high.indices) for _, high, _ in cases]
+    ks = [k for _, _, k in cases]
     graph = tf.function(lambda lows, highs, ks: merge_truncate_many(lows, highs, ks))
     for got in (merge_truncate_many(lows, highs, ks),
                 graph(lows, highs, [tf.constant(k) for k in ks])):

@@ -80,6 +80,7 @@ EXCHANGE_SHAPE = [  # the records of the worker's EXCHANGE_SHAPE scenarios
     "tape_graph_model_topk_gradients_and_residuals_equal_reference",
     "tape_layer_granularity_one_allgather_per_stage_for_all_tensors",
 ]
+OTHERS = [s for s in SCENARIOS if s not in EXCHANGE_SHAPE]  # the P = 2 job
 
 WORLD_SIZES = [2, 3, 4] if os.environ.get("GTOPK_TEST_STRESS") else [2, 3]
 
@@ -89,7 +90,7 @@ def results(request):
     """(scenarios, per-rank records): at P = 2 and 3 from the TensorFlow jobs of tests/jobs.py,
     which run the robustness scenarios too (test_tf_robustness.py lists each job in full)."""
     if request.param == 2:
-        return [s for s in SCENARIOS if s not in EXCHANGE_SHAPE], jobs.tensorflow_job_p2()
+        return OTHERS, jobs.tensorflow_job_p2()
     if request.param == 3:
         return EXCHANGE_SHAPE, jobs.tensorflow_job_p3()
     return EXCHANGE_SHAPE, horovodrun(request.param, WORKER, "--exchange-only")

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from gtopk_hvd.common.reference import SparseSet, merge, truncate
+from gtopk_hvd.common.reference import merge, truncate
 from gtopk_hvd.common.reference import select_topk as ref_select_topk
 from gtopk_hvd.common.collective import NONFINITE, make_meta
 from gtopk_hvd.torch.ops import (TorchOps, all_finite, merge_truncate, merge_truncate_many,
                                  select_topk, select_topk_many)
+from tests.sparse_cases import merge_cases, random_set
 
 LARGE = 600_000  # above 4 * 2^16: the threshold-estimate path
 
@@ -76,19 +77,13 @@ def test_select_topk_nan_ranks_last_as_in_the_reference():
                                       ref_select_topk(x, k))
 
 
-def _sparse(rng, d, n, integer):
-    idx = np.sort(rng.choice(d, n, replace=False))
-    vals = rng.integers(-3, 4, n) if integer else rng.standard_normal(n)
-    return SparseSet(idx.astype(np.int64), vals.astype(np.float32))
-
-
 @pytest.mark.parametrize("integer", [False, True])
 @pytest.mark.parametrize("n_low,n_high,k", [(20, 20, 10), (20, 5, 30), (0, 8, 4), (8, 0, 8),
                                             (0, 0, 3), (100, 100, 100)])
 def test_merge_truncate_equals_reference(integer, n_low, n_high, k):
     rng = np.random.default_rng(n_low * 1000 + n_high + integer)
     d = 60 if max(n_low, n_high) <= 60 else 300  # small d: many shared indices
-    low, high = _sparse(rng, d, n_low, integer), _sparse(rng, d, n_high, integer)
+    low, high = random_set(rng, d, n_low, integer), random_set(rng, d, n_high, integer)
     want = truncate(merge(low, high), k)
     values, indices = merge_truncate(
         (torch.from_numpy(low.values), torch.from_numpy(low.indices).int()),
@@ -113,21 +108,10 @@ def _torch_set(s):
 def test_merge_truncate_many_equals_one_merge_per_buffer_bit_for_bit(seed):
     """Many buffers of all sizes (empty sets, k above and below the union, ties, NaN, Inf,
     -0.0, indices up to 2**31 - 2): the segmented merge keeps what merge_truncate keeps."""
-    rng = np.random.default_rng(seed)
-    lows, highs, ks = [], [], []
-    for b in range(int(rng.integers(2, 40))):
-        d = int(rng.choice([1, 5, 60, 300, 2 ** 31 - 1]))
-        n_low, n_high = (int(rng.integers(0, min(d, 40) + 1)) for _ in range(2))
-        low, high = (_sparse(rng, min(d, 300), n, seed % 2 == 0) for n in (n_low, n_high))
-        if d > 300:  # far indices: the key must keep all 31 bits
-            low.indices, high.indices = low.indices + (d - 301), high.indices + (d - 301)
-        for sset in (low, high):
-            if sset.values.size and rng.random() < 0.3:
-                sset.values[rng.integers(sset.values.size)] = rng.choice(
-                    [np.nan, np.inf, -np.inf, -0.0, 0.0])
-        lows.append(_torch_set(low))
-        highs.append(_torch_set(high))
-        ks.append(int(rng.integers(1, 50)))
+    cases = merge_cases(seed, 40)
+    lows = [_torch_set(low) for low, _, _ in cases]
+    highs = [_torch_set(high) for _, high, _ in cases]
+    ks = [k for _, _, k in cases]
     got = merge_truncate_many(lows, highs, ks)
     assert len(got) == len(ks)
     for b, (low, high, k) in enumerate(zip(lows, highs, ks)):
@@ -141,7 +125,7 @@ def test_merge_truncate_many_equals_one_merge_per_buffer_bit_for_bit(seed):
 
 def test_merge_truncate_many_of_one_buffer_or_many_entries_is_the_plain_merge():
     rng = np.random.default_rng(7)
-    low, high = _sparse(rng, 60, 20, False), _sparse(rng, 60, 20, False)
+    low, high = random_set(rng, 60, 20, False), random_set(rng, 60, 20, False)
     (got,) = merge_truncate_many([_torch_set(low)], [_torch_set(high)], [7])
     want = truncate(merge(low, high), 7)
     np.testing.assert_array_equal(got[1].numpy(), want.indices)
