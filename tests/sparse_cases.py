@@ -34,3 +34,30 @@ def merge_cases(seed, max_buffers, negative_zeros=0.0):
                     [np.nan, np.inf, -np.inf, -0.0, 0.0])
         cases.append((low, high, int(rng.integers(1, 50))))
     return cases
+
+
+def assert_bitwise_equal_sets(got, want):
+    """``got`` and ``want``: lists of (values, indices) as NumPy arrays (float32, int32), one
+    per buffer; equal bit for bit (NaN, -0.0), buffer by buffer."""
+    assert len(got) == len(want), (len(got), len(want))
+    for b, ((values, indices), (want_values, want_indices)) in enumerate(zip(got, want)):
+        assert indices.dtype == np.int32 and values.dtype == np.float32, (b, indices.dtype,
+                                                                           values.dtype)
+        np.testing.assert_array_equal(indices, want_indices, f"buffer {b}")
+        np.testing.assert_array_equal(values.view(np.int32), want_values.view(np.int32),
+                                      f"buffer {b}")
+
+
+def selection_cases(seed, max_buffers):
+    """[(acc, k)] for 2 to ``max_buffers`` - 1 float32 buffers, small and large (1 to 5000
+    entries), k = 0, 1, n and in between; odd seeds: small integers (ties, zeros); a few NaN,
+    Inf, 0.0 and -0.0 in some."""
+    rng = np.random.default_rng(100 + seed)
+    cases = []
+    for _ in range(int(rng.integers(2, max_buffers))):
+        n = int(rng.choice([1, 3, 64, 700, 4096, 5000]))
+        acc = (rng.integers(-2, 3, n) if seed % 2 else rng.standard_normal(n)).astype(np.float32)
+        for _ in range(int(rng.integers(0, 3))):
+            acc[rng.integers(n)] = rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0])
+        cases.append((acc, int(rng.choice([0, 1, n, max(0, n // 3), min(n, 7)]))))
+    return cases

@@ -15,7 +15,8 @@ from gtopk_hvd.tensorflow.ops import (isin, isin_many, merge_truncate,  # noqa: 
                                       merge_truncate_many,
                                       select_topk, select_topk_many)
 from gtopk_hvd.tensorflow.state import GTopkState  # noqa: E402
-from tests.sparse_cases import merge_cases, random_set  # noqa: E402
+from tests.sparse_cases import (assert_bitwise_equal_sets, merge_cases,  # noqa: E402
+                                random_set, selection_cases)
 
 LARGE = 600_000  # above 4 * 2^16: the threshold-estimate path
 select_topk_graph = tf.function(select_topk)
@@ -103,14 +104,9 @@ def test_merge_truncate_many_equals_one_merge_per_buffer_bit_for_bit(seed):
     graph = tf.function(lambda lows, highs, ks: merge_truncate_many(lows, highs, ks))
     for got in (merge_truncate_many(lows, highs, ks),
                 graph(lows, highs, [tf.constant(k) for k in ks])):
-        assert len(got) == len(ks)
-        for b, (low, high, k) in enumerate(zip(lows, highs, ks)):
-            want_values, want_indices = merge_truncate(low, high, k)
-            values, indices = got[b]
-            assert indices.dtype == tf.int32 and values.dtype == tf.float32
-            np.testing.assert_array_equal(indices.numpy(), want_indices.numpy(), f"buffer {b}")
-            np.testing.assert_array_equal(values.numpy().view(np.int32),
-                                          want_values.numpy().view(np.int32), f"buffer {b}")
+        want = [merge_truncate(low, high, k) for low, high, k in zip(lows, highs, ks)]
+        assert_bitwise_equal_sets([(v.numpy(), i.numpy()) for v, i in got],
+                                  [(v.numpy(), i.numpy()) for v, i in want])
 
 
 def test_merge_truncate_many_of_empty_sets_gives_empty_sets():
@@ -123,15 +119,8 @@ def test_merge_truncate_many_of_empty_sets_gives_empty_sets():
 def test_select_topk_many_equals_one_selection_per_buffer(seed):
     """Small and large buffers, k = 0, 1, n and in between, ties, NaN, Inf; eagerly and in a
     tf.function with tensor ks."""
-    rng = np.random.default_rng(100 + seed)
-    accs, ks = [], []
-    for _ in range(int(rng.integers(2, 20))):
-        n = int(rng.choice([1, 3, 64, 700, 4096, 5000]))
-        acc = (rng.integers(-2, 3, n) if seed % 2 else rng.standard_normal(n)).astype(np.float32)
-        for _ in range(int(rng.integers(0, 3))):
-            acc[rng.integers(n)] = rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0])
-        accs.append(tf.constant(acc))
-        ks.append(int(rng.choice([0, 1, n, max(0, n // 3), min(n, 7)])))
+    cases = selection_cases(seed, 20)
+    accs, ks = [tf.constant(acc) for acc, _ in cases], [k for _, k in cases]
     graph = tf.function(lambda accs, ks: select_topk_many(accs, ks))
     for got in (select_topk_many(accs, ks), graph(accs, [tf.constant(k) for k in ks])):
         for b, (acc, k) in enumerate(zip(accs, ks)):

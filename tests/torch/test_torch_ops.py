@@ -9,7 +9,8 @@ from gtopk_hvd.common.reference import select_topk as ref_select_topk
 from gtopk_hvd.common.collective import NONFINITE, make_meta
 from gtopk_hvd.torch.ops import (TorchOps, all_finite, merge_truncate, merge_truncate_many,
                                  select_topk, select_topk_many)
-from tests.sparse_cases import merge_cases, random_set
+from tests.sparse_cases import (assert_bitwise_equal_sets, merge_cases, random_set,
+                                selection_cases)
 
 LARGE = 600_000  # above 4 * 2^16: the threshold-estimate path
 
@@ -113,14 +114,9 @@ def test_merge_truncate_many_equals_one_merge_per_buffer_bit_for_bit(seed):
     highs = [_torch_set(high) for _, high, _ in cases]
     ks = [k for _, _, k in cases]
     got = merge_truncate_many(lows, highs, ks)
-    assert len(got) == len(ks)
-    for b, (low, high, k) in enumerate(zip(lows, highs, ks)):
-        want_values, want_indices = merge_truncate(low, high, k)
-        values, indices = got[b]
-        assert indices.dtype == torch.int32 and values.dtype == torch.float32
-        np.testing.assert_array_equal(indices.numpy(), want_indices.numpy(), f"buffer {b}")
-        np.testing.assert_array_equal(values.numpy().view(np.int32),
-                                      want_values.numpy().view(np.int32), f"buffer {b}")
+    want = [merge_truncate(low, high, k) for low, high, k in zip(lows, highs, ks)]
+    assert_bitwise_equal_sets([(v.numpy(), i.numpy()) for v, i in got],
+                              [(v.numpy(), i.numpy()) for v, i in want])
 
 
 def test_merge_truncate_many_of_one_buffer_or_many_entries_is_the_plain_merge():
@@ -135,15 +131,8 @@ def test_merge_truncate_many_of_one_buffer_or_many_entries_is_the_plain_merge():
 @pytest.mark.parametrize("seed", range(6))
 def test_select_topk_many_equals_one_selection_per_buffer(seed):
     """Small and large buffers, k = 0, 1, n and in between, ties (integers, zeros), NaN, Inf."""
-    rng = np.random.default_rng(100 + seed)
-    accs, ks = [], []
-    for _ in range(int(rng.integers(2, 30))):
-        n = int(rng.choice([1, 3, 64, 700, 4096, 5000]))
-        acc = (rng.integers(-2, 3, n) if seed % 2 else rng.standard_normal(n)).astype(np.float32)
-        for _ in range(int(rng.integers(0, 3))):
-            acc[rng.integers(n)] = rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0])
-        accs.append(torch.from_numpy(acc))
-        ks.append(int(rng.choice([0, 1, n, max(0, n // 3), min(n, 7)])))
+    cases = selection_cases(seed, 30)
+    accs, ks = [torch.from_numpy(acc) for acc, _ in cases], [k for _, k in cases]
     got = select_topk_many(accs, ks)
     for b, (acc, k) in enumerate(zip(accs, ks)):
         want = select_topk(acc, k)
