@@ -7,14 +7,17 @@ from tests.harness import horovodrun
 
 
 ROBUSTNESS_IN_TORCH_JOB = {3}  # the world sizes whose torch job runs robustness_worker.py
+PARITY_IN_TORCH_JOB = {2, 3}  # ... and horovod_parity_worker.py (Horovod's own tests)
 
 
 @functools.lru_cache(maxsize=None)
 def torch_job(np_):
     """workers/torch_worker.py at ``np_`` ranks: the collective, optimizer, Compressor and
-    plain-init scenarios, the cross-framework cases, and at 3 ranks the robustness ones."""
+    plain-init scenarios, the cross-framework cases, at 3 ranks the robustness ones and at
+    2 and 3 the re-written Horovod tests."""
     return horovodrun(np_, "tests/torch/workers/torch_worker.py",
-                      *(["--robustness"] if np_ in ROBUSTNESS_IN_TORCH_JOB else []))
+                      *(["--robustness"] if np_ in ROBUSTNESS_IN_TORCH_JOB else []),
+                      *(["--parity"] if np_ in PARITY_IN_TORCH_JOB else []))
 
 
 

@@ -4,8 +4,9 @@ Started once per world size by tests/torch/conftest.py.  First Horovod is initia
 plain ``hvd.init()`` (plain_init_worker.py), then shut down and initialised again with
 ``gtopk_hvd.torch.init()`` for the collective and optimizer scenarios.  One interpreter start
 per world size keeps the suite fast on 2 cores (tests/jobs.py); the cross-framework cases
-(tests/crossframework_cases.py) run here too, and with ``--robustness`` (at P = 3) the
-scenarios of robustness_worker.py.
+(tests/crossframework_cases.py) run here too, with ``--robustness`` (at P = 3) the
+scenarios of robustness_worker.py and with ``--parity`` (P = 2, 3) Horovod's own optimizer
+tests re-written for gTop-k (horovod_parity_worker.py).
 """
 import os
 import sys
@@ -13,6 +14,7 @@ import sys
 import collective_worker
 import compressor_worker
 import horovod.torch as plain_hvd
+import horovod_parity_worker
 import optimizer_worker
 import plain_init_worker
 import robustness_worker
@@ -23,7 +25,7 @@ import gtopk_hvd.torch as hvd
 from tests import crossframework_cases
 
 
-def main(robustness):
+def main(robustness, parity):
     torch.set_num_threads(1)
     os.environ.pop("HOROVOD_DYNAMIC_PROCESS_SETS", None)
     plain_hvd.init()
@@ -41,9 +43,11 @@ def main(robustness):
         scenario(hvd, rec, rank, size)
     for scenario in robustness_worker.SCENARIOS if robustness else ():
         scenario(rec, rank, size)
+    for scenario in horovod_parity_worker.SCENARIOS if parity else ():
+        scenario(hvd, rec, rank, size)
     rec.save()
     hvd.shutdown()  # after a barrier: the extra ranks' last unfold must not be cut short
 
 
 if __name__ == "__main__":
-    main("--robustness" in sys.argv[1:])
+    main("--robustness" in sys.argv[1:], "--parity" in sys.argv[1:])
