@@ -8,10 +8,17 @@
   training_worker.OTHERS (checkpoints, Keras, the Compressor, ``auto``, ...) and
   robustness_worker.OWN_ARITHMETIC (loss scaling, mixed_float16); it ends with gtopk_hvd's
   shutdown (after a barrier).
+
+The ``own`` part also runs Horovod's own tape and Keras tests re-written for gTop-k
+(horovod_parity_worker.py); the ``world`` part too under ``make test-stress``
+(GTOPK_TEST_STRESS: 30 s more at P = 3; the torch job runs its parity scenarios at P = 3 in
+``make test``).
 """
+import os
 import sys
 
 import horovod.tensorflow as plain_hvd
+import horovod_parity_worker
 import robustness_worker
 import training_worker
 from _common import finish, start
@@ -26,12 +33,14 @@ def main(part):
         for scenario in training_worker.EXCHANGE_SHAPE:
             scenario(tf, hvd, rec, rank, size)
         crossframework_cases.record(hvd, rec, rank, tf.constant, lambda t: t.numpy())
-        for scenario in robustness_worker.WORLD_SIZE:
+        parity = horovod_parity_worker.SCENARIOS if os.environ.get("GTOPK_TEST_STRESS") else ()
+        for scenario in robustness_worker.WORLD_SIZE + parity:
             scenario(tf, hvd, rec, rank, size)
         rec.save()
         plain_hvd.shutdown()  # Horovod's own, no barrier
     else:
-        for scenario in training_worker.OTHERS + robustness_worker.OWN_ARITHMETIC:
+        for scenario in (training_worker.OTHERS + robustness_worker.OWN_ARITHMETIC
+                         + horovod_parity_worker.SCENARIOS):
             scenario(tf, hvd, rec, rank, size)
         finish(tf, hvd, rec)
 
