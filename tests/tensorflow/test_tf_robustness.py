@@ -22,7 +22,7 @@ import pytest
 
 from tests import crossframework_cases, jobs
 from tests.harness import check_scenario, horovodrun
-from tests.tensorflow import test_tf_training
+from tests.tensorflow import test_tf_horovod_parity, test_tf_training
 
 WORKER = "tests/tensorflow/workers/robustness_worker.py"
 SCENARIOS = [
@@ -55,7 +55,8 @@ WORLD_SIZES = [3, 5] if os.environ.get("GTOPK_TEST_STRESS") else [3]
 def results(request):
     """(every scenario the job ran, its per-rank records) for the world-size scenarios."""
     if request.param == 3:  # the TensorFlow job at P = 3 (tests/jobs.py)
-        return (WORLD + test_tf_training.EXCHANGE_SHAPE + crossframework_cases.NAMES,
+        parity = test_tf_horovod_parity.SCENARIOS if os.environ.get("GTOPK_TEST_STRESS") else []
+        return (WORLD + test_tf_training.EXCHANGE_SHAPE + crossframework_cases.NAMES + parity,
                 jobs.tensorflow_job_p3())
     return WORLD, horovodrun(5, WORKER, "--world-size-only")
 
@@ -79,4 +80,5 @@ def test_loss_scaling_at_p2(scenario):
 
 def test_the_p2_job_ran_exactly_the_listed_scenarios():
     for rank, res in enumerate(jobs.tensorflow_job_p2()):
-        assert sorted(res) == sorted(test_tf_training.OTHERS + LOSS_SCALING), f"rank {rank}"
+        assert sorted(res) == sorted(test_tf_training.OTHERS + LOSS_SCALING
+                                     + test_tf_horovod_parity.SCENARIOS), f"rank {rank}"

@@ -10,8 +10,8 @@ import pytest
 
 from tests import crossframework_cases, jobs
 from tests.harness import check_scenario
-from tests.torch import (test_torch_collective, test_torch_compressor, test_torch_optimizer,
-                         test_torch_robustness)
+from tests.torch import (test_torch_collective, test_torch_compressor,
+                         test_torch_horovod_parity, test_torch_optimizer, test_torch_robustness)
 
 SCENARIOS = [
     "plain_init_optimizer_raises_process_set_error_unless_p2_or_3",
@@ -29,6 +29,8 @@ def test_job_ran_exactly_the_listed_scenarios(torch_job):
     expected = sorted(SCENARIOS + crossframework_cases.NAMES + test_torch_collective.SCENARIOS
                       + test_torch_optimizer.SCENARIOS + test_torch_compressor.SCENARIOS
                       + (test_torch_robustness.SCENARIOS
-                         if len(torch_job) in jobs.ROBUSTNESS_IN_TORCH_JOB else []))
+                         if len(torch_job) in jobs.ROBUSTNESS_IN_TORCH_JOB else [])
+                      + (test_torch_horovod_parity.SCENARIOS
+                         if len(torch_job) in jobs.PARITY_IN_TORCH_JOB else []))
     for rank, res in enumerate(torch_job):
         assert sorted(res) == expected, f"rank {rank}"
