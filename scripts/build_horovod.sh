@@ -113,6 +113,25 @@ src = src.replace(loop, "  // Iterate until shutdown.\n  gtopk_hvd_loop_failed =
 src = src.replace(caught, caught + "    gtopk_hvd_loop_failed = true;  // gtopk_hvd patch\n")
 open(path, "w").write(src)
 PATCH
+# A process set whose members sit at different local ranks on different hosts (2 hosts of 3
+# ranks: gTop-k's set (0, 1, 4, 5) at P = 6) hung Horovod's init for HOROVOD_GLOO_TIMEOUT_SECONDS,
+# then failed: the set's cross-host Gloo context took its members from the ranks with this
+# process's global local rank but named its rendezvous after the local rank inside the set, so
+# rank 4 (local rank 1) waited in "cross_0" for a partner that joined "cross_1".  Name it after
+# the global local rank, which is what chooses the members.
+"$PY" - "$src/horovod/common/gloo/gloo_context.cc" <<'PATCH' || die "patch failed: gloo_context.cc"
+import sys
+path = sys.argv[1]
+src = open(path).read()
+old = """    cross_ctx = Rendezvous(HOROVOD_GLOO_CROSS_PREFIX +
+                               std::to_string(local_rank) + process_set_suffix,"""
+new = """    // gtopk_hvd patch: the members share this process's global local rank: name it so
+    cross_ctx = Rendezvous(HOROVOD_GLOO_CROSS_PREFIX +
+                               std::to_string(global_context.local_ctx->rank) +
+                               process_set_suffix,"""
+assert src.count(old) == 1, "gloo_context.cc changed: update the patch"
+open(path, "w").write(src.replace(old, new))
+PATCH
 # horovodrun checks which frameworks Horovod was built with by importing each extension in a
 # forked child that is meant to be silent but mutes Python's sys.stderr only: importing
 # TensorFlow there printed its C++ start-up banners (oneDNN, cpu_feature_guard) into every
@@ -136,6 +155,8 @@ grep -q 'gtopk_hvd patch: a peer is gone' "$src/horovod/common/process_set.cc" \
   || die "patch failed: process_set.cc"
 grep -q 'gtopk_hvd_loop_failed = true' "$src/horovod/common/operations.cc" \
   || die "patch failed: operations.cc"
+grep -q 'gtopk_hvd patch: the members share' "$src/horovod/common/gloo/gloo_context.cc" \
+  || die "patch failed: gloo_context.cc"
 grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" || die "patch failed: torch CMakeLists"
 grep -q '&& HAVE_GPU' "$src/horovod/tensorflow/xla_mpi_ops.cc" || die "patch failed: xla_mpi_ops.cc"
 grep -q 'from tensorflow.keras import backend' "$src/horovod/tensorflow/keras/callbacks.py" \

@@ -2,8 +2,11 @@
 ``-H`` that resolves to this machine runs here, grouped as a host of its own, so
 ``localhost:2,127.0.0.1:2`` is two nodes of two ranks (local and cross ranks as on two
 machines).  2 x 2 runs hierarchically, 1 x 3 is the node-only case (one host), 3 x 1 falls
-back to flat gTop-k (one rank a host); every rank against the NumPy reference
-(workers/hierarchical_worker.py)."""
+back to flat gTop-k (one rank a host); 2 x 3 puts members of one process set at different
+local ranks on the two hosts, which hung Horovod's init before the seventh Horovod patch
+(docs/building.md); 3 x 2 (three host names) runs under ``make test-stress``.  Every rank
+against the NumPy reference (workers/hierarchical_worker.py)."""
+import os
 import socket
 
 import pytest
@@ -15,7 +18,10 @@ LAYOUTS = {  # (nodes, ranks a node): (ranks, horovodrun -H, the mode gTop-k run
     (2, 2): (4, "localhost:2,127.0.0.1:2", "hierarchical"),
     (1, 3): (3, "localhost:3", "node"),
     (3, 1): (3, f"localhost:1,127.0.0.1:1,{socket.gethostname()}:1", "flat"),
+    (2, 3): (6, "localhost:3,127.0.0.1:3", "hierarchical"),
 }
+if os.environ.get("GTOPK_TEST_STRESS"):
+    LAYOUTS[(3, 2)] = (6, f"localhost:2,127.0.0.1:2,{socket.gethostname()}:2", "hierarchical")
 SCENARIOS = [
     "hierarchical_allreduce_equals_the_reference_every_step",
     "hierarchical_nan_on_one_rank_gives_nan_everywhere_residuals_kept",
