@@ -153,6 +153,32 @@ def check_world_size_on_load(saved_size, saved_rank, size, rank):
     return False
 
 
+def layout_key(hierarchy):
+    """What a checkpoint records of the exchange's layout: None for flat gTop-k, else
+    [mode, nodes, ranks a node] of the (layout, process sets) pair hierarchical gTop-k runs
+    with (gtopk_hvd.common.hierarchy)."""
+    if hierarchy is None:
+        return None
+    layout = hierarchy[0]
+    return [layout.mode, layout.nodes, layout.local_size]
+
+
+def check_layout_on_load(saved_layout, layout):
+    """The world-size policy for the layout: hierarchical gTop-k keeps a residual per shard of
+    a node's buffer, flat gTop-k per whole buffer, so residuals saved under another layout
+    (or by a version that did not record it, read as flat) are dropped with a warning.
+    Returns True to keep them."""
+    saved = None if saved_layout is None else list(saved_layout)
+    if saved == layout:
+        return True
+    def said(key):
+        return "flat gTop-k" if key is None else "%s %d x %d" % tuple(key)
+    logger.warning("gtopk_hvd: checkpoint was written with %s, now %s: its residuals cover "
+                   "other parts of the buffers, dropping them and starting from zero",
+                   said(saved), said(layout))
+    return False
+
+
 # Horovod arguments that gTop-k keeps in its signatures but cannot honour: each is refused
 # before any communication with the same message in every framework.
 

@@ -28,7 +28,7 @@ from gtopk_hvd.common.validation import (check_auto_link, check_compression,
                                          check_global_process_set,
                                          check_gradient_predivide_factor, check_hierarchical,
                                          check_no_groups, check_op, check_parameter_names,
-                                         check_positive_int)
+                                         check_positive_int, layout_key)
 from gtopk_hvd.torch.collective import op_name
 from gtopk_hvd.torch.horovod_compat import (called_by_horovod_state_init,
                                            calling_grad_scaler, state_init_step)
@@ -134,20 +134,23 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         self._gtopk_sync.publish_step()
         state = super(self.__class__, self).state_dict()
-        state["gtopk"] = self._gtopk_sync.state.state_dict(hvd.size(), hvd.rank())
+        state["gtopk"] = self._gtopk_sync.state.state_dict(
+            hvd.size(), hvd.rank(), layout_key(self._gtopk_sync.hierarchy))
         return state
 
     def load_state_dict(self, state_dict):
         """Load the wrapped optimizer's state and the gTop-k state (residuals, schedule step).
 
-        Residuals written by another rank or world size are dropped with a warning.
+        Residuals written by another rank, world size or layout (flat / hierarchical N x L)
+        are dropped with a warning.
         """
         state_dict = dict(state_dict)
         gtopk_state = state_dict.pop("gtopk", None)
         super(self.__class__, self).load_state_dict(state_dict)
         sync = self._gtopk_sync
         if gtopk_state is not None:
-            sync.state.load_state_dict(gtopk_state, hvd.size(), hvd.rank())
+            sync.state.load_state_dict(gtopk_state, hvd.size(), hvd.rank(),
+                                       layout_key(sync.hierarchy))
             sync.forget_published_step()  # the gTop-k state's own step wins
         sync.publish_step()
         sync.reset()  # an Elastic reset restores here: the old operations are gone

@@ -3,8 +3,9 @@
 Kept apart from the optimizer so it can be checkpointed on its own (``state_dict`` /
 ``load_state_dict``).  Policy for the per-rank residuals at load time
 (gtopk_hvd.common.validation.check_world_size_on_load): they are kept when the checkpoint
-was written by the same rank of a world of the same size, otherwise dropped with a warning
-(training goes on; only the not-yet-applied residual mass is lost).  The schedule step is
+was written by the same rank of a world of the same size with the same layout (flat, or
+hierarchical N x L: check_layout_on_load), otherwise dropped with a warning (training goes on;
+only the not-yet-applied residual mass is lost).  The schedule step is
 always restored, so density schedules continue where they stopped.
 """
 import logging
@@ -15,7 +16,8 @@ import torch
 from gtopk_hvd.common.cost import as_link, logged_methods
 from gtopk_hvd.common.density import as_schedule
 from gtopk_hvd.common.validation import (check_algorithm, check_granularity,
-                                         check_non_negative_int, check_world_size_on_load)
+                                         check_layout_on_load, check_non_negative_int,
+                                         check_world_size_on_load)
 
 __all__ = ["GTopkState"]
 
@@ -162,14 +164,15 @@ class GTopkState:
             stats["link"] = None if self.link is None else dict(vars(self.link))
         return stats
 
-    def state_dict(self, size, rank):
+    def state_dict(self, size, rank, layout=None):
         """Copies of the residuals (the optimizer updates them in place every step), the
-        schedule step, and the world that wrote them."""
+        schedule step, and the world and layout (``common.validation.layout_key``) that wrote
+        them."""
         return {"format": _FORMAT, "step": self.step, "world_size": size, "rank": rank,
-                "algorithm": self.algorithm, "granularity": self.granularity,
+                "algorithm": self.algorithm, "granularity": self.granularity, "layout": layout,
                 "residuals": {name: eps.detach().clone() for name, eps in self.residuals.items()}}
 
-    def load_state_dict(self, state, size, rank):
+    def load_state_dict(self, state, size, rank, layout=None):
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError("not a gtopk_hvd optimizer state: expected the 'gtopk' entry of "
                              "DistributedOptimizer.state_dict()")
@@ -177,6 +180,8 @@ class GTopkState:
         self.residuals = {}
         self.spares = {}
         if not check_world_size_on_load(state.get("world_size"), state.get("rank"), size, rank):
+            return
+        if not check_layout_on_load(state.get("layout"), layout):
             return
         if state.get("granularity", self.granularity) != self.granularity:
             logger.warning("gtopk_hvd: checkpoint used granularity=%r, now %r: dropping the "

@@ -156,6 +156,33 @@ def test_state_keeps_residuals_only_for_the_same_rank_and_world(caplog):
     assert sum("dropping the saved residuals" in r.getMessage() for r in caplog.records) == 2
 
 
+def test_state_keeps_residuals_only_for_the_same_layout(caplog):
+    """Hierarchical gTop-k keeps a residual per shard, flat gTop-k per buffer: a checkpoint
+    of another layout (or of a version that did not record it: read as flat) drops them."""
+    hierarchical = ["hierarchical", 2, 2]
+    state = GTopkState(0.01)
+    state.step, state.residuals = 7, {"model": torch.arange(3.0)}
+    saved = state.state_dict(size=4, rank=1, layout=hierarchical)
+    same = GTopkState(0.01)
+    same.load_state_dict(saved, size=4, rank=1, layout=hierarchical)
+    assert torch.equal(same.residuals["model"], torch.arange(3.0))
+    old_version = {k: v for k, v in state.state_dict(size=4, rank=1).items() if k != "layout"}
+    with caplog.at_level(logging.WARNING, logger="gtopk_hvd"):
+        for checkpoint, layout in [(saved, None), (saved, ["hierarchical", 4, 1]),
+                                   (state.state_dict(size=4, rank=1), hierarchical),
+                                   (old_version, hierarchical)]:
+            other = GTopkState(0.01)
+            other.load_state_dict(checkpoint, size=4, rank=1, layout=layout)
+            assert other.step == 7 and other.residuals == {}
+    said = [r.getMessage() for r in caplog.records
+            if "other parts of the buffers" in r.getMessage()]
+    assert len(said) == 4, said
+    assert "hierarchical 2 x 2, now flat gTop-k" in said[0], said[0]
+    flat = GTopkState(0.01)
+    flat.load_state_dict(old_version, size=4, rank=1)
+    assert torch.equal(flat.residuals["model"], torch.arange(3.0))
+
+
 def test_state_rejects_something_else():
     with pytest.raises(ValueError, match="not a gtopk_hvd optimizer state"):
         GTopkState(0.01).load_state_dict({"residuals": {}}, size=1, rank=0)

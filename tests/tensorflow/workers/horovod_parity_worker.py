@@ -283,8 +283,8 @@ class _AssignAdd(tf.keras.optimizers.legacy.Optimizer):
 def gradient_aggregation(tf_, hvd, rec, rank, size):
     """test_gradient_aggregation and test_gradient_aggregation_with_local_vars: four backward
     passes a step, averaged or summed, inside a tf.function through ``_compute_gradients``;
-    one x and one y registered local (Horovod: four of each, four local).  Expected values computed in closed form
-    (Horovod's) and equal to Horovod's optimizer's."""
+    one x and one y registered local (Horovod: four of each, four local).  Expected values
+    computed in closed form (Horovod's) and equal to Horovod's optimizer's."""
     passes, steps = 4, 10
     results = {}
     for mode in MODES:

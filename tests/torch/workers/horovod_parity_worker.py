@@ -10,14 +10,14 @@ table).  Here every behaviour runs three ways in one process:
 
 A hook on every parameter rounds its gradient to a multiple of 1/16 and clips it to
 [-1024, 1024] before it reaches the optimizer, so every sum over ranks is exact whatever its
-order: gTop-k's merge tree and
-Horovod's ring must then give the same parameters and optimizer state bit for bit.  The op is
-Horovod's default, Average, where P is a power of two, and Sum elsewhere: gTop-k averages by
-dividing by P (the correctly rounded quotient, ALGORITHM.md's scatter(S) / P), Horovod by
-multiplying with float32(1 / P), which can differ in the last bit when P is not a power of
-two (docs/compatibility.md; optimizer_worker.py's density_one checks gTop-k's quotient).  Scenarios communicate first and assert afterwards, so a failing rank never leaves
-the others in a collective.  Run by torch_worker.py at P = 2 and 3
-(tests/jobs.py PARITY_IN_TORCH_JOB).
+order: gTop-k's merge tree and Horovod's ring must then give the same parameters and
+optimizer state bit for bit.  The op is Horovod's default, Average, where P is a power of
+two, and Sum elsewhere: gTop-k averages by dividing by P (the correctly rounded quotient,
+ALGORITHM.md's scatter(S) / P), Horovod by multiplying with float32(1 / P), which can differ
+in the last bit when P is not a power of two (docs/compatibility.md; optimizer_worker.py's
+density_one checks gTop-k's quotient).  Scenarios communicate first and assert afterwards, so
+a failing rank never leaves the others in a collective.  Run by torch_worker.py at P = 2
+and 3 (tests/jobs.py PARITY_IN_TORCH_JOB).
 """
 import inspect
 import itertools
