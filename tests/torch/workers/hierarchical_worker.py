@@ -86,6 +86,33 @@ def optimizer_scenarios(rec, rank, size, local):
                                                                               granularity)))
                 assert stats["bytes_sent_cross"] == cross, (stats, cross)
                 assert stats["bytes_sent"] == cross + stats["bytes_sent_node"], stats
+    with rec("hierarchical_checkpoint_keeps_the_shard_residuals_for_its_own_layout_only"):
+        model = make_model(33)
+        opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(),
+                                       density=0.1, hierarchical=True)
+        loss = loss_for(33)
+        train(hvd, model, opt, loss, steps=2)
+        saved = opt.state_dict()
+        layout = job_layout(hvd)
+        key = None if layout.mode == "flat" else [layout.mode, layout.nodes, layout.local_size]
+        assert saved["gtopk"]["layout"] == key, saved["gtopk"]["layout"]
+        eps = saved["gtopk"]["residuals"]["model"]
+        numel = sum(p.numel() for p in model.parameters())
+        lo, hi = shard_bounds(numel, local)[rank % local]
+        assert eps.numel() == hi - lo, (eps.numel(), hi - lo)  # a shard, or the whole buffer
+        # local only from here: loading communicates nothing
+        for hierarchical in (True, False):
+            again = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                             named_parameters=model.named_parameters(),
+                                             density=0.1, hierarchical=hierarchical)
+            again.load_state_dict(saved)
+            residuals = again.gtopk_state.residuals
+            if hierarchical or key is None:  # the same layout
+                assert torch.equal(residuals["model"], eps), "residuals not restored"
+            else:  # a shard's residual against a flat run's whole buffer: dropped
+                assert residuals == {}, sorted(residuals)
+            assert again.gtopk_stats()["step"] == 2
     with rec("hierarchical_optimizer_refuses_what_it_cannot_run"):
         model = make_model(32)
         for kwargs in ({"granularity": "bucket"}, {"algorithm": "topk"},
