@@ -11,9 +11,7 @@ connections stayed open shows as a recovery of HOROVOD_GLOO_TIMEOUT_SECONDS (Hor
 """
 import argparse
 import re
-import stat
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,22 +27,10 @@ FAILURE = re.compile(r"Timed out waiting|Read error|Connection closed")
 
 def one_job(gloo_timeout):
     """(recovery seconds or None, horovodrun's exit code, the Gloo failure lines)."""
-    with tempfile.TemporaryDirectory(prefix="gtopk_elastic_") as out:
-        hosts = Path(out) / "hosts.txt"
-        hosts.write_text("localhost:2\n")
-        discovery = Path(out) / "discover.sh"
-        discovery.write_text(f"#!/bin/sh\ncat {hosts}\n")
-        discovery.chmod(discovery.stat().st_mode | stat.S_IEXEC)
-        events_dir = Path(out) / "events"
-        events_dir.mkdir()
-        rc, output, _, killed = elastic_harness._run_elastic_job(
-            WORKER, STEPS, str(events_dir), hosts, str(discovery), "gtopk",
-            {"HOROVOD_GLOO_TIMEOUT_SECONDS": str(gloo_timeout)}, 2)
-        events = elastic_harness.events_in(events_dir)
-    after = [e["time"] for e in events
-             if killed and e["kind"] == "step" and e["time"] > killed and e["size"] == 2]
-    recovery = min(after) - killed if after else None
-    return recovery, rc, [line for line in output.splitlines() if FAILURE.search(line)]
+    rc, output, _, killed, events = elastic_harness.run_elastic_job(
+        WORKER, STEPS, "gtopk", {"HOROVOD_GLOO_TIMEOUT_SECONDS": str(gloo_timeout)}, base=2)
+    lines = [line for line in output.splitlines() if FAILURE.search(line)]
+    return elastic_harness.recovery_after_kill(events, killed, 2), rc, lines
 
 
 def main():

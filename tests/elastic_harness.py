@@ -85,11 +85,10 @@ def _run_elastic_job(worker, total_steps, out, hosts_file, discovery, run, extra
     return proc.returncode, output, grown, killed
 
 
-def check_elastic_run(worker, total_steps, run, extra_env=None, base=3,
-                      recovery_bound=RECOVERY_BOUND_S):
-    """Run ``worker`` elastically (grow ``base`` -> ``base`` + 1, kill the added worker ->
-    ``base``) and assert on its events; returns the seconds from the kill to the survivors'
-    first step."""
+def run_elastic_job(worker, total_steps, run, extra_env=None, base=3):
+    """Run ``worker`` elastically: ``base`` workers grown to ``base`` + 1 (the added one on
+    127.0.0.1), then the added one killed.  Returns (horovodrun's exit code, its output,
+    whether it grew, the time of the kill or None, the workers' events)."""
     with tempfile.TemporaryDirectory(prefix="gtopk_elastic_") as out:
         hosts_file = Path(out) / "hosts.txt"
         hosts_file.write_text(f"localhost:{base}\n")
@@ -101,14 +100,28 @@ def check_elastic_run(worker, total_steps, run, extra_env=None, base=3,
         rc, output, grown, killed = _run_elastic_job(worker, total_steps, str(out_dir),
                                                      hosts_file, str(discovery), run, extra_env,
                                                      base)
-        events = events_in(out_dir)
+        return rc, output, grown, killed, events_in(out_dir)
+
+
+def recovery_after_kill(events, killed, base):
+    """Seconds from the kill to the survivors' first step at ``base`` workers (None if none)."""
+    after = [e["time"] for e in events
+             if killed and e["kind"] == "step" and e["time"] > killed and e["size"] == base]
+    return min(after) - killed if after else None
+
+
+def check_elastic_run(worker, total_steps, run, extra_env=None, base=3,
+                      recovery_bound=RECOVERY_BOUND_S):
+    """Run ``worker`` elastically (run_elastic_job) and assert on its events; returns the
+    seconds from the kill to the survivors' first step."""
+    rc, output, grown, killed, events = run_elastic_job(worker, total_steps, run, extra_env,
+                                                        base)
     tail = output[-4000:]
     assert grown and killed, f"the job never reached the growth or the kill:\n{tail}"
     assert rc == 0, f"horovodrun exited with {rc}:\n{tail}"
     steps = [e for e in events if e["kind"] == "step"]
-    after = [e["time"] for e in steps if e["time"] > killed and e["size"] == base]
-    assert after, f"no step at {base} after the kill"
-    recovery = min(after) - killed
+    recovery = recovery_after_kill(events, killed, base)
+    assert recovery is not None, f"no step at {base} after the kill"
     assert recovery < recovery_bound, (
         f"the survivors took {recovery:.1f} s from the kill to their next step "
         f"(bound {recovery_bound} s, Gloo's timeout {GLOO_TIMEOUT_S} s):\n{tail}")

@@ -14,8 +14,8 @@ import pytest
 
 from tests import jobs
 from tests.harness import check_scenario
+from tests.parity_cases import MODES
 
-MODES = ["horovod", "drop_in", "compressor"]
 SCENARIOS = (
     [f"horovod_test_{b}_{m}" for b in ("partial_distributed_gradient_tape",
                                         "train_model_lr_schedule", "sparse_as_dense",

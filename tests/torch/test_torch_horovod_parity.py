@@ -11,11 +11,11 @@ import pytest
 
 from tests import jobs
 from tests.harness import check_scenario
+from tests.parity_cases import MODES
 
 BEHAVIOURS = ["broadcast_state", "broadcast_state_options", "broadcast_state_no_grad",
               "force_allreduce", "dynamic_requires_grad", "gradient_clipping",
               "no_named_parameters", "duplicate_and_missing_names", "sparse_embeddings"]
-MODES = ["horovod", "drop_in", "compressor"]
 AGREEMENT = {"broadcast_state": "broadcast_state_steps_agree_with_horovod",
              "broadcast_state_options": "broadcast_state_options_second_step_agrees_with_horovod",
              "force_allreduce": "force_allreduce_agrees_with_horovod",

@@ -25,17 +25,18 @@ from _common import assert_equal
 
 import gtopk_hvd.tensorflow.keras as gtopk_keras
 from gtopk_hvd.tensorflow import Compression
+from tests.parity_cases import CLIP, GRID, MODES, averages
+from tests.parity_cases import agree_with_horovod as agree
 
-MODES = ("horovod", "drop_in", "compressor")
 
 
 def op_for(size):
-    return horovod_tf.Average if size & (size - 1) == 0 else horovod_tf.Sum
+    return horovod_tf.Average if averages(size) else horovod_tf.Sum
 
 
 @tf.custom_gradient
 def _rounded_identity(x):
-    return tf.identity(x), lambda dy: tf.round(tf.clip_by_value(dy, -1024.0, 1024.0) * 16) / 16
+    return tf.identity(x), lambda dy: tf.round(tf.clip_by_value(dy, -CLIP, CLIP) * GRID) / GRID
 
 
 def exact(variable):
@@ -67,11 +68,7 @@ def weights(model):
 
 def agree_with_horovod(results, what):
     """Every mode in ``results`` equals the oracle's, bit for bit."""
-    assert len(results) > 1, results.keys()
-    for mode in [m for m in MODES[1:] if m in results]:
-        assert len(results[mode]) == len(results["horovod"]), (what, mode)
-        for i, (got, want) in enumerate(zip(results[mode], results["horovod"])):
-            assert_equal(got, want, f"{what}: {mode} vs Horovod's, entry {i}")
+    agree(results, what, assert_equal)
 
 
 def constant_model(rank, layers=(2, 3), width=3):

@@ -30,8 +30,9 @@ from _common import assert_equal
 from torch import nn
 
 from gtopk_hvd.torch import Compression
+from tests.parity_cases import CLIP, GRID, MODES, averages
+from tests.parity_cases import agree_with_horovod as agree
 
-MODES = ("horovod", "drop_in", "compressor")
 #: the keyword sets Horovod's tests give every optimizer (each takes what its signature has)
 OPTION_SETS = (dict(lr=0.2, momentum=0.9, weight_decay=0.1, centered=True), dict(lr=0.2))
 
@@ -46,13 +47,9 @@ def optimizer_classes():
                   key=lambda c: c.__name__)
 
 
-def power_of_two(size):
-    return size & (size - 1) == 0
-
-
 def wrap(hvd, mode, optimizer, **kwargs):
     """``optimizer`` made distributed the way ``mode`` says (density 1 for gTop-k)."""
-    kwargs.setdefault("op", hvd.Average if power_of_two(hvd.size()) else hvd.Sum)
+    kwargs.setdefault("op", hvd.Average if averages(hvd.size()) else hvd.Sum)
     if mode == "horovod":
         return horovod_hvd.DistributedOptimizer(optimizer, **kwargs)
     if mode == "drop_in":
@@ -66,7 +63,7 @@ def exact_gradients(module):
     up to 1024 ranks are exact in float32 in any order."""
     for p in module.parameters():
         if p.requires_grad:
-            p.register_hook(lambda g: torch.round(g.clamp(-1024, 1024) * 16) / 16)
+            p.register_hook(lambda g: torch.round(g.clamp(-CLIP, CLIP) * GRID) / GRID)
     return module
 
 
@@ -115,11 +112,8 @@ def same(a, b, what):
 
 
 def agree_with_horovod(results, what):
-    """Every mode's result equals the oracle's, bit for bit."""
-    for mode in MODES[1:]:
-        assert len(results[mode]) == len(results["horovod"]), (what, mode)
-        for part, (want, got) in enumerate(zip(results["horovod"], results[mode])):
-            same(got, want, f"{what}: {mode} vs Horovod's optimizer (part {part})")
+    """Every mode's result (lists of (name, value) lists) equals the oracle's, bit for bit."""
+    agree(results, what, same)
 
 
 def broadcast_state(hvd, rec, rank, size):
@@ -352,7 +346,7 @@ def gradient_clipping(hvd, rec, rank, size):
             # Horovod's step() after synchronize() reduces the reduced gradients once more (so
             # does the Compressor inside it): the same values only for an average over a power
             # of two; the drop-in steps with the gradients synchronize() gave
-            results[mode] = [after_clip] + ([params_of(model)] if power_of_two(size) else [])
+            results[mode] = [after_clip] + ([params_of(model)] if averages(size) else [])
     with rec("horovod_test_gradient_clipping_agrees_with_horovod"):
         agree_with_horovod(results, "clipped, then a step after synchronize()")
 
