@@ -113,6 +113,76 @@ src = src.replace(loop, "  // Iterate until shutdown.\n  gtopk_hvd_loop_failed =
 src = src.replace(caught, caught + "    gtopk_hvd_loop_failed = true;  // gtopk_hvd patch\n")
 open(path, "w").write(src)
 PATCH
+# Finalizing a process set (a shutdown, Elastic's reset after a dead peer, a removed set) calls
+# each pending operation's callback and then drops its tensors while the background thread holds
+# the process-set table's mutex.  Dropping the last reference to a PyTorch tensor whose Python
+# object the C++ side keeps alive takes the GIL; a Python thread holding the GIL and starting an
+# operation waits for that mutex (ProcessSetTable::Contains): a deadlock, seen once in ~20 Elastic
+# kill tests.  Keep the finalized entries aside and drop them once the mutex is released.
+"$PY" - "$src/horovod/common/tensor_queue.cc" "$src/horovod/common/operations.cc" <<'PATCH' || die "patch failed: tensor_queue.cc"
+import sys
+queue, ops = sys.argv[1], sys.argv[2]
+src = open(queue).read()
+ns = "namespace horovod {\nnamespace common {\n"
+old = """    e.second.FinishWithCallback(status);
+  }
+  tensor_table_.clear();
+"""
+new = """    e.second.FinishWithCallback(status);
+  }
+  {
+    // gtopk_hvd patch: released later, without the process-set table's mutex
+    std::lock_guard<std::mutex> g(gtopk_hvd_finalized_mutex);
+    for (auto& e : tensor_table_) {
+      gtopk_hvd_finalized.push_back(std::move(e.second));
+    }
+  }
+  tensor_table_.clear();
+"""
+helper = ns + """
+// gtopk_hvd patch: entries of finalized tensor queues, released by
+// gtopk_hvd_release_finalized_entries() where no lock is held (their tensors may need the GIL).
+static std::mutex gtopk_hvd_finalized_mutex;
+static std::vector<TensorTableEntry> gtopk_hvd_finalized;
+void gtopk_hvd_release_finalized_entries() {
+  std::vector<TensorTableEntry> released;
+  {
+    std::lock_guard<std::mutex> g(gtopk_hvd_finalized_mutex);
+    released.swap(gtopk_hvd_finalized);
+  }
+}
+"""
+assert src.count(ns) == 1 and src.count(old) == 1, "tensor_queue.cc changed: update the patch"
+src = src.replace(ns, helper).replace(old, new)
+if "#include <vector>" not in src:
+    src = src.replace('#include "tensor_queue.h"\n', '#include "tensor_queue.h"\n\n#include <vector>\n')
+open(queue, "w").write(src)
+
+src = open(ops).read()
+shutdown = "#if HAVE_GPU\n  gpu_context.Finalize();\n#endif\n"
+loop = "  bool should_shutdown = false;\n  for (auto process_set_id"
+assert src.count(ns) == 1 and src.count(shutdown) == 1 and src.count(loop) == 1, \
+    "operations.cc changed: update the patch"
+src = src.replace(ns, ns + "\nvoid gtopk_hvd_release_finalized_entries();  // gtopk_hvd patch (tensor_queue.cc)\n")
+src = src.replace(shutdown, "  gtopk_hvd_release_finalized_entries();  // gtopk_hvd patch: no lock held here\n\n" + shutdown)
+src = src.replace(loop, "  gtopk_hvd_release_finalized_entries();  // gtopk_hvd patch: sets removed above\n" + loop)
+open(ops, "w").write(src)
+PATCH
+# After the background loop failed (a dead peer), the shutdown deregisters every process set
+# but the global one; an operation enqueued on one of them in that window (a gradient hook
+# starting its next exchange) failed with ValueError ("Process set provided does not exist"),
+# which Elastic does not recover from, instead of HorovodInternalError.  Check shut_down first.
+"$PY" - "$src/horovod/common/operations.cc" <<'PATCH' || die "patch failed: operations.cc (shut_down first)"
+import re, sys
+path = sys.argv[1]
+src = open(path).read()
+check = re.compile(r'(  if \(!horovod_global\.process_set_table\.Contains\(process_set_id\)\) \{\n'
+                   r'    return Status::InvalidArgument\(\s*"\w+: Process set provided)')
+src, n = check.subn(lambda m: "  if (horovod_global.shut_down) {  // gtopk_hvd patch: shut_down first\n"
+                    "    return SHUT_DOWN_ERROR;\n  }\n" + m.group(1), src)
+assert n == 5, f"operations.cc changed: {n} enqueue checks found, 5 expected: update the patch"
+open(path, "w").write(src)
+PATCH
 # A process set whose members sit at different local ranks on different hosts (2 hosts of 3
 # ranks: gTop-k's set (0, 1, 4, 5) at P = 6) hung Horovod's init for HOROVOD_GLOO_TIMEOUT_SECONDS,
 # then failed: the set's cross-host Gloo context took its members from the ranks with this
@@ -155,6 +225,12 @@ grep -q 'gtopk_hvd patch: a peer is gone' "$src/horovod/common/process_set.cc" \
   || die "patch failed: process_set.cc"
 grep -q 'gtopk_hvd_loop_failed = true' "$src/horovod/common/operations.cc" \
   || die "patch failed: operations.cc"
+grep -q 'gtopk_hvd patch: released later' "$src/horovod/common/tensor_queue.cc" \
+  || die "patch failed: tensor_queue.cc"
+grep -q 'gtopk_hvd_release_finalized_entries();  // gtopk_hvd patch: no lock' "$src/horovod/common/operations.cc" \
+  || die "patch failed: operations.cc (finalized entries)"
+[ "$(grep -c 'gtopk_hvd patch: shut_down first' "$src/horovod/common/operations.cc")" = 5 ] \
+  || die "patch failed: operations.cc (shut_down first)"
 grep -q 'gtopk_hvd patch: the members share' "$src/horovod/common/gloo/gloo_context.cc" \
   || die "patch failed: gloo_context.cc"
 grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" || die "patch failed: torch CMakeLists"

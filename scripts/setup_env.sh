@@ -55,7 +55,7 @@ compile_all
   || fail "tf-keras" "pip install --no-deps tf-keras"
 
 # bump HOROVOD_PATCH whenever scripts/build_horovod.sh patches the source differently
-HOROVOD_PATCH=5
+HOROVOD_PATCH=6
 key="horovod-$HOROVOD_VERSION-p$HOROVOD_PATCH-torch$TORCH_VERSION-tf$TF_VERSION-py$("$VENV/bin/python" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
 cache=${GTOPK_HVD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gtopk_hvd}/wheels/$key
 if [ "$(cat "$VENV/.horovod_key" 2>/dev/null)" != "$key" ] \
