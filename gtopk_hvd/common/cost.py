@@ -32,7 +32,7 @@ from gtopk_hvd.common.schedule import stages_for, world_split
 
 __all__ = ["METHODS", "Cost", "Link", "dense_allreduce_cost", "topk_allgather_cost",
            "gtopk_cost", "gtopk_stages", "cost_of", "fit_alpha_beta", "as_link",
-           "method_costs", "choose_methods", "buffer_methods", "logged_methods",
+           "method_costs", "round_costs", "choose_methods", "buffer_methods", "logged_methods",
            "describe_methods",
            "measure_link"]
 
@@ -167,14 +167,18 @@ class Link:
     """What ``algorithm="auto"`` knows of a job: ``alpha`` (s per message) and ``beta`` (s per
     byte) of its network; ``select`` (s per gradient entry) and ``overhead`` (s per call) of
     the local work a sparsified buffer costs beyond a dense one (compensation, top-k
-    selection, residual update; a buffer pays ``overhead`` once and once per stage merge)."""
+    selection, residual update; a buffer pays ``overhead`` once and once per stage merge;
+    merging costs ``select`` per entry merged); ``stage`` (s): what one gTop-k stage costs
+    beyond its bytes, one Horovod operation in a small process set (its negotiation, a
+    round trip); 0 when not measured: then alpha per message, as for the dense rounds."""
     alpha: float
     beta: float
     select: float = 0.0
     overhead: float = 0.0
+    stage: float = 0.0
 
     def __post_init__(self):
-        for name in ("alpha", "beta", "select", "overhead"):
+        for name in ("alpha", "beta", "select", "overhead", "stage"):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, numbers.Real)
                     or not math.isfinite(value) or value < 0):
@@ -186,22 +190,41 @@ def as_link(link):
     """A :class:`Link` from a Link, a tuple (alpha, beta[, select[, overhead]]), or None."""
     if link is None or isinstance(link, Link):
         return link
-    if isinstance(link, (tuple, list)) and len(link) in (2, 3, 4):
+    if isinstance(link, (tuple, list)) and len(link) in (2, 3, 4, 5):
         return Link(*link)
     raise ValueError(f"link must be a gtopk_hvd.common.cost.Link or a tuple (alpha_s, "
-                     f"beta_s_per_byte[, select_s_per_entry[, overhead_s]]), got {link!r}")
+                     f"beta_s_per_byte[, select_s_per_entry[, overhead_s[, stage_s]]]), got "
+                     f"{link!r}")
 
 
 def method_costs(d, density, size, link):
     """Seconds each method adds to a step for a buffer of ``d`` entries: bytes times beta,
-    plus the local work of the sparse methods (``link.select`` per entry, ``link.overhead``
-    per call).  The rounds are not in it: a step pays them once for all buffers of a method
-    (:func:`choose_methods`)."""
+    plus the local work of the sparse methods (``link.select`` per entry of the buffer and
+    per entry merged: 2k a stage for gTop-k, kP for Top-k; ``link.overhead`` per call and
+    per stage).  The rounds are not in it: a step pays them once for all buffers of a method
+    (:func:`round_costs`)."""
     k = k_for(d, density)
-    work = link.select * d + link.overhead * (1 + gtopk_stages(size))
+    stages = gtopk_stages(size)
+    work = link.select * d + link.overhead * (1 + stages)
     return {"dense": dense_allreduce_cost(d, size).bytes * link.beta,
-            "gtopk": gtopk_cost(k, size).bytes * link.beta + work,
-            "topk": topk_allgather_cost(k, size).bytes * link.beta + work}
+            "gtopk": gtopk_cost(k, size).bytes * link.beta + work
+            + link.select * 2 * k * stages,
+            "topk": topk_allgather_cost(k, size).bytes * link.beta + work
+            + link.select * k * size}
+
+
+def round_costs(size, link):
+    """Seconds of each method's rounds in a step, paid once for all its buffers (they share
+    its operations): dense 2(P-1) alpha; gTop-k floor(log2 P) stages of ``link.stage`` each
+    plus alpha for every further message of a fold group (without ``stage``: alpha a
+    message); Top-k one allgather, ``link.stage`` plus alpha for its further messages."""
+    def rounds(messages, operations):
+        if link.stage > 0:
+            return operations * link.stage + max(0.0, messages - operations) * link.alpha
+        return messages * link.alpha
+    return {"dense": dense_allreduce_cost(1, size).messages * link.alpha,
+            "gtopk": rounds(gtopk_cost(1, size).messages, gtopk_stages(size)),
+            "topk": rounds(topk_allgather_cost(1, size).messages, 1)}
 
 
 # on a tie the first wins: dense is exact and keeps no residual; gTop-k sends no more than Top-k
@@ -209,16 +232,17 @@ _PREFERENCE = ("dense", "gtopk", "topk")
 
 
 def choose_methods(numels, density, size, link, dense_paid=False, methods=METHODS):
-    """The cheapest method per buffer (a tuple of 'dense', 'gtopk', 'topk'), the same on every
-    rank for the same arguments.
+    """The cheapest methods for the buffers (a tuple of 'dense', 'gtopk', 'topk'), the same on
+    every rank for the same arguments.
 
-    Each buffer takes its cheapest method by :func:`method_costs`; the dense allreduce's
-    2(P-1) rounds (``alpha`` each) count once when some buffer goes dense, unless
-    ``dense_paid`` (tensors below dense_threshold are allreduced anyway); if sending no
-    buffer densely is cheaper in total, none is.  One rank (``size`` 1) sends nothing: every
-    buffer is 'dense' (exact, no residual).  ``methods``: the candidates ('dense' and at least
-    one sparse method).  Top-k never sends fewer bytes than gTop-k by the model
-    ((P - 1) 8k against about log2 P x 8k) and loses ties, so it is never chosen over gTop-k.
+    Three candidates, by their total: every buffer dense, every buffer by its cheapest sparse
+    method, and each buffer by its cheapest method (:func:`method_costs`); each method used
+    adds its rounds once (:func:`round_costs`), the dense ones unless ``dense_paid`` (tensors
+    below dense_threshold are allreduced anyway).  Ties go to the candidate listed first.
+    One rank (``size`` 1) sends nothing: every buffer is 'dense' (exact, no residual).
+    ``methods``: the candidates ('dense' and at least one sparse method).  Top-k never sends
+    fewer bytes than gTop-k by the model ((P - 1) 8k against about log2 P x 8k) and loses
+    ties, so it is rarely chosen over gTop-k.
     """
     order = [m for m in _PREFERENCE if m in methods]
     if "dense" not in order or len(order) < 2 or len(order) != len(set(methods)):
@@ -227,12 +251,21 @@ def choose_methods(numels, density, size, link, dense_paid=False, methods=METHOD
     if size == 1:
         return tuple("dense" for _ in numels)
     costs = [method_costs(d, density, size, link) for d in numels]
+    rounds = round_costs(size, link)
+    if dense_paid:
+        rounds["dense"] = 0.0
+    alone = [dict(c) for c in costs]  # a buffer's method with its rounds, as if alone
+    for c in alone:
+        for m in c:
+            c[m] += rounds[m]
+    sparse = [min(order[1:], key=lambda m, c=c: (c[m], order.index(m))) for c in alone]
     best = [min(order, key=lambda m, c=c: (c[m], order.index(m))) for c in costs]
-    sparse = [min(order[1:], key=lambda m, c=c: (c[m], order.index(m))) for c in costs]
-    rounds = 0.0 if dense_paid else dense_allreduce_cost(1, size).messages * link.alpha
-    with_dense = sum(c[m] for c, m in zip(costs, best)) + (rounds if "dense" in best else 0.0)
-    without = sum(c[m] for c, m in zip(costs, sparse))
-    return tuple(best if with_dense <= without else sparse)
+
+    def total(choice):
+        return (sum(c[m] for c, m in zip(costs, choice))
+                + sum(rounds[m] for m in set(choice)))
+    candidates = [tuple("dense" for _ in numels), tuple(sparse), tuple(best)]
+    return min(candidates, key=total)
 
 
 def buffer_methods(algorithm, numels, density, size, link, dense_paid=False):
@@ -270,7 +303,8 @@ def describe_methods(methods):
     return ", ".join(f"{n} buffer(s) by {m}" for m, n in counts.items())
 
 
-def measure_link(allreduce, select, agree, size, n=1 << 18, repeats=5, clock=time.perf_counter):
+def measure_link(allreduce, select, agree, size, n=1 << 18, repeats=5, clock=time.perf_counter,
+                 stage=None):
     """Measure a :class:`Link` on the running job, in tens of milliseconds; call it on every
     rank at the same point: it issues the same Horovod operations everywhere.
 
@@ -283,10 +317,14 @@ def measure_link(allreduce, select, agree, size, n=1 << 18, repeats=5, clock=tim
             allreduce), so that every rank derives the same Link, hence the same choices.
         size: the number of ranks; n: entries of the large probe; repeats: medians of this
             many runs; clock: seconds now.
+        stage: ``stage()`` runs one gTop-k stage of one entry (an allgather in this rank's
+            first exchange group, a collective); None: ``Link.stage`` stays 0.
 
     Two allreduce sizes (1 and ``n`` entries) fit alpha and beta to the dense ring's cost
     (:func:`dense_allreduce_cost`); ``select`` on 64 entries gives the fixed cost of a buffer
-    (``overhead``), on ``n`` entries the cost per entry beyond it.
+    (``overhead``), on ``n`` entries the cost per entry beyond it; ``stage`` the cost of a
+    gTop-k stage's operation (Horovod's negotiation and a round trip), which the dense
+    probes cannot tell from the ring's 2(P-1) messages.
     """
     def median_time(fn, *args):
         times = []
@@ -300,14 +338,19 @@ def measure_link(allreduce, select, agree, size, n=1 << 18, repeats=5, clock=tim
     select(n)
     small = median_time(allreduce, 1)
     large = median_time(allreduce, n)
+    one_stage = 0.0
+    if stage is not None and size > 1:
+        stage()
+        one_stage = median_time(stage)
     overhead = median_time(select, _SMALL)
     per_entry = max(0.0, median_time(select, n) - overhead) / n
-    small, large, per_entry, overhead = agree([small, large, per_entry, overhead])
+    small, large, per_entry, overhead, one_stage = agree([small, large, per_entry, overhead,
+                                                          one_stage])
     if size == 1:
         return Link(0.0, 0.0, per_entry, overhead)
     alpha, beta = fit_alpha_beta([dense_allreduce_cost(1, size), dense_allreduce_cost(n, size)],
                                  [max(small, 1e-9), max(large, 1e-9)])
-    return Link(alpha, beta, per_entry, overhead)
+    return Link(alpha, beta, per_entry, overhead, one_stage)
 
 
 _SMALL = 64  # entries of the probe that times a sparse buffer's fixed cost

@@ -18,7 +18,7 @@ from gtopk_hvd.common.collective import DIGEST_BITS
 from gtopk_hvd.common.errors import GTopkError
 
 __all__ = ["PlanMismatchError", "make_plan", "plan_digest", "first_difference",
-           "mismatch_error"]
+           "mismatch_error", "hierarchy_mismatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ def mismatch_error(plans, rank):
         "members": "every rank must give the optimizer the same parameters in the same order "
                    "(named_parameters=model.named_parameters() names them); build the model "
                    "and the optimizer the same way on every rank",
+        "hierarchical": "pass the same hierarchical= to the optimizer (or gtopk_allreduce) on "
+                        "every rank; the two modes exchange in different process sets",
         "loss_scale": "pass grad_scaler= (PyTorch) or the LossScaleOptimizer (TensorFlow) on "
                       "every rank or on none, and keep the scalers in step",
     }.get(field.split("[")[0], f"pass the same {field.split('[')[0]} on every rank")
@@ -87,3 +89,14 @@ def mismatch_error(plans, rank):
         f"gTop-k set-ups differ across ranks (seen on rank {rank}): rank {r} has "
         f"{field}={got!r} where rank 0 has {want!r} (ranks that differ from rank 0: "
         f"{differing}). Fix: {hint}. Nothing was applied in this step.")
+
+
+def hierarchy_mismatch(modes, rank):
+    """None when every rank runs the same mode, else the :class:`PlanMismatchError` every rank
+    raises; ``modes``: each rank's 1 (hierarchical gTop-k) or 0 (flat), gathered.  Checked
+    before the first exchange of a job started with ``init(hierarchical=True)``: the two
+    modes' first operations run in different process sets, so their headers never meet."""
+    plans = [{"hierarchical": bool(m)} for m in modes]
+    if all(p == plans[0] for p in plans):
+        return None
+    return mismatch_error(plans, rank)

@@ -19,11 +19,12 @@ import logging
 import os
 
 from gtopk_hvd.common.errors import ProcessSetError
-from gtopk_hvd.common.schedule import exchange_groups
+from gtopk_hvd.common.schedule import exchange_groups, stages_for
 
 __all__ = ["init_with_exchange_sets", "exchange_sets", "prepare_exchange_sets",
-           "process_set_for_stage", "world_size_before_init", "is_elastic",
-           "hierarchical_sets", "job_layout"]
+           "process_set_for_stage", "first_stage_set", "world_size_before_init", "is_elastic",
+           "hierarchical_sets", "job_layout", "hierarchical_job",
+           "agree_on_mode"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ def init_with_exchange_sets(hvd, comm=None, process_sets=None, hierarchical=Fals
     """
     _cache.pop(id(hvd), None)  # a new init: process set ids may differ
     _cache.pop((id(hvd), "hierarchical"), None)
+    _cache.pop((id(hvd), "mode checked"), None)
+    if hierarchical and not is_elastic():
+        _cache[(id(hvd), "mode checked")] = set()
     wants_dynamic = (process_sets == "dynamic" or hierarchical
                      or os.environ.get(_DYNAMIC_ENV, "0") not in ("", "0"))
     size = None if wants_dynamic else world_size_before_init(comm)
@@ -178,6 +182,11 @@ def process_set_for_stage(sets, stage):
     return sets[stage.group]
 
 
+def first_stage_set(hvd):
+    """The process set of this rank's first gTop-k stage (measure_link's probe of a stage)."""
+    return process_set_for_stage(exchange_sets(hvd), stages_for(hvd.rank(), hvd.size())[0])
+
+
 def job_layout(hvd):
     """The :class:`~gtopk_hvd.common.hierarchy.HierarchicalLayout` of this job, from
     Horovod's sizes (the same on every rank)."""
@@ -205,3 +214,30 @@ def hierarchical_sets(hvd):
                      "hvd.init()")
     _cache[key] = (layout, sets)
     return layout, sets
+
+
+def hierarchical_job(hvd):
+    """Whether this job was started with ``init(hierarchical=True)`` (not under Elastic, which
+    refuses hierarchical mode): then each gTop-k exchange's first run checks that every rank
+    runs the same mode, hierarchical or flat, whose first operations run in different
+    process sets (gtopk_hvd.common.plan.hierarchy_mismatch)."""
+    return _cache.get((id(hvd), "mode checked")) is not None
+
+
+def agree_on_mode(hvd, name, hierarchical, gather, once=True):
+    """In a hierarchical job, refuse on every rank, before an exchange, ranks that run another
+    mode (hierarchical or flat), whose first operations run in different process sets so
+    their headers never meet: ``gather(mode, op_name)`` (the adapter's allgather over every
+    rank, ``{name}.mode``) returns each rank's 1 or 0.  ``once``: only at the first exchange
+    named ``name`` that found the ranks agreeing (``gtopk_allreduce``: every rank reaches its
+    first call of a name alike); ``once=False`` checks now (an optimizer, until a step
+    verified its set-up)."""
+    from gtopk_hvd.common.plan import hierarchy_mismatch
+    checked = _cache.get((id(hvd), "mode checked"))
+    if checked is None or (once and name in checked):
+        return
+    error = hierarchy_mismatch(gather(int(bool(hierarchical)), f"{name}.mode"), hvd.rank())
+    if error is not None:
+        raise error
+    if once:
+        checked.add(name)

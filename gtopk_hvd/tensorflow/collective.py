@@ -26,7 +26,8 @@ from gtopk_hvd.common.cost import measure_link as _measure_link
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.plan import mismatch_error, plan_digest
-from gtopk_hvd.common.process_sets import exchange_sets, process_set_for_stage
+from gtopk_hvd.common.process_sets import (exchange_sets, first_stage_set,
+                                           process_set_for_stage)
 from gtopk_hvd.tensorflow.ops import TFOps, all_finite, compress, select_topk
 
 __all__ = ["GTopkResult", "check_tf2_context", "compensate", "exchange", "exchange_grouped",
@@ -233,8 +234,12 @@ def measure_link(name="gtopk.link"):
         tf.tensor_scatter_nd_update(acc, tf.expand_dims(chosen, 1),
                                     tf.zeros(tf.shape(chosen), tf.float32)).numpy()
 
+    def stage():
+        hvd.allgather(tf.zeros([2], tf.int32), name=f"{name}.stage",
+                      process_set=first_stage_set(hvd)).numpy()
+
     def agree(values):
         return hvd.allreduce(tf.constant(values, tf.float64), name=f"{name}.max",
                              op=hvd.Max).numpy().tolist()
 
-    return _measure_link(allreduce, select, agree, hvd.size())
+    return _measure_link(allreduce, select, agree, hvd.size(), stage=stage)

@@ -14,7 +14,7 @@ from gtopk_hvd.common.plan import plan_digest
 from gtopk_hvd.tensorflow.collective import check_verdict
 from gtopk_hvd.tensorflow.ops import TFOps, op_name_safe
 
-__all__ = ["hierarchical_exchange", "drive"]
+__all__ = ["hierarchical_exchange", "drive", "gather_modes"]
 
 
 def drive(steps, sets):
@@ -38,3 +38,9 @@ def hierarchical_exchange(flat, residual, k, layout, sets, name, plan, wire="flo
     res = drive(hierarchical_exchange_steps(TFOps(hvd), flat, residual, k, layout, hvd.rank(),
                                              name, plan_digest(plan), 0, wire), sets)
     return res, check_verdict(int(res.verdict), plan, name=op_name_safe(f"{name}.plan"))
+
+
+def gather_modes(mode, name):
+    """Every rank's ``mode`` (an int), by one allgather over every rank named ``name``,
+    eagerly (gtopk_hvd.common.process_sets.agree_on_mode)."""
+    return hvd.allgather(tf.constant([mode], tf.int32), name=op_name_safe(name)).numpy().tolist()

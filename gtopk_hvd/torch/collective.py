@@ -23,7 +23,8 @@ from gtopk_hvd.common.collective import (MISMATCH, NONFINITE, GTopkResult,
 from gtopk_hvd.common.cost import measure_link as _measure_link
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.plan import mismatch_error
-from gtopk_hvd.common.process_sets import exchange_sets, process_set_for_stage
+from gtopk_hvd.common.process_sets import (exchange_sets, first_stage_set,
+                                           process_set_for_stage)
 from gtopk_hvd.torch.ops import TorchOps, select_topk
 
 __all__ = ["GTopkResult", "compensate", "exchange",
@@ -112,11 +113,15 @@ def measure_link(name="gtopk.link", *, device="cpu"):
                          torch.zeros(numel, device=device))
         acc[select_topk(acc, k_for(numel, 0.001)).long()] = 0
 
+    def stage():
+        hvd.allgather(torch.zeros(2, dtype=torch.int32, device=device), name=f"{name}.stage",
+                      process_set=first_stage_set(hvd))
+
     def agree(values):
         return hvd.allreduce(torch.tensor(values, dtype=torch.float64), name=f"{name}.max",
                              op=hvd.Max).tolist()
 
-    return _measure_link(allreduce, select, agree, hvd.size())
+    return _measure_link(allreduce, select, agree, hvd.size(), stage=stage)
 
 
 def check_verdict(verdict, plan, name="gtopk.plan"):

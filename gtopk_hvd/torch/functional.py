@@ -22,11 +22,11 @@ import torch
 
 from gtopk_hvd.common.collective import GTopkResult
 from gtopk_hvd.common.hierarchy import prepare_call
-from gtopk_hvd.common.process_sets import hierarchical_sets
+from gtopk_hvd.common.process_sets import agree_on_mode, hierarchical_sets
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_allreduce_arguments
 from gtopk_hvd.torch.collective import op_name
-from gtopk_hvd.torch.hierarchical import hierarchical_exchange
+from gtopk_hvd.torch.hierarchical import gather_modes, hierarchical_exchange
 from gtopk_hvd.torch.step import TensorStep
 
 __all__ = ["GTopkResult", "gtopk_allreduce", "gtopk_allreduce_"]
@@ -109,6 +109,7 @@ def _hierarchical_allreduce(tensor, density, name, op, algorithm, residual, proc
                          f"{getattr(residual, 'dtype', '')}")
     (lo, hi), k, plan = prepare_call(layout, numel, hvd.rank(), density, op_name(op),
                                      algorithm, None if residual is None else residual.numel())
+    agree_on_mode(hvd, name or "gtopk", True, gather_modes)
     flat = tensor.detach().reshape(-1).to(torch.float32)
     eps = torch.zeros(hi - lo, dtype=torch.float32) if residual is None else residual
     res, finite = hierarchical_exchange(flat, eps, k, layout, sets, f"{name or 'gtopk'}.h",
@@ -148,6 +149,7 @@ def _gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set
     density, numel, k = check_allreduce_arguments(density, op_name(op), algorithm,
                                                   process_set, tensor.numel(), name)
     config = StepConfig(algorithm, op_name(op), "tensor", 0, name=name or "gtopk")
+    agree_on_mode(hvd, name or "gtopk", False, gather_modes)
     backend = TensorStep(config, tensor, residual, in_place, profile)
     run_step(backend, config, [Buffer(name or "tensor", [tensor], numel, algorithm)], [], [k],
              density)

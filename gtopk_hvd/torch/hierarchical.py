@@ -12,7 +12,7 @@ from gtopk_hvd.common.plan import plan_digest
 from gtopk_hvd.torch.collective import check_verdict
 from gtopk_hvd.torch.ops import TorchOps, wait
 
-__all__ = ["hierarchical_exchange", "drive"]
+__all__ = ["hierarchical_exchange", "drive", "gather_modes"]
 
 
 def drive(steps, sets):
@@ -37,3 +37,9 @@ def hierarchical_exchange(flat, residual, k, layout, sets, name, plan, wire="flo
     res = drive(hierarchical_exchange_steps(ops, flat, residual, k, layout, hvd.rank(), name,
                                              plan_digest(plan), 0, wire), sets)
     return res, check_verdict(int(res.verdict), plan, name=f"{name}.plan")
+
+
+def gather_modes(mode, name):
+    """Every rank's ``mode`` (an int), by one allgather over every rank named ``name``
+    (gtopk_hvd.common.process_sets.agree_on_mode)."""
+    return hvd.allgather(torch.tensor([mode], dtype=torch.int32), name=name).tolist()

@@ -21,13 +21,14 @@ from gtopk_hvd.common.collective import MISMATCH, NONFINITE
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.plan import plan_digest
-from gtopk_hvd.common.process_sets import (hierarchical_sets, is_elastic,
+from gtopk_hvd.common.process_sets import (agree_on_mode, hierarchical_sets, is_elastic,
                                            prepare_exchange_sets)
 from gtopk_hvd.common.step import (Buffer, StepConfig, apply_sparse, finish_exchanged,
                                    run_step, step_plan)
 from gtopk_hvd.common.validation import check_buffer_numel
 from gtopk_hvd.torch.buckets import BucketPipeline
 from gtopk_hvd.torch.collective import dense_allreduce_bytes, measure_link
+from gtopk_hvd.torch.hierarchical import gather_modes
 from gtopk_hvd.torch.ops import all_finite
 from gtopk_hvd.torch.step import JoinedStep, TorchStep
 
@@ -229,6 +230,13 @@ class Synchronizer:
         costs.  Not under Elastic, where a joining rank has had no first step."""
         return self.state.algorithm == "auto" and self.state.is_verified() and not is_elastic()
 
+    def agree_on_mode(self):
+        """In a job started with init(hierarchical=True), until a step verified the set-up:
+        every rank runs the same mode (hierarchical or flat), or all refuse it."""
+        if not self.state.is_verified():
+            agree_on_mode(hvd, self.config.name, self.hierarchy is not None, gather_modes,
+                          once=False)
+
     def backend(self, params):
         args = (self.state, self.config, params, self.compression, self.op, self.finish,
                 self.hierarchy)
@@ -254,6 +262,7 @@ class Synchronizer:
             buffers = self.buffers(layout, methods)
             ks = [k_for(b.numel, density) for b in buffers if b.method != "dense"]
             dense = [(self.names[p], p, p.numel()) for p in layout.dense]
+            self.agree_on_mode()
             run_step(self.backend(params), self.config, buffers, dense, ks, density, scale,
                      dense_first=self.dense_first())
         if self.state.algorithm == "auto" and self.state.link is None:
@@ -335,6 +344,7 @@ class Synchronizer:
         buffers = self.buffers(layout, ["gtopk"] * len(layout.buffers))
         plan = step_plan(config, buffers, ks, [(self.names[p], p, p.numel())
                                                for p in layout.dense], scale)
+        self.agree_on_mode()
         backend = self.backend(self.params())
 
         def prepare(bucket):

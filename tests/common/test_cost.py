@@ -6,9 +6,10 @@ import time
 import pytest
 
 from gtopk_hvd.common.cost import (Cost, Link, as_link, buffer_methods, choose_methods,
-                                   cost_of, describe_methods, dense_allreduce_cost, fit_alpha_beta, gtopk_cost,
-                                   gtopk_stages, measure_link, method_costs,
-                                   topk_allgather_cost)
+                                   cost_of, describe_methods, dense_allreduce_cost,
+                                   fit_alpha_beta, gtopk_cost, gtopk_stages, measure_link,
+                                   method_costs, round_costs, topk_allgather_cost)
+from gtopk_hvd.common.density import k_for
 
 
 @pytest.mark.parametrize("size", [2, 4, 8, 16])
@@ -186,15 +187,48 @@ def test_measure_link_fits_alpha_beta_from_two_allreduce_sizes_and_agrees_before
         agreed.append(list(values))
         return [v * 2 for v in values]
 
+    def stage():  # a stage: one Horovod operation's negotiation and a round trip
+        calls.append(("stage",))
+        now[0] += 1e-3
+
     link = measure_link(allreduce, select, agree, size, n=1 << 18, repeats=3,
-                        clock=lambda: now[0])
-    assert len(agreed) == 1 and len(agreed[0]) == 4
+                        clock=lambda: now[0], stage=stage)
+    assert len(agreed) == 1 and len(agreed[0]) == 5
     assert [c for c in calls if c[0] == "allreduce"] == [("allreduce", 1)] * 4 + \
         [("allreduce", 1 << 18)] * 3
+    assert calls.count(("stage",)) == 4  # a warm-up and three timed
+    assert link.stage == pytest.approx(2e-3, rel=1e-6)
     assert link.alpha == pytest.approx(2 * alpha, rel=1e-6)
     assert link.beta == pytest.approx(2 * beta, rel=1e-6)
     assert link.overhead == pytest.approx(2 * (fixed + per_entry * 64), rel=1e-6)
     assert link.select == pytest.approx(2 * per_entry * (1 - 64 / (1 << 18)), rel=1e-6)
+
+
+def test_gtopk_pays_a_stage_per_horovod_operation_so_small_buffers_go_dense():
+    # 1 MB at density 0.001 on 64 ranks, 10 Gbit/s: by bytes alone gTop-k wins; its 6
+    # stages of 1 ms (Horovod's negotiation each) make dense, 0.2 ms of rounds here, faster
+    bytes_only = Link(alpha=1e-6, beta=8e-10)
+    assert buffer_methods("auto", [250_000], 0.001, 64, bytes_only) == ("gtopk",)
+    staged = Link(alpha=1e-6, beta=8e-10, stage=1e-3)
+    rounds = round_costs(64, staged)
+    assert rounds["gtopk"] == pytest.approx(6e-3) and rounds["dense"] == pytest.approx(126e-6)
+    assert buffer_methods("auto", [250_000], 0.001, 64, staged) == ("dense",)
+    # Top-k's one allgather (one operation, 63 x 2 KB) beats both here
+    assert choose_methods([250_000], 0.001, 64, staged) == ("topk",)
+    # 25M entries: 200 MB of ring traffic against 6 stages: gTop-k still
+    assert buffer_methods("auto", [25_000_000], 0.001, 64, staged) == ("gtopk",)
+    # a fold group's further messages cost alpha each (P = 6: stages of 3 ranks)
+    assert round_costs(6, Link(1.0, 0.0, stage=10.0))["gtopk"] == \
+        gtopk_stages(6) * 10.0 + (gtopk_cost(1, 6).messages - gtopk_stages(6)) * 1.0
+
+
+def test_merges_cost_select_per_entry_merged():
+    link = Link(alpha=0.0, beta=0.0, select=1e-9)
+    d, density, size = 1 << 20, 0.01, 16
+    k = k_for(d, density)
+    costs = method_costs(d, density, size, link)
+    assert costs["gtopk"] == pytest.approx(1e-9 * (d + 2 * k * gtopk_stages(size)))
+    assert costs["topk"] == pytest.approx(1e-9 * (d + k * size))
 
 
 def test_measure_link_on_one_rank_has_no_network_terms():

@@ -16,6 +16,7 @@ def job():
 
 @pytest.mark.parametrize("scenario", [
     "hierarchical_allreduce_equals_the_reference_every_step",
-    "hierarchical_nan_on_one_rank_gives_nan_everywhere_residuals_kept"])
+    "hierarchical_nan_on_one_rank_gives_nan_everywhere_residuals_kept",
+    "hierarchical_on_some_ranks_only_is_refused_on_every_rank"])
 def test_hierarchical(job, scenario):
     check_scenario(job, scenario)

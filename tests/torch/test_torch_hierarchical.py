@@ -31,6 +31,9 @@ SCENARIOS = [
     *[f"hierarchical_optimizer_{g}_equals_the_reference_every_step" for g in ("model", "layer")],
     "hierarchical_checkpoint_keeps_the_shard_residuals_for_its_own_layout_only",
     "hierarchical_optimizer_refuses_what_it_cannot_run",
+    "hierarchical_on_some_ranks_only_is_refused_on_every_rank",
+    "hierarchical_grad_scaler_bit_identical_to_the_unscaled_run_across_scale_growth",
+    "hierarchical_grad_scaler_overflow_on_one_rank_skips_one_step_everywhere",
 ]
 
 

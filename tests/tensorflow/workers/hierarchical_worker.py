@@ -7,6 +7,7 @@ import numpy as np
 from _common import assert_equal, finish, start
 
 from gtopk_hvd.common.hierarchy import shard_bounds
+from gtopk_hvd.common.plan import PlanMismatchError
 from gtopk_hvd.common.process_sets import job_layout
 from gtopk_hvd.common.reference import hierarchical_step
 
@@ -47,6 +48,19 @@ def main():
                                   hierarchical=True)
         assert not res.finite and np.isnan(res.output.numpy()).all()
         assert_equal(res.residual, eps, "residual kept")
+    with rec("hierarchical_on_some_ranks_only_is_refused_on_every_rank"):
+        grad = tf.constant(grads_for(11, rank))
+        for attempt, hierarchical in enumerate((rank != 0, True)):  # the same name twice
+            try:
+                res = hvd.gtopk_allreduce(grad, density=0.05, name="hm",
+                                          hierarchical=hierarchical)
+            except PlanMismatchError as exc:
+                assert attempt == 0 and "hierarchical=True" in str(exc), exc
+            else:
+                assert attempt == 1, "one flat rank among hierarchical ones was accepted"
+                assert np.isfinite(res.output.numpy()).all()
+            total = hvd.allreduce(tf.constant([float(rank)]), op=hvd.Sum)  # unnamed
+            assert float(total[0]) == size * (size - 1) / 2, total
     finish(tf, hvd, rec)
 
 

@@ -8,11 +8,13 @@ import torch
 from _common import Recorder, assert_equal
 from optimizer_worker import loss_for, make_model, simulate, train
 from reference_sgd import ReferenceRun, flat32
+from robustness_worker import loss_scaling
 
 import gtopk_hvd.torch as hvd
 from gtopk_hvd.common.collective import gtopk_wire_bytes
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.hierarchy import shard_bounds
+from gtopk_hvd.common.plan import PlanMismatchError
 from gtopk_hvd.common.process_sets import job_layout
 from gtopk_hvd.common.reference import hierarchical_step
 
@@ -113,6 +115,37 @@ def optimizer_scenarios(rec, rank, size, local):
             else:  # a shard's residual against a flat run's whole buffer: dropped
                 assert residuals == {}, sorted(residuals)
             assert again.gtopk_stats()["step"] == 2
+    with rec("hierarchical_on_some_ranks_only_is_refused_on_every_rank"):
+        refused = job_layout(hvd).mode != "flat"  # where it falls back both modes run flat
+        model = make_model(34)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(),
+                                       density=0.1, hierarchical=rank != 0)
+        for attempt in range(2):  # refused again: nothing was verified
+            try:
+                train(hvd, model, opt, loss_for(34), steps=1)
+            except PlanMismatchError as exc:
+                assert refused and "hierarchical=True" in str(exc) and "rank 0 has False" in \
+                    str(exc) and "hierarchical=" in str(exc).split("Fix:")[1], exc
+                assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+            else:
+                assert not refused, "one flat rank among hierarchical ones was accepted"
+            total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum)  # unnamed
+            assert total.item() == size * (size - 1) / 2, total
+        grad = torch.from_numpy(grads_for(11, rank))
+        for attempt, hierarchical in enumerate((rank != 0, True)):  # the same name twice
+            mixed = attempt == 0 and refused
+            try:
+                res = hvd.gtopk_allreduce(grad, density=0.05, name="hm",
+                                          hierarchical=hierarchical)
+            except PlanMismatchError as exc:
+                assert mixed and "hierarchical" in str(exc), exc
+            else:
+                assert not mixed, "mixed modes were accepted"
+                assert torch.isfinite(res.output).all()
+            total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum)  # unnamed
+            assert total.item() == size * (size - 1) / 2, total
     with rec("hierarchical_optimizer_refuses_what_it_cannot_run"):
         model = make_model(32)
         for kwargs in ({"granularity": "bucket"}, {"algorithm": "topk"},
@@ -176,6 +209,9 @@ def main():
         else:
             raise AssertionError("a residual of the wrong size was accepted")
     optimizer_scenarios(rec, rank, size, local)
+    # bit-identical to the unscaled hierarchical run (powers of two scale exactly), and an
+    # overflow on one rank skips the step on every rank with every shard residual finite
+    loss_scaling(rec, rank, size, prefix="hierarchical_", hierarchical=True)
     rec.save()
     hvd.shutdown()
 

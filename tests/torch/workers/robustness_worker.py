@@ -115,12 +115,13 @@ def nonfinite(rec, rank, size):
                 assert same_on_every_rank(hvd, flat_params(model), f"nonfinite.{tag}")
 
 
-def _scaled_run(rank, size, steps, scaler=None, overflow_at=None):
-    """Train with or without GradScaler in Horovod's pattern; params and scales per step."""
+def _scaled_run(rank, size, steps, scaler=None, overflow_at=None, **kwargs):
+    """Train with or without GradScaler in Horovod's pattern; params and scales per step.
+    ``kwargs``: more arguments of the optimizer (hierarchical=True)."""
     model = make_model(31)
     opt = hvd.DistributedOptimizer(sgd(model.parameters()),
                                    named_parameters=model.named_parameters(), density=0.1,
-                                   grad_scaler=scaler)
+                                   grad_scaler=scaler, **kwargs)
     loss, history = loss_for(31), []
     for step in range(steps):
         opt.zero_grad()
@@ -142,19 +143,21 @@ def _scaled_run(rank, size, steps, scaler=None, overflow_at=None):
     return history, opt
 
 
-def loss_scaling(rec, rank, size):
-    with rec("grad_scaler_bit_identical_to_the_unscaled_run_across_scale_growth"):
-        plain, _ = _scaled_run(rank, size, 6)
+def loss_scaling(rec, rank, size, prefix="", **kwargs):
+    """The GradScaler scenarios; ``prefix`` names them, ``kwargs`` go to the optimizer
+    (tests/torch/workers/hierarchical_worker.py runs the first two hierarchically)."""
+    with rec(f"{prefix}grad_scaler_bit_identical_to_the_unscaled_run_across_scale_growth"):
+        plain, _ = _scaled_run(rank, size, 6, **kwargs)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4, growth_interval=2)
-        scaled, opt = _scaled_run(rank, size, 6, scaler)
+        scaled, opt = _scaled_run(rank, size, 6, scaler, **kwargs)
         scales = [s for _, s, _ in scaled]
         assert scales[-1] > scales[0], f"the scale never grew: {scales}"
         for step, ((a, _, _), (b, _, _)) in enumerate(zip(plain, scaled)):
             assert_equal(b, a.numpy(), f"params after step {step + 1} (scales {scales})")
         assert opt.gtopk_stats()["nonfinite_steps"] == 0
-    with rec("grad_scaler_overflow_on_one_rank_skips_one_step_everywhere"):
+    with rec(f"{prefix}grad_scaler_overflow_on_one_rank_skips_one_step_everywhere"):
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1000)
-        history, opt = _scaled_run(rank, size, 5, scaler, overflow_at=2)
+        history, opt = _scaled_run(rank, size, 5, scaler, overflow_at=2, **kwargs)
         scales = [s for _, s, _ in history]
         assert scales == [2.0 ** 8] * 2 + [2.0 ** 7] * 3, scales
         assert torch.equal(history[2][0], history[1][0]), "the overflow step changed params"
@@ -162,7 +165,9 @@ def loss_scaling(rec, rank, size):
         assert all(np.isfinite(l) for _, _, l in history)
         assert opt.gtopk_stats()["nonfinite_steps"] == 1
         assert all(bool(torch.isfinite(e).all()) for e in opt.gtopk_state.residuals.values())
-        assert same_on_every_rank(hvd, history[-1][0], "scaler.overflow")
+        assert same_on_every_rank(hvd, history[-1][0], f"{prefix}scaler.overflow")
+    if kwargs:
+        return
     for granularity in GRANULARITIES:
         suffix = "" if granularity == "model" else f"_{granularity}"
         with rec(f"grad_scaler_unscaled_before_synchronize_is_refused{suffix}"):
