@@ -12,17 +12,21 @@ backward pass's timeline for the overlap of Horovod's dense allreduce.
 - auto: what ``algorithm="auto"`` chooses (gtopk_hvd.common.cost.buffer_methods) with the
   Link that gtopk_hvd.common.cost.measure_link would measure on the platform (alpha and beta
   fitted, with the library's fit_alpha_beta, to SimGrid's dense allreduce of 1 and 2^18
-  entries, as measure_link does on a job), ``select`` and ``overhead`` from the local work.
+  entries, as measure_link does on a job; ``stage`` from a simulated one-entry gTop-k call),
+  ``select`` and ``overhead`` from the local work.  When it chooses dense, the model's one
+  buffer is allreduced after the backward pass (the library's step), not overlapped.
 """
 from functools import lru_cache
 
-from gtopk_hvd.common.cost import Link, buffer_methods, dense_allreduce_cost, fit_alpha_beta
+from gtopk_hvd.common.cost import (Link, buffer_methods, dense_allreduce_cost, fit_alpha_beta,
+                                   gtopk_stages)
 
 from benchmarks.scale.layers import layers_of
-from benchmarks.scale.programs import program
+from benchmarks.scale.programs import LocalWork, program
 from benchmarks.scale.simulate import run_programs
 
-__all__ = ["exchange_time", "dense_line", "iteration_time", "auto_link", "FUSION_BYTES"]
+__all__ = ["exchange_time", "dense_line", "iteration_time", "dense_after_backward", "auto_link",
+           "FUSION_BYTES"]
 
 FUSION_BYTES = 64 * 1024 * 1024
 PROBE = 1 << 18  # entries of measure_link's large probe
@@ -49,13 +53,18 @@ def dense_line(platform, work):
 
 def auto_link(platform, work):
     """The Link measure_link would find: alpha, beta fitted to the simulated dense allreduce
-    of 1 and PROBE entries; select and overhead from ``work``."""
+    of 1 and PROBE entries; ``stage``: a simulated gTop-k call of one entry (Horovod's cost
+    per operation and the round trips) over its stages; select and overhead from ``work``."""
     p = platform.size
     base, per_byte = dense_line(platform, work)
     times = [base + per_byte * 4 * 1, base + per_byte * 4 * PROBE]
     alpha, beta = fit_alpha_beta([dense_allreduce_cost(1, p), dense_allreduce_cost(PROBE, p)],
                                  times)
-    return Link(alpha, beta, work.select + work.apply, work.fixed)
+    stage = 0.0
+    if p > 1:
+        rounds_only = LocalWork(0.0, 0.0, 0.0, 0.0, work.op_s)
+        stage = exchange_time(platform, "gtopk", p, 1.0 / p, rounds_only) / gtopk_stages(p)
+    return Link(alpha, beta, work.select + work.apply, work.fixed, stage)
 
 
 def auto_choice(platform, d, density, work):
@@ -83,6 +92,14 @@ def _dense_wfbp(layers, forward, backward, platform, work):
     return max(comm_free, forward + backward)
 
 
+def dense_after_backward(d, compute_s, platform, work):
+    """Seconds of an iteration whose ``d`` gradients are allreduced densely in one operation
+    after the backward pass: what ``algorithm="auto"`` runs when it sends the model's one
+    buffer densely (the step's dense allreduce; unlike Horovod's own, not overlapped)."""
+    base, per_byte = dense_line(platform, work)
+    return compute_s + base + per_byte * 4 * d
+
+
 def iteration_time(model, compute_s, platform, method, density, work, exchange=exchange_time):
     """Seconds of one iteration of ``model`` whose forward and backward take ``compute_s`` on a
     rank, with ``method`` ('dense', 'topk', 'gtopk', 'hierarchical' or 'auto'); returns
@@ -92,6 +109,8 @@ def iteration_time(model, compute_s, platform, method, density, work, exchange=e
     d = sum(e for e, _ in layers)
     if method == "auto":
         method = auto_choice(platform, d, density, work)
+        if method == "dense" and platform.size > 1:
+            return dense_after_backward(d, compute_s, platform, work), "dense"
     if method == "dense" or platform.size == 1:
         return _dense_wfbp(layers, compute_s / 3, 2 * compute_s / 3, platform, work), "dense"
     return compute_s + exchange(platform, method, d, density, work), method

@@ -178,12 +178,19 @@ def projection(works, quick=False):
                                  "compute": source, "auto_chose": chose if m == "auto" else ""})
                 fastest = min(times, key=times.get)
                 among = min(("dense", "gtopk"), key=times.get)
+                # what auto chooses between: gTop-k, or dense after the backward pass
+                after = model.dense_after_backward(total_params(name),
+                                                   compute, plat, work)
+                can = "dense" if after <= times["gtopk"] else "gtopk"
                 auto_rows.append({"model": name, "nodes": plat.nodes,
                                   "ranks_per_node": plat.ranks_per_node,
                                   "network_gbit": plat.net_gbit, "density": density,
                                   "auto_choice": chose, "fastest_method": fastest,
                                   "fastest_of_dense_gtopk": among,
-                                  "auto_loss_pct": 100 * (auto_t / times[among] - 1)})
+                                  "auto_loss_pct": 100 * (auto_t / times[among] - 1),
+                                  "fastest_auto_can_run": can,
+                                  "auto_loss_vs_its_options_pct":
+                                      100 * (auto_t / min(after, times["gtopk"]) - 1)})
         print(f"[{i + 1}/{len(platforms)}] {plat.nodes} x {plat.ranks_per_node} at "
               f"{plat.net_gbit:g} Gbit/s: {time.time() - start:.0f} s", file=sys.stderr)
     _write("scale_projection.csv", rows)
