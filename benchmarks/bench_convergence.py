@@ -48,12 +48,12 @@ def worker():
 
     ex = load_example()
     torch.set_num_threads(1)
-    hvd.init()
+    hvd.init(hierarchical=any(m.startswith("h") for m in cfg["methods"]))
     rank, size = hvd.rank(), hvd.size()
     train_set, test_set = ex.datasets()
     rows = []
     for seed in cfg["seeds"]:
-        for method in cfg["methods"]:  # "dense" or a density such as "0.001"
+        for method in cfg["methods"]:  # "dense", a density ("0.001"), "h0.001": hierarchical
             torch.manual_seed(seed)
             sampler = DistributedSampler(train_set, num_replicas=size, rank=rank, seed=seed)
             loader = DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler)
@@ -67,11 +67,12 @@ def worker():
                                                      named_parameters=model.named_parameters())
             else:
                 schedule = ExponentialWarmupDensity(
-                    final=float(method), initial=cfg["warmup_initial"],
+                    final=_density(method), initial=cfg["warmup_initial"],
                     warmup_epochs=cfg["warmup_epochs"], steps_per_epoch=len(loader))
                 opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                                density=schedule,
-                                               granularity=cfg["granularity"])
+                                               granularity=cfg["granularity"],
+                                               hierarchical=method.startswith("h"))
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)
             start = time.perf_counter()
             for epoch in range(cfg["epochs"]):
@@ -122,8 +123,15 @@ def _variant(args):
     return ", ".join(parts) or "as the example"
 
 
+def _density(method):
+    """The final density of a method name: "0.001", or "h0.001" (hierarchical)."""
+    return float(method[1:] if method.startswith("h") else method)
+
+
 def _label(method):
-    return "dense" if method == "dense" else f"gTop-k {method}"
+    if method == "dense":
+        return "dense"
+    return f"hierarchical gTop-k {method[1:]}" if method.startswith("h") else f"gTop-k {method}"
 
 
 def summary(all_rows):
@@ -141,7 +149,7 @@ def summary(all_rows):
 def _summary(rows, variant, dense_rows):
     out = []
     methods = sorted({str(r["method"]) for r in rows},
-                     key=lambda m: -1.0 if m == "dense" else -float(m))  # dense, then denser
+                     key=lambda m: (-1.0, 0) if m == "dense" else (-_density(m), m.startswith("h")))
     last = max(r["epoch"] for r in rows)
     dense = [r["test_accuracy"] for r in dense_rows if str(r["method"]) == "dense"
              and r["epoch"] == last]
@@ -168,7 +176,8 @@ def plot(rows, path):
 
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    colors = {"dense": "k", "0.01": "tab:orange", "0.001": "tab:blue"}
+    colors = {"dense": "k", "0.01": "tab:orange", "0.001": "tab:blue", "h0.01": "tab:red",
+              "h0.001": "tab:green"}
     styles = dict(zip(variants, ("-", "--", ":", "-.")))
     for v in variants:
         vrows = [r for r in rows if r["variant"] == v]
@@ -203,7 +212,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="1 seed, 10 epochs")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--methods", default="dense,0.01,0.001",
-                        help="'dense' and/or final densities of gTop-k")
+                        help="'dense' and/or final densities of gTop-k ('h0.01': hierarchical "
+                             "gTop-k, which needs nodes: run it under horovodrun -H "
+                             "localhost:2,127.0.0.1:2)")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32, help="per rank, as the example")
     parser.add_argument("--lr", type=float, default=0.075, help="per rank, as the example")

@@ -67,11 +67,18 @@ class GTopkCompressor(Compressor):
     Args:
         density: fraction of each tensor's entries kept, in (0, 1].
         algorithm: ``"gtopk"`` (hypercube stages, O(k log P)) or ``"topk"`` (allgather).
+        hierarchical: False only (PyTorch's compressor has it; here a clear error).
     """
 
-    def __init__(self, density=0.001, algorithm="gtopk"):
+    def __init__(self, density=0.001, algorithm="gtopk", hierarchical=False):
         self.density = check_density(density)
         self.algorithm = check_algorithm(algorithm, where="Compression.gtopk")
+        if hierarchical is not False:
+            raise ValueError(
+                f"Compression.gtopk(hierarchical={hierarchical!r}): TensorFlow's compressor "
+                f"runs inside Horovod's tf.function and hierarchical gTop-k runs eagerly; use "
+                f"gtopk_allreduce(..., hierarchical=True) eagerly (or PyTorch's compressor), "
+                f"or drop hierarchical=")
         self._residuals = {}
         self._positions = weakref.WeakKeyDictionary()  # traced graph -> tensors seen
 

@@ -34,9 +34,12 @@ from gtopk_hvd.common.compression import (COMPRESSOR_PREFIX, check_compressor_pr
                                           horovod_call, op_from_call,
                                           require_name)
 from gtopk_hvd.common.density import check_density, k_for
+from gtopk_hvd.common.process_sets import agree_on_mode, hierarchical_sets, is_elastic
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
-from gtopk_hvd.common.validation import check_algorithm, check_buffer_numel
+from gtopk_hvd.common.validation import (check_algorithm, check_buffer_numel,
+                                         check_hierarchical, layout_key)
 from gtopk_hvd.torch.collective import compensate, decompress, op_name
+from gtopk_hvd.torch.hierarchical import gather_modes
 from gtopk_hvd.torch.state import GTopkState
 from gtopk_hvd.torch.step import TorchStep
 
@@ -59,17 +62,25 @@ class GTopkCompressor(Compressor):
     Args:
         density: fraction of each tensor's entries kept, in (0, 1].
         algorithm: ``"gtopk"`` (hypercube stages, O(k log P)) or ``"topk"`` (allgather).
+        hierarchical: hierarchical gTop-k per tensor (docs/pytorch.md): a reduce-scatter
+            inside each node, gTop-k across nodes on this rank's shard, whose residual it
+            keeps; needs ``gtopk_hvd.torch.init(hierarchical=True)`` before the compressor is
+            made.  Unequal hosts or one rank a host run flat gTop-k.
 
     Attributes:
         gtopk_state: a :class:`~gtopk_hvd.torch.GTopkState` (``residuals`` by parameter name,
             ``step``, statistics); ``state_dict()`` / ``load_state_dict()`` checkpoint it.
     """
 
-    def __init__(self, density=0.001, algorithm="gtopk"):
+    def __init__(self, density=0.001, algorithm="gtopk", hierarchical=False):
         self.gtopk_state = GTopkState(check_density(density),
                                       check_algorithm(algorithm, where="Compression.gtopk"),
                                       granularity="layer")
         self._pending = {}
+        self._hierarchy = None  # (layout, process sets) of hierarchical gTop-k
+        if check_hierarchical(hierarchical, self.gtopk_state.algorithm, "layer", is_elastic()):
+            layout, sets = hierarchical_sets(hvd)
+            self._hierarchy = None if layout.mode == "flat" else (layout, sets)
 
     def compress(self, tensor):
         """Put acc = tensor + residual aside; return a one-element placeholder and the ctx."""
@@ -88,8 +99,12 @@ class GTopkCompressor(Compressor):
         if name in self._pending:
             logger.warning("gtopk_hvd: tensor %r compressed twice without a decompress in "
                            "between; the first one is dropped", name)
-        eps = state.residual(name, numel, tensor.device)
-        acc = compensate(tensor, eps, out=state.spare(name, numel, tensor.device))
+        if self._hierarchy is not None:  # the shard's residual joins after the node's sum
+            acc = state.spare(name, numel, tensor.device)
+            acc.copy_(tensor.detach().reshape(-1))
+        else:
+            eps = state.residual(name, numel, tensor.device)
+            acc = compensate(tensor, eps, out=state.spare(name, numel, tensor.device))
         entry = self._pending[name] = _Pending(name, acc, tensor.shape, tensor.dtype, op)
         return tensor.new_zeros(1), entry
 
@@ -112,7 +127,8 @@ class GTopkCompressor(Compressor):
         buffers = [Buffer(e.name, [e], e.acc.numel(), state.algorithm) for e in pending]
         config = StepConfig(state.algorithm, ",".join(e.op for e in pending), "compressor", 0,
                             name=COMPRESSOR_PREFIX)
-        run_step(_CompressorStep(state, config, pending), config, buffers, [],
+        agree_on_mode(hvd, COMPRESSOR_PREFIX, self._hierarchy is not None, gather_modes)
+        run_step(_CompressorStep(state, config, pending, self._hierarchy), config, buffers, [],
                  [k_for(b.numel, density) for b in buffers], density)
 
     def gtopk_stats(self):
@@ -121,12 +137,13 @@ class GTopkCompressor(Compressor):
 
     def state_dict(self):
         """The residuals (per rank) and the step, for ``torch.save``."""
-        return self.gtopk_state.state_dict(hvd.size(), hvd.rank())
+        return self.gtopk_state.state_dict(hvd.size(), hvd.rank(), layout_key(self._hierarchy))
 
     def load_state_dict(self, state):
         """Restore :meth:`state_dict` (residuals kept only by the same rank of a world of the
-        same size, as for gtopk_hvd's own optimizer)."""
-        self.gtopk_state.load_state_dict(state, hvd.size(), hvd.rank())
+        same size and layout, as for gtopk_hvd's own optimizer)."""
+        self.gtopk_state.load_state_dict(state, hvd.size(), hvd.rank(),
+                                         layout_key(self._hierarchy))
 
     def __repr__(self):
         return f"Compression.gtopk({self.gtopk_state!r})"
@@ -136,11 +153,14 @@ class _CompressorStep(TorchStep):
     """The step backend of a compressor flush: a buffer per pending tensor, whose acc was
     computed at ``compress``; the result goes to the tensor's ``output``."""
 
-    def __init__(self, state, config, pending):
-        super().__init__(state, config, [], None, None, self._record)
+    def __init__(self, state, config, pending, hierarchy=None):
+        super().__init__(state, config, [], None, None, self._record, hierarchy)
         self.pending = pending
 
     def compensate(self, buffer, scale, predivide):
+        if self.hierarchy is not None:  # acc is the gradient; the shard's residual joins later
+            self._shard_terms.append(self.state.residual(
+                buffer.name, self.shard_numel(buffer), buffer.members[0].acc.device))
         return buffer.members[0].acc
 
     def write_sparse(self, buffer, result, finite):

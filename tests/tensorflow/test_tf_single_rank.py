@@ -20,7 +20,23 @@ print([int(exchange(acc, 4, wire=w).verdict) for w in ("float32", "float16")],
 
 def test_float16_overflow_on_a_single_rank_is_nonfinite():
     lines = _tf1_then_float16()
-    assert lines[-1] == "[0, 1] [0, 1]", lines
+    assert lines[-2] == "[0, 1] [0, 1]", lines
+
+
+HIERARCHICAL_COMPRESSOR = """
+try:
+    hvd.Compression.gtopk(0.5, hierarchical=True)
+    print("hierarchical compressor accepted")
+except ValueError as error:
+    print("hierarchical compressor refused:", "gtopk_allreduce(..., hierarchical=True)" in
+          str(error) and "tf.function" in str(error))
+"""
+
+
+def test_the_hierarchical_compressor_is_refused_naming_what_runs_instead():
+    """PyTorch's Compression.gtopk has hierarchical=True; TensorFlow's, which runs inside
+    Horovod's tf.function, refuses it with what to use instead."""
+    assert _tf1_then_float16()[-1] == "hierarchical compressor refused: True"
 
 
 ELASTIC = """
@@ -77,9 +93,9 @@ print("eager:", hvd.DistributedGradientTape(tape, density=0.5).gradient(loss, [v
 def _tf1_then_float16():
     """One process (one TensorFlow start): TF1_SCRIPT, then SCRIPT; its stdout lines.  The
     TensorFlow 1 graph comes first, so that gtopk_hvd meets it before any eager use."""
-    return run_python(TF1_SCRIPT + SCRIPT)
+    return run_python(TF1_SCRIPT + SCRIPT + HIERARCHICAL_COMPRESSOR)
 
 
 def test_a_tensorflow_1_graph_is_refused_and_eager_use_afterwards_works():
     lines = _tf1_then_float16()
-    assert lines[-3:-1] == ["tf1: [True, True, True]", "eager: [3.0, 0.0, 4.0, 0.0]"], lines
+    assert lines[-4:-2] == ["tf1: [True, True, True]", "eager: [3.0, 0.0, 4.0, 0.0]"], lines

@@ -10,6 +10,8 @@ from optimizer_worker import loss_for, make_model, simulate, train
 from reference_sgd import ReferenceRun, flat32
 from robustness_worker import loss_scaling
 
+import horovod.torch as plain_hvd
+
 import gtopk_hvd.torch as hvd
 from gtopk_hvd.common.collective import gtopk_wire_bytes
 from gtopk_hvd.common.density import k_for
@@ -88,6 +90,31 @@ def optimizer_scenarios(rec, rank, size, local):
                                                                               granularity)))
                 assert stats["bytes_sent_cross"] == cross, (stats, cross)
                 assert stats["bytes_sent"] == cross + stats["bytes_sent_node"], stats
+    with rec("hierarchical_compressor_equals_the_reference_every_step"):
+        # Horovod's own optimizer with Compression.gtopk(hierarchical=True): per tensor, as
+        # the reference's layer granularity; the residuals are this rank's shards
+        model = make_model(35)
+        compressor = hvd.Compression.gtopk(density=0.1, hierarchical=True)
+        opt = plain_hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                             named_parameters=model.named_parameters(),
+                                             compression=compressor)
+        ref = HierarchicalReference(model, momentum_sgd, size, 0.1, "layer", local)
+        loss, ref_loss = loss_for(35), loss_for(35)
+        for step in range(3):
+            got = train(hvd, model, opt, loss, steps=1)[0]
+            want = simulate(ref, ref_loss, steps=1)[0]
+            assert_equal(got, want.numpy(), f"params after step {step + 1}")
+            total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum)  # unnamed
+            assert total.item() == size * (size - 1) / 2, total
+        names = [n for n, _ in model.named_parameters()]
+        for (name, p), eps in zip(model.named_parameters(), ref.eps):
+            lo, hi = shard_bounds(p.numel(), local)[rank % local]
+            assert compressor.gtopk_state.residuals[name].numel() == hi - lo, name
+            assert_equal(compressor.gtopk_state.residuals[name], eps[rank], f"residual {name}")
+        layout = job_layout(hvd)
+        assert compressor.state_dict()["layout"] == (
+            None if layout.mode == "flat" else [layout.mode, layout.nodes, layout.local_size])
+        assert sorted(compressor.gtopk_state.residuals) == sorted(names)
     with rec("hierarchical_checkpoint_keeps_the_shard_residuals_for_its_own_layout_only"):
         model = make_model(33)
         opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
