@@ -225,7 +225,7 @@ class HierarchicalResult:
         return out / average_over if average_over != 1 else out
 
 
-def hierarchical_step(grads, residuals, local_size, density, wire="float32"):
+def hierarchical_step(grads, residuals, local_size, density, wire="float32", joined=()):
     """Simulate one hierarchical gTop-k step (ALGORITHM.md, "Hierarchical gTop-k") of
     P = len(grads) ranks on N = P / L nodes of L = ``local_size`` ranks, node-contiguous
     (rank p is node p // L, local rank p % L, as Horovod numbers the ranks host by host).
@@ -236,6 +236,10 @@ def hierarchical_step(grads, residuals, local_size, density, wire="float32"):
         local_size: L, ranks a node.
         density: rho; shard l keeps k_l = max(1, ceil(rho |shard l|)) entries a rail.
         wire: as :func:`gtopk_step`, for the exchange across nodes.
+        joined: ranks that called ``join()``: their gradients are zeros (pass zeros) and
+            their residual does not join their shard's sum, but the part of that sum (the
+            other local ranks' gradients) that did not reach the result is added to it, so
+            nothing is lost.
 
     The node sum of shard l adds the node's ranks in local-rank order (rank (n, 0) first), as
     the adapters do; each rail is :func:`gtopk_step` on the N compensated shards.
@@ -265,12 +269,12 @@ def hierarchical_step(grads, residuals, local_size, density, wire="float32"):
             total = grads[node[0]][lo:hi].copy()
             for q in node[1:]:
                 total = total + grads[q][lo:hi]
-            accs[p] = total + np.asarray(residuals[p])
+            accs[p] = total if p in joined else total + np.asarray(residuals[p])
         k = k_for(hi - lo, density)
         ks.append(k)
         res = gtopk_step([accs[p] for p in rail], k, wire)  # 3 and 5, along the rail
         for p, eps in zip(rail, res.residuals):
-            new[p] = eps
+            new[p] = eps + np.asarray(residuals[p]) if p in joined else eps
         indices.append(res.indices + lo)  # 4: the disjoint shards' sets, gathered
         values.append(res.values)
     dtype = np.result_type(*grads)

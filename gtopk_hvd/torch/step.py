@@ -259,6 +259,17 @@ class JoinedStep(AppliesNothing, TorchStep):
     def flat_grads(self, members):
         return torch.zeros(sum(p.numel() for p in members), dtype=torch.float32)
 
+    def commit(self, buffer, acc, result, carried, finite):
+        """Flat: nothing, its residuals are kept as they are.  Hierarchical: this rank's shard
+        of its node's sum carries the other local ranks' gradients; what of it did not reach
+        the result joins this rank's residual (kept otherwise), so nothing is lost
+        (gtopk_hvd.common.reference.hierarchical_step with ``joined``)."""
+        if self.hierarchy is None:
+            return
+        left = update_residual(result.acc, result, carried)
+        eps = self.state.residuals.get(buffer.name)
+        self.state.commit(buffer.name, left if eps is None else left.add_(eps))
+
     def nonfinite_flag(self, tensors):
         return JOINED
 

@@ -44,6 +44,31 @@ def test_conservation_every_entry_is_applied_or_kept(nodes, local):
     np.testing.assert_array_equal(total, kept + res.dense(d))  # integer data: exact
 
 
+@pytest.mark.parametrize("nodes,local", [(2, 2), (2, 3), (3, 2), (1, 3)])
+def test_a_joined_rank_keeps_its_residual_and_what_its_shard_did_not_apply(nodes, local):
+    """join(): a joined rank contributes zeros and its residual stays out of its shard's sum;
+    what of the other local ranks' gradients on its shard did not reach the result is added
+    to its residual: every entry is still applied or kept."""
+    d, joined = 37, {local - 1}  # the last rank of node 0
+    grads, residuals = _data(nodes, local, d, seed=nodes * 100 + local)
+    grads[local - 1] = np.zeros(d, np.float32)
+    res = hierarchical_step(grads, residuals, local, density=0.1, joined=joined)
+    total = sum(g.astype(np.float64) for g in grads)
+    for p, eps in enumerate(residuals):
+        lo, hi = res.shards[p % local]
+        total[lo:hi] += eps
+    kept = np.zeros(d)
+    for p, eps in enumerate(res.residuals):
+        lo, hi = res.shards[p % local]
+        kept[lo:hi] += eps
+    np.testing.assert_array_equal(total, kept + res.dense(d))  # integer data: exact
+    lo, hi = res.shards[local - 1]
+    node_sum = sum(g[lo:hi] for g in grads[:local])
+    assert np.array_equal(res.accs[local - 1], node_sum)  # its residual stayed out
+    left = res.residuals[local - 1] - residuals[local - 1]
+    assert np.all((left == 0) | (left == node_sum))  # kept: the unapplied part of the sum
+
+
 @pytest.mark.parametrize("nodes,local", LAYOUTS)
 def test_each_rail_is_flat_gtopk_on_the_compensated_node_sums(nodes, local):
     d = 41

@@ -30,6 +30,7 @@ SCENARIOS = [
     "hierarchical_bad_residual_is_refused_before_communicating",
     *[f"hierarchical_optimizer_{g}_equals_the_reference_every_step" for g in ("model", "layer")],
     "hierarchical_compressor_equals_the_reference_every_step",
+    "hierarchical_join_with_uneven_data_equals_the_reference",
     "hierarchical_checkpoint_keeps_the_shard_residuals_for_its_own_layout_only",
     "hierarchical_optimizer_refuses_what_it_cannot_run",
     "hierarchical_on_some_ranks_only_is_refused_on_every_rank",

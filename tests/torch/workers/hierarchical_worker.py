@@ -6,7 +6,7 @@ algorithm (gtopk_hvd.common.reference.hierarchical_step), bit for bit, every ste
 import numpy as np
 import torch
 from _common import Recorder, assert_equal
-from optimizer_worker import loss_for, make_model, simulate, train
+from optimizer_worker import flat_params, loss_for, make_model, simulate, train
 from reference_sgd import ReferenceRun, flat32
 from robustness_worker import loss_scaling
 
@@ -45,9 +45,11 @@ class HierarchicalReference(ReferenceRun):
         density = self.schedule(self.steps)
         for b, buf in enumerate(self.buffers):
             numels = [self.params[i].numel() for i in buf]
-            flats = [np.concatenate([flat32(grads[r][i], n) for i, n in zip(buf, numels)])
+            flats = [np.zeros(sum(numels), np.float32) if r in self.joined else
+                     np.concatenate([flat32(grads[r][i], n) for i, n in zip(buf, numels)])
                      for r in range(self.size)]
-            res = hierarchical_step(flats, self.eps[b], self.local, density)
+            res = hierarchical_step(flats, self.eps[b], self.local, density,
+                                    joined=self.joined)
             self.eps[b] = res.residuals
             update, offset = res.dense(sum(numels), average_over=self.size), 0
             for i, n in zip(buf, numels):
@@ -90,6 +92,32 @@ def optimizer_scenarios(rec, rank, size, local):
                                                                               granularity)))
                 assert stats["bytes_sent_cross"] == cross, (stats, cross)
                 assert stats["bytes_sent"] == cross + stats["bytes_sent_node"], stats
+    with rec("hierarchical_join_with_uneven_data_equals_the_reference"):
+        # odd ranks run out one batch early and join(): they take part with zeros, and what
+        # their shard of the node's sum did not apply joins their residual (nothing is lost)
+        batches = [2 + (r + 1) % 2 for r in range(size)]
+        model = make_model(36)
+        opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(),
+                                       density=0.1, hierarchical=True)
+        ref = HierarchicalReference(model, momentum_sgd, size, 0.1, "model", local)
+        loss, ref_loss = loss_for(36), loss_for(36)
+        for step in range(max(batches)):
+            ref.joined = {q for q in range(size) if step >= batches[q]}
+            want = simulate(ref, ref_loss, steps=1)[0]
+            if step < batches[rank]:
+                got = train(hvd, model, opt, loss, steps=1)[0]
+                assert_equal(got, want.numpy(), f"params after step {step + 1}")
+        last = hvd.join()  # a rank with the most batches
+        assert batches[last] == max(batches), (last, batches)
+        assert_equal(flat_params(model), flat_params(ref.model).numpy(), "after join")
+        assert_equal(opt.gtopk_state.residuals["model"], ref.eps[0][rank], "residual")
+        ref.joined = set()  # the next epoch: every rank again
+        loss.step = ref_loss.step
+        got = train(hvd, model, opt, loss, steps=1)[0]
+        assert_equal(got, simulate(ref, ref_loss, steps=1)[0].numpy(), "next epoch")
+        total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum)  # unnamed
+        assert total.item() == size * (size - 1) / 2, total
     with rec("hierarchical_compressor_equals_the_reference_every_step"):
         # Horovod's own optimizer with Compression.gtopk(hierarchical=True): per tensor, as
         # the reference's layer granularity; the residuals are this rank's shards
