@@ -21,6 +21,20 @@ def _data(nodes, local, d, seed, integer=True):
     return grads, residuals
 
 
+def _assert_conserved(grads, residuals, res, local, d):
+    """Every entry of the gradients and the residuals is applied (res.dense) or kept (the
+    new residuals, each on its rank's shard); integer data: exact."""
+    total = sum(g.astype(np.float64) for g in grads)
+    for p, eps in enumerate(residuals):
+        lo, hi = res.shards[p % local]
+        total[lo:hi] += eps
+    kept = np.zeros(d)
+    for p, eps in enumerate(res.residuals):
+        lo, hi = res.shards[p % local]
+        kept[lo:hi] += eps
+    np.testing.assert_array_equal(total, kept + res.dense(d))
+
+
 def test_shard_bounds_cover_the_buffer_in_order():
     assert shard_bounds(10, 3) == [(0, 3), (3, 6), (6, 10)]
     assert shard_bounds(2, 3) == [(0, 0), (0, 1), (1, 2)]
@@ -33,15 +47,7 @@ def test_conservation_every_entry_is_applied_or_kept(nodes, local):
     d = 37
     grads, residuals = _data(nodes, local, d, seed=nodes * 10 + local)
     res = hierarchical_step(grads, residuals, local, density=0.1)
-    total = sum(g.astype(np.float64) for g in grads)
-    for p, eps in enumerate(residuals):
-        lo, hi = res.shards[p % local]
-        total[lo:hi] += eps
-    kept = np.zeros(d)
-    for p, eps in enumerate(res.residuals):
-        lo, hi = res.shards[p % local]
-        kept[lo:hi] += eps
-    np.testing.assert_array_equal(total, kept + res.dense(d))  # integer data: exact
+    _assert_conserved(grads, residuals, res, local, d)
 
 
 @pytest.mark.parametrize("nodes,local", [(2, 2), (2, 3), (3, 2), (1, 3)])
@@ -53,15 +59,7 @@ def test_a_joined_rank_keeps_its_residual_and_what_its_shard_did_not_apply(nodes
     grads, residuals = _data(nodes, local, d, seed=nodes * 100 + local)
     grads[local - 1] = np.zeros(d, np.float32)
     res = hierarchical_step(grads, residuals, local, density=0.1, joined=joined)
-    total = sum(g.astype(np.float64) for g in grads)
-    for p, eps in enumerate(residuals):
-        lo, hi = res.shards[p % local]
-        total[lo:hi] += eps
-    kept = np.zeros(d)
-    for p, eps in enumerate(res.residuals):
-        lo, hi = res.shards[p % local]
-        kept[lo:hi] += eps
-    np.testing.assert_array_equal(total, kept + res.dense(d))  # integer data: exact
+    _assert_conserved(grads, residuals, res, local, d)
     lo, hi = res.shards[local - 1]
     node_sum = sum(g[lo:hi] for g in grads[:local])
     assert np.array_equal(res.accs[local - 1], node_sum)  # its residual stayed out

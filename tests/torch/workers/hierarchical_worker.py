@@ -8,7 +8,7 @@ import torch
 from _common import Recorder, assert_equal
 from optimizer_worker import flat_params, loss_for, make_model, simulate, train
 from reference_sgd import ReferenceRun, flat32
-from robustness_worker import loss_scaling
+from robustness_worker import loss_scaling, uneven_epoch
 
 import horovod.torch as plain_hvd
 
@@ -64,6 +64,17 @@ def _buffers(model, granularity):
     return [params] if granularity == "model" else [[p] for p in params]
 
 
+def steps_equal_the_reference(model, opt, ref, loss, ref_loss, rank, size, steps=3):
+    """``steps`` steps of ``opt``, each bit for bit the reference's, each followed by the
+    user's unnamed allreduce."""
+    for step in range(steps):
+        got = train(hvd, model, opt, loss, steps=1)[0]
+        want = simulate(ref, ref_loss, steps=1)[0]
+        assert_equal(got, want.numpy(), f"params after step {step + 1}")
+        total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum)  # unnamed
+        assert total.item() == size * (size - 1) / 2, total
+
+
 def momentum_sgd(params):
     return torch.optim.SGD(params, lr=0.1, momentum=0.9)
 
@@ -78,12 +89,7 @@ def optimizer_scenarios(rec, rank, size, local):
                                            hierarchical=True)
             ref = HierarchicalReference(model, momentum_sgd, size, 0.1, granularity, local)
             loss, ref_loss = loss_for(31), loss_for(31)
-            for step in range(3):
-                got = train(hvd, model, opt, loss, steps=1)[0]
-                want = simulate(ref, ref_loss, steps=1)[0]
-                assert_equal(got, want.numpy(), f"params after step {step + 1}")
-                total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum)  # unnamed
-                assert total.item() == size * (size - 1) / 2, total
+            steps_equal_the_reference(model, opt, ref, loss, ref_loss, rank, size)
             if local > 1:  # what crossed the network: the rail's stages, k of a shard each
                 stats, n, nodes = opt.gtopk_stats(), rank // local, size // local
                 cross = sum(gtopk_wire_bytes(k_for(hi - lo, 0.1), n, nodes)
@@ -102,12 +108,7 @@ def optimizer_scenarios(rec, rank, size, local):
                                              compression=compressor)
         ref = HierarchicalReference(model, momentum_sgd, size, 0.1, "layer", local)
         loss, ref_loss = loss_for(35), loss_for(35)
-        for step in range(3):
-            got = train(hvd, model, opt, loss, steps=1)[0]
-            want = simulate(ref, ref_loss, steps=1)[0]
-            assert_equal(got, want.numpy(), f"params after step {step + 1}")
-            total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum)  # unnamed
-            assert total.item() == size * (size - 1) / 2, total
+        steps_equal_the_reference(model, opt, ref, loss, ref_loss, rank, size)
         names = [n for n, _ in model.named_parameters()]
         for (name, p), eps in zip(model.named_parameters(), ref.eps):
             lo, hi = shard_bounds(p.numel(), local)[rank % local]
@@ -200,12 +201,7 @@ def join_scenario(rec, rank, size, local):
                                        density=0.1, hierarchical=True)
         ref = HierarchicalReference(model, momentum_sgd, size, 0.1, "model", local)
         loss, ref_loss = loss_for(36), loss_for(36)
-        for step in range(max(batches)):
-            ref.joined = {q for q in range(size) if step >= batches[q]}
-            want = simulate(ref, ref_loss, steps=1)[0]
-            if step < batches[rank]:
-                got = train(hvd, model, opt, loss, steps=1)[0]
-                assert_equal(got, want.numpy(), f"params after step {step + 1}")
+        uneven_epoch(model, opt, ref, loss, ref_loss, batches, rank)
         last = hvd.join()  # a rank with the most batches
         assert batches[last] == max(batches), (last, batches)
         assert_equal(flat_params(model), flat_params(ref.model).numpy(), "after join")

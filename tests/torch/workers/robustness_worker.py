@@ -275,6 +275,22 @@ def momentum_sgd(params):
     return torch.optim.SGD(params, lr=LR, momentum=0.9)
 
 
+def uneven_epoch(model, opt, ref, loss, ref_loss, batches, rank):
+    """An epoch in which rank q has ``batches[q]`` batches: every step this rank takes equals
+    the reference in which the ranks that ran out contribute zeros (``ref.joined``); returns
+    this rank's residuals after its last step."""
+    residuals = {}
+    for step in range(max(batches)):
+        ref.joined = {q for q in range(len(batches)) if step >= batches[q]}
+        want = simulate(ref, ref_loss, steps=1)[0]
+        if step < batches[rank]:
+            got = train(hvd, model, opt, loss, steps=1)[0]
+            assert_equal(got, want.numpy(), f"params after step {step + 1}")
+        if step + 1 == batches[rank]:
+            residuals = {n: r.clone() for n, r in opt.gtopk_state.residuals.items()}
+    return residuals
+
+
 def uneven_data_join(rec, rank, size):
     """Rank r has 2 + r batches, then calls hvd.join(): every step equals the reference in
     which the ranks that joined contribute zeros and keep their residuals; join() returns the
@@ -291,14 +307,7 @@ def uneven_data_join(rec, rank, size):
             ref = ReferenceRun(model, momentum_sgd, size, 0.2, granularity,
                                **_extra(granularity))
             loss, ref_loss = loss_for(21), loss_for(21)
-            for step in range(max(batches)):
-                ref.joined = {q for q in range(size) if step >= batches[q]}
-                want = simulate(ref, ref_loss, steps=1)[0]
-                if step < batches[rank]:
-                    got = train(hvd, model, opt, loss, steps=1)[0]
-                    assert_equal(got, want.numpy(), f"params after step {step + 1}")
-                if step + 1 == batches[rank]:
-                    residuals = {n: r.clone() for n, r in opt.gtopk_state.residuals.items()}
+            residuals = uneven_epoch(model, opt, ref, loss, ref_loss, batches, rank)
             assert hvd.join() == size - 1
             assert_equal(flat_params(model), flat_params(ref.model).numpy(), "after join")
             for name, eps in opt.gtopk_state.residuals.items():  # kept while joined
