@@ -113,9 +113,11 @@ def measure_link(name="gtopk.link", *, device="cpu"):
                          torch.zeros(numel, device=device))
         acc[select_topk(acc, k_for(numel, 0.001)).long()] = 0
 
+    stage_set = first_stage_set(hvd) if hvd.size() > 1 else None  # not inside the timing
+
     def stage():
         hvd.allgather(torch.zeros(2, dtype=torch.int32, device=device), name=f"{name}.stage",
-                      process_set=first_stage_set(hvd))
+                      process_set=stage_set)
 
     def agree(values):
         return hvd.allreduce(torch.tensor(values, dtype=torch.float64), name=f"{name}.max",

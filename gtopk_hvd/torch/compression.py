@@ -158,10 +158,10 @@ class _CompressorStep(TorchStep):
         self.pending = pending
 
     def compensate(self, buffer, scale, predivide):
+        acc = buffer.members[0].acc
         if self.hierarchy is not None:  # acc is the gradient; the shard's residual joins later
-            self._shard_terms.append(self.state.residual(
-                buffer.name, self.shard_numel(buffer), buffer.members[0].acc.device))
-        return buffer.members[0].acc
+            self.add_shard_residual(buffer, scale, predivide, acc.device)
+        return acc
 
     def write_sparse(self, buffer, result, finite):
         entry = buffer.members[0]

@@ -105,8 +105,7 @@ class TorchStep(StepBackend):
     def compensate(self, buffer, scale, predivide):
         state, ps = self.state, buffer.members
         if self.hierarchy is not None:  # the shard's residual joins after the node's sum
-            eps = state.residual(buffer.name, self.shard_numel(buffer), ps[0].device)
-            self._shard_terms.append(eps * (scale / predivide) if scale != predivide else eps)
+            self.add_shard_residual(buffer, scale, predivide, ps[0].device)
             acc = flat_grads(ps)
             return acc.mul_(1.0 / predivide) if predivide != 1.0 else acc
         if buffer.method == "dense" and buffer.name not in state.residuals:
@@ -115,6 +114,12 @@ class TorchStep(StepBackend):
         acc = compensate_into(ps, state.residual(buffer.name, buffer.numel, device),
                               state.spare(buffer.name, buffer.numel, device), scale)
         return acc.mul_(1.0 / predivide) if predivide != 1.0 else acc
+
+    def add_shard_residual(self, buffer, scale, predivide, device):
+        """Hierarchical gTop-k: this rank's shard residual, in the gradients' units, to add
+        after the node's reduce-scatter."""
+        eps = self.state.residual(buffer.name, self.shard_numel(buffer), device)
+        self._shard_terms.append(eps * (scale / predivide) if scale != predivide else eps)
 
     def flat_grads(self, members):
         return flat_grads(members)
