@@ -157,6 +157,11 @@ class TensorOps:
     isin_many(as_, bs): [bool mask over as_[b], True where its element is in bs[b]] for each
         buffer b; every bs[b] is sorted ascending (a merge's indices).
     logical_and(a, b), full_mask(k): bool helpers.
+    add_flag(flags, flag): ``flags`` with the bit ``flag`` set (an int, or an int32 tensor).
+    length(values): the entries of a 1-D tensor (an int, or an int32 tensor in a graph where
+        the length is only known at run time).
+    with_length(x, n): ``x``, known to hold ``n`` entries (in a graph: with that static
+        shape).
     """
 
 

@@ -138,7 +138,8 @@ def hierarchical_exchange_steps(ops, grad, residual, k, layout, rank, name="gtop
        every rank holds S and the verdict of every rail.
 
     Returns (StopIteration.value) a :class:`HierarchicalExchange`.  float16 ``wire`` applies
-    to the rail stages; the node allgather carries the merged float32 values.
+    to the rail stages; the node allgather carries the merged float32 values.  ``k`` and
+    ``flags`` may be int32 tensors in a TensorFlow graph; the byte counts are then tensors.
     """
     local = layout.local_size
     n, l = divmod(rank, local)
@@ -146,9 +147,16 @@ def hierarchical_exchange_steps(ops, grad, residual, k, layout, rank, name="gtop
     bounds = shard_bounds(int(grad.shape[0]), local)
     lo, hi = bounds[l]
     parts = yield ("alltoall", [grad[a:b] for a, b in bounds], node, f"{name}.node.rs")
-    if any(int(p.shape[0]) != hi - lo for p in parts):  # a rank's buffer differs in size
-        flags |= MISMATCH  # nothing of another layout is read
-        parts = [grad[lo:hi] * 0 for _ in parts]
+    # a rank whose buffer differs in size sent parts of another length: nothing of another
+    # layout is read (zeros) and MISMATCH goes along the rail to every rank
+    ok = ops.holds(parts[0], hi - lo)
+    for part in parts[1:]:
+        ok = ops.logical_and(ok, ops.holds(part, hi - lo))
+    if ok is not True:  # (eagerly in PyTorch a bool: nothing to choose when it holds)
+        zeros = grad[lo:hi] * 0
+        *parts, flags = ops.choose(ok, (*parts, ops.add_flag(flags, 0)),
+                                   (*[zeros] * len(parts), ops.add_flag(flags, MISMATCH)))
+        parts = [ops.with_length(part, hi - lo) for part in parts]
     total = parts[0]
     for part in parts[1:]:
         total = total + part
@@ -176,7 +184,7 @@ def hierarchical_exchange_steps(ops, grad, residual, k, layout, rank, name="gtop
                                ops.flags_of(meta), (lo, hi), result.local_values, wire)
     out.bytes_cross = gtopk_wire_bytes(k, n, len(rail), wire)
     out.bytes_node = 4 * sum(b - a for j, (a, b) in enumerate(bounds) if j != l) + ring_bytes(
-        node, rank, {m: int(v.shape[0]) for m, (v, _, _) in zip(node, blocks)})
+        node, rank, {m: ops.length(v) for m, (v, _, _) in zip(node, blocks)})
     return out
 
 

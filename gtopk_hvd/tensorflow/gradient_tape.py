@@ -17,9 +17,10 @@ import tensorflow as tf
 from gtopk_hvd.common.cost import as_link
 from gtopk_hvd.common.density import as_schedule
 from gtopk_hvd.common.errors import GTopkError
-from gtopk_hvd.common.process_sets import is_elastic, prepare_exchange_sets
+from gtopk_hvd.common.process_sets import (hierarchical_sets, is_elastic,
+                                           prepare_exchange_sets)
 from gtopk_hvd.common.validation import (check_algorithm, check_auto_link,
-                                         check_gradient_predivide_factor,
+                                         check_gradient_predivide_factor, check_hierarchical,
                                          check_global_process_set, check_granularity,
                                          check_compression, check_no_groups,
                                          check_non_negative_int, check_op)
@@ -69,10 +70,11 @@ def check_loss_scale_optimizer(loss_scale_optimizer):
             f"{type(loss_scale_optimizer).__name__}")
 
 
-def prepare_state(gtopk_state, make_state, init_call, what):
+def prepare_state(gtopk_state, make_state, init_call, what, hierarchical=False):
     """The :class:`GTopkState` a tape or optimizer uses (``make_state()`` when None), after the
     checks that must fail on every rank before any collective; then registers the pair sets
-    (collective) when the algorithm needs them."""
+    (collective) when the algorithm needs them, and the node and rail sets of hierarchical
+    gTop-k."""
     check_tf2_context(f"the gTop-k {what}")  # before a state is made in a TF1 graph
     if gtopk_state is None:
         gtopk_state = make_state()
@@ -81,11 +83,15 @@ def prepare_state(gtopk_state, make_state, init_call, what):
                         f"{type(gtopk_state).__name__}")
     check_auto_link(gtopk_state.algorithm, gtopk_state.link, is_elastic(),
                     "gtopk_hvd.tensorflow.measure_link")
+    check_hierarchical(hierarchical, gtopk_state.algorithm, gtopk_state.granularity,
+                       is_elastic())
     if not hvd.is_initialized():
         raise GTopkError(f"Horovod is not initialised: call {init_call} on every rank before "
                          f"building a gTop-k {what}")
     if gtopk_state.algorithm in ("gtopk", "auto"):
         prepare_exchange_sets(hvd)  # collective registration; every check above ran first
+    if hierarchical:
+        hierarchical_sets(hvd)
     return gtopk_state
 
 
@@ -159,7 +165,7 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
                             num_groups=0, groups=None, process_set=hvd.global_process_set,
                             scale_local_gradients=True, *, density=0.001, algorithm="gtopk",
                             granularity="model", dense_threshold=0, gtopk_state=None,
-                            loss_scale_optimizer=None, link=None):
+                            loss_scale_optimizer=None, link=None, hierarchical=False):
     """A tape that wraps another tf.GradientTape and returns the gTop-k sparse average of the
     gradients, the same on every rank.
 
@@ -191,6 +197,11 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
             residuals are kept in unscaled units, so a change of scale changes nothing, and an
             overflow on any rank gives NaN gradients on every rank: every rank's
             LossScaleOptimizer skips that step and halves its scale.
+        hierarchical: hierarchical gTop-k across nodes (docs/tensorflow.md, "Hierarchical
+            gTop-k"): a reduce-scatter inside each node, gTop-k across nodes on each rank's
+            1/L shard, an allgather inside the node; residuals cover this rank's shard.  Needs
+            ``init(hierarchical=True)`` and ``algorithm="gtopk"``; unequal hosts or one rank a
+            host run flat gTop-k (logged once).
 
     ``compression`` is ``Compression.none`` or ``Compression.fp16`` (values travel as float16,
     merges and residuals stay float32), ``op`` is Average or Sum, ``process_set`` the global
@@ -218,7 +229,8 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
         check_non_negative_int(dense_threshold, "dense_threshold")
         return shared_state(density, algorithm, granularity, dense_threshold, link)
     gtopk_state = prepare_state(gtopk_state, make_state, "gtopk_hvd.tensorflow.init()",
-                                "DistributedGradientTape")
+                                "DistributedGradientTape", hierarchical)
+    reduction["hierarchical"] = hierarchical
     cls = type(gradtape.__class__.__name__, (gradtape.__class__,),
                dict(_DistributedGradientTape.__dict__))
     if hasattr(gradtape, "_watch_accessed_variables"):

@@ -18,10 +18,11 @@ import logging
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
-from gtopk_hvd.common.process_sets import is_elastic
+from gtopk_hvd.common.process_sets import hierarchical_sets, is_elastic
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
-from gtopk_hvd.common.validation import check_buffer_numel
+from gtopk_hvd.common.validation import check_buffer_numel, layout_key
 from gtopk_hvd.tensorflow.collective import check_tf2_context, measure_link, op_name
+from gtopk_hvd.tensorflow.hierarchical import check_mode
 from gtopk_hvd.tensorflow.ops import op_name_safe
 from gtopk_hvd.tensorflow.step import Item, JoinedTFStep, TFStep
 from gtopk_hvd.tensorflow.join import remember
@@ -70,7 +71,7 @@ def _loss_scale(loss_scale):
 @tf.autograph.experimental.do_not_convert
 def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense=False,
                         name="gtopk", loss_scale=None, gradient_predivide_factor=1.0,
-                        wire="float32", optimizer=None, joined=False):
+                        wire="float32", optimizer=None, joined=False, hierarchical=False):
     """The gTop-k average (or sum) of ``grads`` over all ranks; call it on every rank.
 
     Every rank issues the same Horovod operations: one gTop-k exchange for all buffers (one
@@ -100,6 +101,9 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
             variables go from the last rank to join to the others, with ``variables``.
         joined: internal (gtopk_hvd.tensorflow.join): take part with zeros, apply nothing;
             returns whether every rank has joined instead of the gradients.
+        hierarchical: hierarchical gTop-k (ALGORITHM.md), one hierarchical step a buffer,
+            with a residual of this rank's shard of each (``GTopkState.shard_residual``);
+            needs ``init(hierarchical=True)``; where the layout falls back, flat gTop-k.
 
     Returns:
         The reduced gradients, in the order, shapes and dtypes of the variables (times the
@@ -119,10 +123,24 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
         layout = [("model", sparse)] if sparse else []
     else:
         layout = [(state.residual_name(it.variable), [it]) for it in sparse]
-    for it in sparse:  # create (and so restore) every residual before the world-size check
-        state.residual(it.variable)
-    state.check_world(size, rank)
     numels = [sum(it.numel for it in members) for _, members in layout]
+    hierarchy = None  # (layout, process sets) of hierarchical gTop-k
+    if hierarchical:
+        hierarchy = hierarchical_sets(hvd)
+        hierarchy = None if hierarchy[0].mode == "flat" else hierarchy
+    key = layout_key(hierarchy)
+    check_mode(name, hierarchy is not None, state.is_verified())
+    shard_numels = []
+    if hierarchy is not None:  # create (and so restore) every residual before the checks
+        for (buffer_name, _), numel in zip(layout, numels):
+            lo, hi = hierarchy[0].shard(numel, rank)
+            shard_numels.append(hi - lo)
+            state.shard_residual(buffer_name, hi - lo, key)
+    else:
+        for it in sparse:
+            state.residual(it.variable)
+    state.check_layout(key)
+    state.check_world(size, rank)
     for (buffer_name, _), numel in zip(layout, numels):
         check_buffer_numel(numel, buffer_name)
     # algorithm="auto": the buffers it sends densely join the dense allreduce, whose rounds
@@ -134,18 +152,21 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     buffers = [Buffer(b, members, numel, m, [(f"variable {it.index}", it.numel)
                                              for it in members])
                for (b, members), numel, m in zip(layout, numels, methods)]
-    density, ks = state.densities([b.numel for b in buffers if b.method != "dense"])
+    sparse_numels = [b.numel for b in buffers if b.method != "dense"]
+    density, ks = state.densities(sparse_numels + shard_numels)
+    ks, shard_ks = ks[:len(sparse_numels)], ks[len(sparse_numels):]  # the plan's, the shards'
+    hierarchy = None if hierarchy is None else (*hierarchy, shard_ks)
     scale, runtime_scale = _loss_scale(loss_scale)
     config = StepConfig(state.algorithm, op_name(op), state.granularity,
                         state.dense_threshold, gradient_predivide_factor, wire, name)
     eager = tf.executing_eagerly()
     if joined:
-        backend = JoinedTFStep(state, config, items, op, state.record_step)
+        backend = JoinedTFStep(state, config, items, op, state.record_step, hierarchy)
     else:  # what a rank that joins repeats with zeros (gtopk_hvd.tensorflow.join)
         remember(state, variables, optimizer, eager, dict(
             op=op, sparse_as_dense=sparse_as_dense, name=name, wire=wire,
-            gradient_predivide_factor=gradient_predivide_factor))
-        backend = TFStep(state, config, items, op, state.record_step)
+            gradient_predivide_factor=gradient_predivide_factor, hierarchical=hierarchical))
+        backend = TFStep(state, config, items, op, state.record_step, hierarchy)
     finite = run_step(backend, config, buffers,
                       [(state.residual_name(it.variable), it, it.numel) for it in dense], ks,
                       density, scale, runtime_scale,

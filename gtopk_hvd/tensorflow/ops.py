@@ -451,6 +451,16 @@ class TFOps:
     def full_mask(self, k):
         return tf.ones(tf.reshape(k, [1]), tf.bool)
 
+    def add_flag(self, flags, flag):
+        return tf.bitwise.bitwise_or(tf.cast(flags, tf.int32), flag)
+
+    def length(self, values):
+        n = values.shape[0]
+        return int(n) if n is not None else tf.size(values, out_type=tf.int32)
+
+    def with_length(self, x, n):
+        return x if tf.executing_eagerly() else tf.reshape(x, [n])
+
     def finalize(self, *tensors):
         """``tensors``, made to depend on every exchange issued, so that none is pruned.
 

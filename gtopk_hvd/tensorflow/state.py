@@ -6,9 +6,14 @@ it) and the synchronisation step (so density schedules continue where they stopp
 tracked; the statistics are not.  ``state_dict()`` / ``load_state_dict()`` give the same
 content as NumPy arrays, as the torch backend's state does.
 
+Hierarchical gTop-k keeps one residual per buffer, over this rank's shard of it
+(:meth:`GTopkState.shard_residual`), tracked apart for each layout N x L (``shards_<N>x<L>``),
+with the layout that wrote them (``layout``).
+
 Policy for the per-rank residuals at load time (gtopk_hvd.common.validation
-.check_world_size_on_load): they are kept when the checkpoint was written by the same rank of a
-world of the same size, otherwise dropped with a warning (training goes on; only the
+.check_world_size_on_load and .check_layout_on_load): they are kept when the checkpoint was
+written by the same rank of a world of the same size and the same layout (flat, or
+hierarchical N x L), otherwise dropped with a warning (training goes on; only the
 not-yet-applied residual mass is lost).  With ``tf.train.Checkpoint`` the check runs at the
 first step after the restore, which is when the residual variables are created and filled.
 """
@@ -22,7 +27,8 @@ from gtopk_hvd.common.cost import as_link, logged_methods
 from gtopk_hvd.common.density import ConstantDensity, as_schedule, k_for
 from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.validation import (check_algorithm, check_granularity,
-                                         check_non_negative_int, check_world_size_on_load)
+                                         check_layout_on_load, check_non_negative_int,
+                                         check_world_size_on_load)
 
 __all__ = ["GTopkState"]
 
@@ -31,7 +37,10 @@ logger = logging.getLogger(__name__)
 _FORMAT = 1
 _STATS = {"density": tf.float64, "k": tf.int64, "numel": tf.int64, "dense_numel": tf.int64,
           "bytes_sent": tf.int64, "dense_bytes": tf.int64, "finite": tf.bool,
-          "nonfinite_steps": tf.int64, "loss_scale": tf.float64}
+          "nonfinite_steps": tf.int64, "loss_scale": tf.float64,
+          "bytes_sent_node": tf.int64, "bytes_sent_cross": tf.int64}
+_HIERARCHICAL_STATS = ("bytes_sent_node", "bytes_sent_cross")  # shown after such a step
+_NO_LAYOUT = (-1, -1)  # the layout variable before any step wrote it
 
 
 class _Untracked:
@@ -48,6 +57,9 @@ class _Untracked:
         self.methods = {}     # buffer name -> method of the last step (algorithm="auto")
         self.said = None      # what was last logged of those methods
         self.verified = False  # a finite eager step found every rank with the same plan
+        self.layout = None    # the (nodes, local size) this process last wrote; (0, 0): flat
+        self.pending_shards = None  # (layout key, {buffer: values}) from load_state_dict
+        self.hierarchical = False  # a step ran hierarchically (gtopk_stats splits the bytes)
 
 
 class GTopkState(tf.Module):
@@ -86,6 +98,10 @@ class GTopkState(tf.Module):
             self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             # (world size, rank) that wrote the residuals; (-1, -1) before the first step
             self._world = tf.Variable([-1, -1], dtype=tf.int32, trainable=False, name="world")
+            # (nodes, ranks a node) of the hierarchical layout that wrote the residuals, (0, 0)
+            # for flat gTop-k, (-1, -1) before the first step
+            self._layout = tf.Variable(list(_NO_LAYOUT), dtype=tf.int32, trainable=False,
+                                       name="layout")
             for key, dtype in _STATS.items():
                 initial = tf.ones([], dtype) if key == "loss_scale" else tf.zeros([], dtype)
                 self._book.stats[key] = tf.Variable(initial, trainable=False,
@@ -224,6 +240,56 @@ class GTopkState(tf.Module):
                 f"the same model (residuals are matched by position)")
         return eps
 
+    def shard_residual(self, name, numel, key):
+        """Hierarchical gTop-k: this rank's residual of its shard of buffer ``name``
+        (``numel`` entries) under the layout ``key`` (gtopk_hvd.common.validation.layout_key):
+        a flat float32 tf.Variable created on first use with zeros, or with what a pending
+        checkpoint restore or :meth:`load_state_dict` of the same layout holds.  Each layout
+        keeps its shards under its own name, so a checkpoint of another layout never fills
+        them (:meth:`check_layout` says so)."""
+        attr = f"_shards_{key[1]}x{key[2]}"
+        shards = getattr(self, attr, None)
+        if shards is None:
+            setattr(self, attr, {})  # tracked: a pending restore fills what is added to it
+            shards = getattr(self, attr)
+        eps = shards.get(name)
+        if eps is None:
+            with tf.init_scope():
+                eps = tf.Variable(tf.zeros([numel], tf.float32), trainable=False,
+                                  name="gtopk_shard_residual")
+            shards[name] = eps
+            pending = self._book.pending_shards
+            if pending is not None and pending[0] == list(key) and name in pending[1]:
+                eps.assign(np.asarray(pending[1].pop(name), np.float32).reshape(-1))
+        if eps.shape.num_elements() != numel:
+            raise ValueError(
+                f"the shard residual of {name!r} has {eps.shape.num_elements()} elements but "
+                f"this rank's shard has {numel}; a restored gTop-k state must belong to the "
+                f"same model")
+        return eps
+
+    def _shards(self):
+        """{buffer name: shard residual} of the layout this process runs (empty when flat)."""
+        layout = self._book.layout
+        if not layout or layout == (0, 0):
+            return {}
+        return dict(getattr(self, f"_shards_{layout[0]}x{layout[1]}", {}))
+
+    def check_layout(self, key):
+        """Record the layout of the coming step (``key``: None for flat gTop-k) and, where the
+        residuals were restored from a checkpoint of another layout, say that they are dropped
+        (they are kept under another name and never read here).  Python, like
+        :meth:`check_world`."""
+        current = (0, 0) if key is None else (int(key[1]), int(key[2]))
+        with tf.init_scope():
+            saved = tuple(int(v) for v in self._layout.numpy())
+            if saved not in (_NO_LAYOUT, current, self._book.layout):
+                check_layout_on_load(_layout_key(saved), key)  # the warning
+            self._layout.assign(list(current))
+            self._book.layout = current
+        if key is not None:
+            self._book.hierarchical = True
+
     def check_world(self, size, rank):
         """Apply the world-size policy to residuals restored from a checkpoint (Python; in a
         ``tf.function`` it runs when the step is traced).  Residuals this process wrote itself
@@ -234,14 +300,14 @@ class GTopkState(tf.Module):
             saved = tuple(int(v) for v in self._world.numpy())
             own = saved == self._book.world
             if saved[0] >= 0 and not own and not check_world_size_on_load(*saved, size, rank):
-                for eps in self._slots:
+                for eps in list(self._slots) + list(self._shards().values()):
                     eps.assign(tf.zeros_like(eps))
             self._world.assign([size, rank])
             self._book.world = (size, rank)
 
     def residual_norm(self):
         total = sum(float(tf.reduce_sum(tf.square(tf.cast(eps, tf.float64))))
-                    for eps in self._slots)
+                    for eps in list(self._slots) + list(self._shards().values()))
         return total ** 0.5
 
     # statistics --------------------------------------------------------------------------
@@ -276,7 +342,8 @@ class GTopkState(tf.Module):
 
         density / k: of the last step (k summed over the buffers); numel: sparsified entries;
         dense_numel: entries reduced densely (below ``dense_threshold``); bytes_sent: bytes
-        this rank sent; dense_bytes: what a dense ring allreduce of all gradients would send,
+        this rank sent (hierarchical gTop-k: also bytes_sent_node, inside the node, and
+        bytes_sent_cross, across nodes); dense_bytes: what a dense ring allreduce of all gradients would send,
         2(P-1)/P * 4d; finite: whether the last step was finite on every rank; step: finite
         synchronisations so far; nonfinite_steps: steps in which some rank's gradients were
         not finite (NaN gradients everywhere, residuals kept); loss_scale: the loss scale the
@@ -293,6 +360,9 @@ class GTopkState(tf.Module):
                 stats["density"] = self.density()
             stats["step"] = self.step
             stats["residual_norm"] = self.residual_norm()
+            if not self._book.hierarchical:
+                for key in _HIERARCHICAL_STATS:
+                    stats.pop(key)
         if self.algorithm == "auto":
             stats["methods"] = dict(Counter(self.methods.values()))
             stats["link"] = None if self.link is None else dict(vars(self.link))
@@ -302,10 +372,17 @@ class GTopkState(tf.Module):
 
     def state_dict(self, size, rank):
         """Residuals as NumPy arrays (copies, in position order), the step, and the world
-        that wrote them."""
-        return {"format": _FORMAT, "step": self.step, "world_size": size, "rank": rank,
-                "algorithm": self.algorithm, "granularity": self.granularity,
-                "residuals": {name: eps.numpy().copy() for name, eps in self.residuals.items()}}
+        and layout that wrote them (hierarchical gTop-k: its shard residuals, by buffer)."""
+        layout = self._book.layout
+        state = {"format": _FORMAT, "step": self.step, "world_size": size, "rank": rank,
+                 "algorithm": self.algorithm, "granularity": self.granularity,
+                 "layout": None if layout in (None, (0, 0)) else _layout_key(layout),
+                 "residuals": {name: eps.numpy().copy()
+                               for name, eps in self.residuals.items()}}
+        if state["layout"] is not None:
+            state["shard_residuals"] = {name: eps.numpy().copy()
+                                        for name, eps in self._shards().items()}
+        return state
 
     def load_state_dict(self, state, size, rank):
         """Restore :meth:`state_dict`'s content.  Residuals are matched by position; those of
@@ -316,11 +393,13 @@ class GTopkState(tf.Module):
                              "GTopkState.state_dict() returns")
         self._step.assign(int(state["step"]))
         self._world.assign([size, rank])
-        for eps in self._slots:
+        for eps in list(self._slots) + list(self._shards().values()):
             eps.assign(tf.zeros_like(eps))
         self._book.pending.clear()
+        self._book.pending_shards = None
         if not check_world_size_on_load(state.get("world_size"), state.get("rank"), size, rank):
             return
+        self._load_shards(state)
         for position, value in enumerate(state.get("residuals", {}).values()):
             value = np.asarray(value, np.float32).reshape(-1)
             if position < len(self._slots):
@@ -334,8 +413,35 @@ class GTopkState(tf.Module):
                 self._book.pending[position] = value
                 self._book.sizes[position] = value.size
 
+    def _load_shards(self, state):
+        """The shard residuals of :meth:`load_state_dict`: into this layout's variables when
+        the state's layout is the one this process runs, pending (applied when the variables
+        are created, if the layout is the same) before its first step."""
+        saved = state.get("layout")
+        self._book.pending_shards = (None if saved is None else list(saved),
+                                     dict(state.get("shard_residuals", {})))
+        layout = self._book.layout
+        if layout is None:
+            return
+        key = None if layout == (0, 0) else _layout_key(layout)
+        if not check_layout_on_load(saved, key):
+            self._book.pending_shards = None
+            return
+        for name, eps in self._shards().items():
+            value = self._book.pending_shards[1].pop(name, None)
+            if value is not None:
+                eps.assign(np.asarray(value, np.float32).reshape(-1))
+
     def __repr__(self):
         return (f"GTopkState(schedule={self.schedule!r}, algorithm={self.algorithm!r}, "
                 f"granularity={self.granularity!r}, dense_threshold={self.dense_threshold}, "
                 f"link={self.link!r})")
 
+
+
+def _layout_key(nodes_local):
+    """The layout_key (gtopk_hvd.common.validation) of a recorded (nodes, local size)."""
+    nodes, local = nodes_local
+    if (nodes, local) == (0, 0):
+        return None
+    return ["node" if nodes == 1 else "hierarchical", nodes, local]

@@ -14,12 +14,15 @@ import tensorflow as tf
 
 from gtopk_hvd.common.collective import (JOINED, VERDICT_TAIL, GTopkResult,
                                          allreduce_with_verdict)
+from gtopk_hvd.common.hierarchy import hierarchical_exchange_steps
 from gtopk_hvd.common.step import AppliesNothing, StepBackend
+from gtopk_hvd.common.validation import layout_key
 from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, compensate,
                                              decompress, exchange, exchange_grouped,
                                              nonfinite_flag, plan_digest_tensor,
                                              update_residual)
-from gtopk_hvd.tensorflow.ops import op_name_safe
+from gtopk_hvd.tensorflow.hierarchical import drive
+from gtopk_hvd.tensorflow.ops import TFOps, op_name_safe
 
 __all__ = ["TFStep", "JoinedTFStep", "TensorStep", "Item"]
 
@@ -58,13 +61,17 @@ class TFStep(StepBackend):
 
     config: the step's :class:`~gtopk_hvd.common.step.StepConfig`; op: Horovod's reduce op;
     finish: ``finish(finite, stats)``, the state's record of the step.
+    hierarchy: hierarchical gTop-k's (layout, process sets, k of this rank's shard of each
+    buffer), or None; acc is then the buffer's gradients and the residual of this rank's
+    shard joins after the node's reduce-scatter, as in gtopk_hvd.torch.step.TorchStep.
     """
 
-    def __init__(self, state, config, items, op, finish):
+    def __init__(self, state, config, items, op, finish, hierarchy=None):
         self.size = hvd.size()
         self.state, self.config, self.op, self._finish = state, config, op, finish
         self.out = [it.grad for it in items]
         self.average_over = self.size if config.op == "Average" else 1
+        self.hierarchy, self._shard_terms, self._split = hierarchy, [], {}
 
     def _residuals(self, buffer):
         return [self.state.residual(it.variable) for it in buffer.members]
@@ -72,9 +79,26 @@ class TFStep(StepBackend):
     # 1. compensate ---------------------------------------------------------------------
 
     def compensate(self, buffer, scale, predivide):
+        if self.hierarchy is not None:  # the shard's residual joins after the node's sum
+            self.add_shard_residual(buffer, scale, predivide)
+            acc = _flatten([it.grad for it in buffer.members])
+            return acc * (1.0 / predivide) if predivide != 1.0 else acc
         acc = compensate(_flatten([it.grad for it in buffer.members]),
                          _flatten([eps.read_value() for eps in self._residuals(buffer)]), scale)
         return acc * (1.0 / predivide) if predivide != 1.0 else acc
+
+    def shard_residual(self, buffer):
+        """Hierarchical gTop-k: the residual of this rank's shard of ``buffer``."""
+        layout = self.hierarchy[0]
+        lo, hi = layout.shard(buffer.numel, hvd.rank())
+        return self.state.shard_residual(buffer.name, hi - lo, layout_key(self.hierarchy))
+
+    def add_shard_residual(self, buffer, scale, predivide):
+        """Hierarchical gTop-k: this rank's shard residual, in the gradients' units, to add
+        after the node's reduce-scatter."""
+        eps = self.shard_residual(buffer).read_value()
+        same = isinstance(scale, float) and scale == predivide
+        self._shard_terms.append(eps if same else eps * (scale / predivide))
 
     def flat_grads(self, members):
         return _flatten([it.grad for it in members])
@@ -99,6 +123,20 @@ class TFStep(StepBackend):
     # 3. exchange -------------------------------------------------------------------------
 
     def exchange(self, accs, ks, algorithm, name, digest, flags, wire):
+        if self.hierarchy is not None:  # one hierarchical step a buffer, one verdict
+            layout, sets, shard_ks = self.hierarchy
+            results, verdict = [], None
+            for i, (acc, eps, k) in enumerate(zip(accs, self._shard_terms, shard_ks)):
+                results.append(drive(hierarchical_exchange_steps(
+                    TFOps(hvd), acc, eps, k, layout, hvd.rank(), f"{name}.h{i}", digest, flags,
+                    wire), sets))
+                verdict = results[-1].verdict if verdict is None else \
+                    tf.bitwise.bitwise_or(verdict, results[-1].verdict)
+            for result in results:
+                result.verdict = verdict
+            self._split = {"bytes_sent_node": sum(r.bytes_node for r in results),
+                           "bytes_sent_cross": sum(r.bytes_cross for r in results)}
+            return results
         name = op_name_safe(name)
         if algorithm == "gtopk":
             return exchange_grouped(accs, ks, name=name, digest=digest, flags=flags, wire=wire)
@@ -133,6 +171,11 @@ class TFStep(StepBackend):
         self.write_dense(buffer.members, reduced)
 
     def commit(self, buffer, acc, result, carried, finite):
+        if self.hierarchy is not None:  # acc of this rank's shard, from the exchange
+            eps = self.shard_residual(buffer)
+            eps.assign(when(finite, update_residual(result.acc, result, carried),
+                            eps.read_value))
+            return
         rest = update_residual(acc, result, carried)
         for eps, value in zip(self._residuals(buffer),
                               _split(rest, [it.numel for it in buffer.members])):
@@ -154,7 +197,8 @@ class TFStep(StepBackend):
     # 5. statistics -----------------------------------------------------------------------
 
     def finish(self, finite, stats):
-        self._finish(finite, stats)
+        # hierarchical: what stayed inside the node and what crossed the network
+        self._finish(finite, dict(stats, **self._split) if self._split else stats)
 
 
 class JoinedTFStep(AppliesNothing, TFStep):
@@ -167,10 +211,25 @@ class JoinedTFStep(AppliesNothing, TFStep):
     all_joined = False
 
     def compensate(self, buffer, scale, predivide):
+        if self.hierarchy is not None:  # nothing of this rank's shard residual either
+            layout = self.hierarchy[0]
+            lo, hi = layout.shard(buffer.numel, hvd.rank())
+            self._shard_terms.append(tf.zeros([hi - lo], tf.float32))
         return tf.zeros([buffer.numel], tf.float32)
 
     def flat_grads(self, members):
         return tf.zeros([sum(it.numel for it in members)], tf.float32)
+
+    def commit(self, buffer, acc, result, carried, finite):
+        """Flat: nothing, its residuals are kept as they are.  Hierarchical: this rank's shard
+        of its node's sum carries the other local ranks' gradients; what of it did not reach
+        the result joins this rank's residual (kept otherwise), so nothing is lost
+        (gtopk_hvd.common.reference.hierarchical_step with ``joined``)."""
+        if self.hierarchy is None:
+            return
+        eps = self.shard_residual(buffer)
+        left = update_residual(result.acc, result, carried)
+        eps.assign(when(finite, left + eps.read_value(), eps.read_value))
 
     def nonfinite_flag(self, tensors):
         return JOINED

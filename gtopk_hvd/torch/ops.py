@@ -376,3 +376,12 @@ class TorchOps:
 
     def full_mask(self, k):
         return torch.ones(k, dtype=torch.bool, device=self.device)
+
+    def add_flag(self, flags, flag):
+        return flags | flag
+
+    def length(self, values):
+        return values.numel()
+
+    def with_length(self, x, n):
+        return x

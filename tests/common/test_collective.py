@@ -135,6 +135,15 @@ class NumpyOps:
     def full_mask(self, k):
         return np.ones(k, dtype=bool)
 
+    def add_flag(self, flags, flag):
+        return flags | flag
+
+    def length(self, values):
+        return len(values)
+
+    def with_length(self, x, n):
+        return x
+
 
 def _run_ranks(size, body):
     mailbox, results, errors = _Mailbox(), [None] * size, []

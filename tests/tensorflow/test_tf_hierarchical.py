@@ -1,6 +1,7 @@
 """Hierarchical gTop-k with TensorFlow on two emulated nodes of two ranks
 (``horovodrun -H localhost:2,127.0.0.1:2``), every rank against the NumPy reference
-(workers/hierarchical_worker.py).  The fallbacks (one host, one rank a host) are the core's
+(workers/hierarchical_worker.py): ``gtopk_allreduce``, the tape (eagerly and in a graph) and
+the Keras optimizer.  The fallbacks (one host, one rank a host) are the core's
 decision and run in the PyTorch tests (tests/torch/test_torch_hierarchical.py)."""
 import pytest
 
@@ -17,6 +18,14 @@ def job():
 @pytest.mark.parametrize("scenario", [
     "hierarchical_allreduce_equals_the_reference_every_step",
     "hierarchical_nan_on_one_rank_gives_nan_everywhere_residuals_kept",
-    "hierarchical_on_some_ranks_only_is_refused_on_every_rank"])
+    "hierarchical_on_some_ranks_only_is_refused_on_every_rank",
+    *[f"hierarchical_tape_{mode}_{granularity}_equals_the_reference_every_step"
+      for mode in ("eager", "graph") for granularity in ("model", "layer")],
+    "hierarchical_keras_minimize_in_a_graph_equals_the_reference_every_step",
+    "hierarchical_tape_nan_on_one_rank_in_a_graph_gives_nan_everywhere_residuals_kept",
+    "hierarchical_tape_of_another_model_on_one_rank_is_refused_in_a_graph",
+    "hierarchical_tape_on_some_ranks_only_is_refused_on_every_rank",
+    "hierarchical_checkpoint_resumes_the_shard_residuals_bit_for_bit",
+    "hierarchical_tape_refuses_what_it_cannot_run"])
 def test_hierarchical(job, scenario):
     check_scenario(job, scenario)

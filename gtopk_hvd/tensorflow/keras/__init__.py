@@ -59,7 +59,7 @@ def DistributedOptimizer(optimizer, name=None,
                          process_set=global_process_set,
                          scale_local_gradients=True,
                          *, density=0.001, algorithm="gtopk", granularity="model",
-                         dense_threshold=0, gtopk_state=None, link=None):
+                         dense_threshold=0, gtopk_state=None, link=None, hierarchical=False):
     """Wrap a tf.keras optimizer so that it applies the gTop-k sparse average of the gradients.
 
     Arguments as ``horovod.tensorflow.keras.DistributedOptimizer``, plus (keyword-only):
@@ -83,6 +83,11 @@ def DistributedOptimizer(optimizer, name=None,
             choice is made then: pass ``link=hvd.measure_link()`` (called eagerly on every
             rank) and a constant density, or compile with ``run_eagerly=True`` (then the
             link is measured after the first step).
+        hierarchical: hierarchical gTop-k across nodes (docs/tensorflow.md, "Hierarchical
+            gTop-k"): a reduce-scatter inside each node, gTop-k across nodes on each rank's
+            1/L shard, an allgather inside the node; residuals cover this rank's shard.  Needs
+            ``init(hierarchical=True)`` and ``algorithm="gtopk"``; unequal hosts or one rank a
+            host run flat gTop-k (logged once).
 
     The residuals (float32, one per trainable variable, per rank) are created at the first
     step as variables of ``optimizer.gtopk_state``: ``tf.train.Checkpoint`` and Keras' TF-format
@@ -116,7 +121,8 @@ def DistributedOptimizer(optimizer, name=None,
                                                   "backward_passes_per_step")
     gtopk_state = prepare_state(
         gtopk_state, lambda: GTopkState(density, algorithm, granularity, dense_threshold, link),
-        "gtopk_hvd.tensorflow.keras.init()", "DistributedOptimizer")
+        "gtopk_hvd.tensorflow.keras.init()", "DistributedOptimizer", hierarchical)
+    reduction["hierarchical"] = hierarchical
     return create_distributed_optimizer(
         optimizer=optimizer, name=name, sparse_as_dense=sparse_as_dense, op=op,
         backward_passes_per_step=backward_passes_per_step,

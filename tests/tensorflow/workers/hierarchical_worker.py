@@ -1,17 +1,210 @@
-"""Scenarios: hierarchical gTop-k with TensorFlow (``gtopk_allreduce(..., hierarchical=True)``,
-eagerly) on two nodes of two ranks emulated by horovodrun's ``-H localhost:2,127.0.0.1:2``;
-every rank against the NumPy reference (the same checks as the PyTorch worker,
-tests/torch/workers/hierarchical_worker.py, whose inputs these are).
+"""Scenarios: hierarchical gTop-k with TensorFlow on two nodes of two ranks emulated by
+horovodrun's ``-H localhost:2,127.0.0.1:2``; every rank against the NumPy reference of the
+hierarchical algorithm, bit for bit: ``gtopk_allreduce(..., hierarchical=True)`` (eagerly,
+the inputs of the PyTorch worker, tests/torch/workers/hierarchical_worker.py), the
+``DistributedGradientTape`` (eagerly and in ``tf.function``, model and layer buffers) and the
+Keras ``DistributedOptimizer`` (``minimize`` in ``tf.function``), with the linear loss of
+the training worker (sum(w * G): its gradient is G, known on every rank from seeds).
 """
+import tempfile
+
 import numpy as np
 from _common import assert_equal, finish, start
+from reference_steps import rank_grads
 
+from gtopk_hvd.common.collective import gtopk_wire_bytes
+from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.hierarchy import shard_bounds
 from gtopk_hvd.common.plan import PlanMismatchError
 from gtopk_hvd.common.process_sets import job_layout
 from gtopk_hvd.common.reference import hierarchical_step
 
 D = 103
+SHAPES = [(40, 12), (12,), (12, 3), (3,)]
+
+
+class HierarchicalReference:
+    """P ranks' shard residuals, one reference synchronisation at a time: one hierarchical
+    step a buffer (the whole model, or each variable)."""
+
+    def __init__(self, size, local, density, granularity, shapes=SHAPES):
+        self.size, self.local, self.density, self.shapes = size, local, density, shapes
+        self.numels = [int(np.prod(s)) for s in shapes]
+        self.buffers = [list(range(len(shapes)))] if granularity == "model" else \
+            [[j] for j in range(len(shapes))]
+        self.eps = []
+        for members in self.buffers:
+            bounds = shard_bounds(sum(self.numels[j] for j in members), local)
+            self.eps.append([np.zeros(bounds[p % local][1] - bounds[p % local][0], np.float32)
+                             for p in range(size)])
+
+    def step(self, grads, joined=()):
+        """grads[p][j]: rank p's gradient of variable j; the averaged gradients."""
+        out = [None] * len(self.shapes)
+        for b, members in enumerate(self.buffers):
+            numel = sum(self.numels[j] for j in members)
+            flats = [np.zeros(numel, np.float32) if p in joined else
+                     np.concatenate([grads[p][j].reshape(-1) for j in members])
+                     for p in range(self.size)]
+            res = hierarchical_step(flats, self.eps[b], self.local, self.density,
+                                    joined=joined)
+            self.eps[b] = res.residuals
+            total, offset = res.dense(numel, average_over=self.size), 0
+            for j in members:
+                out[j] = total[offset:offset + self.numels[j]].reshape(self.shapes[j])
+                offset += self.numels[j]
+        return out
+
+
+def linear_loss(tf, variables, grads):
+    return tf.add_n([tf.reduce_sum(v * g) for v, g in zip(variables, grads)])
+
+
+def make_variables(tf, prefix):
+    return [tf.Variable(tf.zeros(s), name=f"{prefix}{j}") for j, s in enumerate(SHAPES)]
+
+
+def tape_step_fn(tf, hvd, variables, mode, **kwargs):
+    def step(grads):
+        with tf.GradientTape() as tape:
+            loss = linear_loss(tf, variables, grads)
+        tape = hvd.DistributedGradientTape(tape, **kwargs)
+        return tape.gradient(loss, variables)
+    return tf.function(step) if mode == "graph" else step
+
+
+def unnamed_allreduce(tf, hvd, rank, size):
+    total = hvd.allreduce(tf.constant([float(rank)]), op=hvd.Sum)  # the user's own, unnamed
+    assert float(total[0]) == size * (size - 1) / 2, total
+
+
+def tape_scenarios(tf, hvd, rec, rank, size, local):
+    for mode in ("eager", "graph"):
+        for granularity in ("model", "layer"):
+            name = f"hierarchical_tape_{mode}_{granularity}_equals_the_reference_every_step"
+            with rec(name):
+                variables = make_variables(tf, f"{mode}{granularity}")
+                state = hvd.GTopkState(0.05, granularity=granularity)
+                step = tape_step_fn(tf, hvd, variables, mode, gtopk_state=state,
+                                    hierarchical=True)
+                ref = HierarchicalReference(size, local, 0.05, granularity)
+                seed = 300 + len(name)
+                for t in range(3):
+                    got = step([tf.constant(g) for g in rank_grads(seed, t, rank, SHAPES)])
+                    want = ref.step([rank_grads(seed, t, p, SHAPES) for p in range(size)])
+                    for j in range(len(SHAPES)):
+                        assert_equal(got[j], want[j], f"step {t} variable {j}")
+                    unnamed_allreduce(tf, hvd, rank, size)
+                saved = state.state_dict(size, rank)
+                assert saved["layout"] == ["hierarchical", size // local, local], saved
+                assert saved["residuals"] == {}, sorted(saved["residuals"])
+                shards = list(saved["shard_residuals"].values())
+                assert len(shards) == len(ref.eps)
+                for b, eps in enumerate(shards):
+                    assert_equal(eps, ref.eps[b][rank], f"shard residual {b}")
+                stats = state.gtopk_stats()
+                cross = sum(gtopk_wire_bytes(k_for(len(e[rank]), 0.05), rank // local,
+                                             size // local) for e in ref.eps)
+                assert stats["bytes_sent_cross"] == cross, (stats, cross)
+                assert stats["bytes_sent"] == cross + stats["bytes_sent_node"], stats
+                assert stats["step"] == 3
+
+
+def keras_scenario(tf, hvd, rec, rank, size, local):
+    import gtopk_hvd.tensorflow.keras as hvd_keras
+    with rec("hierarchical_keras_minimize_in_a_graph_equals_the_reference_every_step"):
+        variables = make_variables(tf, "keras")
+        opt = hvd_keras.DistributedOptimizer(tf.keras.optimizers.SGD(0.5), density=0.05,
+                                             hierarchical=True)
+
+        @tf.function
+        def train_step(grads):
+            opt.minimize(lambda: linear_loss(tf, variables, grads), variables)
+        ref = HierarchicalReference(size, local, 0.05, "model")
+        w = [np.zeros(s, np.float32) for s in SHAPES]
+        for t in range(3):
+            train_step([tf.constant(g) for g in rank_grads(17, t, rank, SHAPES)])
+            update = ref.step([rank_grads(17, t, p, SHAPES) for p in range(size)])
+            w = [wj + (-uj * np.float32(0.5)) for wj, uj in zip(w, update)]
+            for j in range(len(SHAPES)):
+                assert_equal(variables[j], w[j], f"step {t} variable {j}")
+            unnamed_allreduce(tf, hvd, rank, size)
+        assert opt.gtopk_stats()["step"] == 3
+
+
+def robustness_scenarios(tf, hvd, rec, rank, size, local):
+    with rec("hierarchical_tape_nan_on_one_rank_in_a_graph_gives_nan_everywhere_residuals_kept"):
+        variables = make_variables(tf, "nan")
+        state = hvd.GTopkState(0.05)
+        step = tape_step_fn(tf, hvd, variables, "graph", gtopk_state=state, hierarchical=True)
+        ref = HierarchicalReference(size, local, 0.05, "model")
+        grads = [rank_grads(21, 0, p, SHAPES) for p in range(size)]
+        step([tf.constant(g) for g in grads[rank]])
+        ref.step(grads)
+        bad = rank_grads(21, 1, rank, SHAPES)
+        if rank == size - 1:
+            bad[0][3, 4] = np.nan
+        got = step([tf.constant(g) for g in bad])
+        assert all(np.isnan(g.numpy()).all() for g in got), "not NaN everywhere"
+        eps = list(state.state_dict(size, rank)["shard_residuals"].values())[0]
+        assert_equal(eps, ref.eps[0][rank], "shard residual kept")
+        stats = state.gtopk_stats()
+        assert stats["step"] == 1 and stats["nonfinite_steps"] == 1 and not stats["finite"]
+        unnamed_allreduce(tf, hvd, rank, size)
+    with rec("hierarchical_tape_of_another_model_on_one_rank_is_refused_in_a_graph"):
+        # rank 0's last variable has one entry more: the node's reduce-scatter hands its
+        # neighbours parts of another length; nothing of them is read, every rank refuses
+        shapes = SHAPES[:-1] + [(4,) if rank == 0 else (3,)]
+        variables = [tf.Variable(tf.zeros(s)) for s in shapes]
+        step = tape_step_fn(tf, hvd, variables, "graph", density=0.05, hierarchical=True)
+        try:
+            step([tf.ones(s) for s in shapes])
+        except (PlanMismatchError, tf.errors.OpError) as exc:  # the graph's check raises
+            assert "gTop-k set-ups differ" in str(exc) and "rank 0" in str(exc), exc
+        else:
+            raise AssertionError("a rank with another model was accepted")
+        unnamed_allreduce(tf, hvd, rank, size)
+    with rec("hierarchical_tape_on_some_ranks_only_is_refused_on_every_rank"):
+        variables = make_variables(tf, "mixed")
+        for attempt in range(2):  # refused again: nothing was verified
+            step = tape_step_fn(tf, hvd, variables, "eager", density=0.05,
+                                hierarchical=rank != 0)
+            try:
+                step([tf.constant(g) for g in rank_grads(23, attempt, rank, SHAPES)])
+            except PlanMismatchError as exc:
+                assert "hierarchical=True" in str(exc), exc
+            else:
+                raise AssertionError("one flat rank among hierarchical ones was accepted")
+            unnamed_allreduce(tf, hvd, rank, size)
+    with rec("hierarchical_checkpoint_resumes_the_shard_residuals_bit_for_bit"):
+        variables = make_variables(tf, "ckpt")
+        state = hvd.GTopkState(0.05)
+        step = tape_step_fn(tf, hvd, variables, "graph", gtopk_state=state, hierarchical=True)
+        ref = HierarchicalReference(size, local, 0.05, "model")
+        for t in range(2):
+            step([tf.constant(g) for g in rank_grads(25, t, rank, SHAPES)])
+            ref.step([rank_grads(25, t, p, SHAPES) for p in range(size)])
+        path = tf.train.Checkpoint(gtopk=state).write(
+            f"{tempfile.mkdtemp(prefix='gtopk_hier_')}/rank{rank}")
+        again = hvd.GTopkState(0.05)
+        tf.train.Checkpoint(gtopk=again).read(path).assert_existing_objects_matched()
+        step = tape_step_fn(tf, hvd, variables, "graph", gtopk_state=again, hierarchical=True)
+        got = step([tf.constant(g) for g in rank_grads(25, 2, rank, SHAPES)])
+        want = ref.step([rank_grads(25, 2, p, SHAPES) for p in range(size)])
+        for j in range(len(SHAPES)):
+            assert_equal(got[j], want[j], f"after the restore, variable {j}")
+        assert again.gtopk_stats()["step"] == 3
+    with rec("hierarchical_tape_refuses_what_it_cannot_run"):
+        for kwargs in ({"algorithm": "topk"}, {"algorithm": "auto", "link": (1e-4, 1e-9)},
+                       {"hierarchical": "yes"}):
+            try:
+                with tf.GradientTape() as tape:
+                    pass
+                hvd.DistributedGradientTape(tape, **{"hierarchical": True, **kwargs})
+            except ValueError as exc:
+                assert "hierarchical" in str(exc), exc
+            else:
+                raise AssertionError(f"{kwargs} was accepted")
 
 
 def grads_for(step, rank):
@@ -61,6 +254,9 @@ def main():
                 assert np.isfinite(res.output.numpy()).all()
             total = hvd.allreduce(tf.constant([float(rank)]), op=hvd.Sum)  # unnamed
             assert float(total[0]) == size * (size - 1) / 2, total
+    tape_scenarios(tf, hvd, rec, rank, size, local)
+    keras_scenario(tf, hvd, rec, rank, size, local)
+    robustness_scenarios(tf, hvd, rec, rank, size, local)
     finish(tf, hvd, rec)
 
 
