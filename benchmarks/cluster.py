@@ -1,4 +1,4 @@
-"""An emulated cluster on one machine: N hosts as Linux network namespaces, one Horovod rank each.
+"""An emulated cluster on one machine: N hosts as Linux network namespaces, L Horovod ranks each.
 
 Topology (nothing is created in, or routed through, the caller's network namespace)::
 
@@ -39,6 +39,13 @@ Command line (exit code: the first failing rank's, else 0)::
     python benchmarks/cluster.py --hosts 4 --rate 1gbit --delay 0.1ms -- python train.py
     python benchmarks/cluster.py --hosts 2 --check        # measure rate and RTT, run nothing
     python benchmarks/cluster.py --cleanup                # remove leftovers of dead runs
+
+With ``ranks_per_host=L`` (``--ranks-per-host``) each namespace holds L ranks, numbered host
+by host as horovodrun numbers them (local rank, local size, cross rank and size as on real
+nodes): their traffic to each other stays on the namespace's own loopback (the kernel delivers
+a packet to a local address through ``lo``, never through the shaped ``eth0``), traffic to
+other hosts crosses the shaped links, and a host's ``eth0`` counters measure what left the
+node.  This is how hierarchical gTop-k is benchmarked (benchmarks/bench_hierarchical.py).
 
 A rank can read its own interface's byte counters with :func:`iface_bytes` (the launcher sets
 ``GTOPK_CLUSTER_IFACE`` and ``GTOPK_CLUSTER_LABEL`` in its environment).
@@ -82,7 +89,7 @@ class Cluster:
     """N emulated hosts with shaped links, or a loopback fallback.  Use as a context manager.
 
     Args:
-        hosts: number of hosts (one Horovod rank each).
+        hosts: number of hosts.
         rate: per-link rate in both directions ('1gbit', '10gbit', ...; 'unshaped' or None for
             no shaping).
         delay: one-way delay added on each link direction ('0.1ms'); needs sch_netem in the
@@ -94,14 +101,20 @@ class Cluster:
             about 30% faster than the rate; 16 KiB keeps it within about 5%), the kernel's
             default (64 KiB) on faster or unshaped links, where smaller packets cost too much
             CPU here.  None: the kernel's default.
+        ranks_per_host: Horovod ranks on each host (L); the job has ``hosts * L`` ranks.
     """
 
-    def __init__(self, hosts, rate="1gbit", delay="0.1ms", mode="auto", gso_max_size="auto"):
+    def __init__(self, hosts, rate="1gbit", delay="0.1ms", mode="auto", gso_max_size="auto",
+                 ranks_per_host=1):
         if isinstance(hosts, bool) or not isinstance(hosts, int) or not 1 <= hosts <= 200:
             raise ValueError(f"hosts must be an int in [1, 200], got {hosts!r}")
+        if isinstance(ranks_per_host, bool) or not isinstance(ranks_per_host, int) or \
+                not 1 <= ranks_per_host <= 64:
+            raise ValueError(f"ranks_per_host must be an int in [1, 64], got {ranks_per_host!r}")
         if mode not in ("auto", "netns", "loopback"):
             raise ValueError(f"mode must be 'auto', 'netns' or 'loopback', got {mode!r}")
-        self.hosts = hosts
+        self.hosts, self.ranks_per_host = hosts, ranks_per_host
+        self.size = hosts * ranks_per_host
         self.rate_bits = parse_rate(rate)
         self.delay_s = parse_time(delay)
         if gso_max_size == "auto":
@@ -356,8 +369,11 @@ class Cluster:
 
     # -- running a Horovod job -----------------------------------------------------------------
     def rank_env(self, rank, port, hostnames):
-        """The environment horovodrun's Gloo launcher would give ``rank`` (gloo_run.py)."""
-        netns = self.mode == "netns"
+        """The environment horovodrun's Gloo launcher would give ``rank`` (gloo_run.py): on
+        the namespaces, host ``rank // L`` and local rank ``rank % L``; on loopback, one host
+        of every rank."""
+        netns, per_host = self.mode == "netns", self.ranks_per_host
+        host, local = divmod(rank, per_host)
         return {
             "HOROVOD_GLOO_RENDEZVOUS_ADDR": SWITCH_IP if netns else "127.0.0.1",
             "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
@@ -365,12 +381,12 @@ class Cluster:
             "HOROVOD_CPU_OPERATIONS": "gloo",
             "HOROVOD_GLOO_IFACE": self.iface,
             "NCCL_SOCKET_IFNAME": self.iface,
-            "HOROVOD_HOSTNAME": hostnames[rank],
+            "HOROVOD_HOSTNAME": hostnames[host if netns else 0],
             "HOROVOD_RANK": str(rank),
-            "HOROVOD_SIZE": str(self.hosts),
-            "HOROVOD_LOCAL_RANK": str(0 if netns else rank),
-            "HOROVOD_LOCAL_SIZE": str(1 if netns else self.hosts),
-            "HOROVOD_CROSS_RANK": str(rank if netns else 0),
+            "HOROVOD_SIZE": str(self.size),
+            "HOROVOD_LOCAL_RANK": str(local if netns else rank),
+            "HOROVOD_LOCAL_SIZE": str(per_host if netns else self.size),
+            "HOROVOD_CROSS_RANK": str(host if netns else 0),
             "HOROVOD_CROSS_SIZE": str(self.hosts if netns else 1),
             "PYTHONUNBUFFERED": "1",
             IFACE_ENV: self.iface,
@@ -382,10 +398,10 @@ class Cluster:
         from horovod.runner.http.http_server import RendezvousServer
 
         if self.mode == "netns":
-            hosts_spec = ",".join(f"{h}:1" for h in hostnames)
+            hosts_spec = ",".join(f"{h}:{self.ranks_per_host}" for h in hostnames)
         else:
-            hosts_spec = f"localhost:{self.hosts}"
-        plan = get_host_assignments(parse_hosts(hosts_spec), self.hosts)
+            hosts_spec = f"localhost:{self.size}"
+        plan = get_host_assignments(parse_hosts(hosts_spec), self.size)
         server = RendezvousServer(verbose=0)
         if self.mode == "netns":  # the server's socket lives on the switch, not on this host
             port = run_in_netns(self.switch_ns, server.start)
@@ -395,7 +411,8 @@ class Cluster:
         return server, port
 
     def run(self, command, env=None, timeout=None, log_dir=None, quiet=False):
-        """Run ``command`` (a list) as a Horovod job, one rank per host; wait for all ranks.
+        """Run ``command`` (a list) as a Horovod job, ``ranks_per_host`` ranks per host; wait
+        for all ranks.
 
         Output goes to this process's stdout/stderr prefixed with ``[rank]`` (as horovodrun
         does), or to ``log_dir/rank.<r>.log`` when given (``quiet`` drops it).  When a rank
@@ -405,17 +422,18 @@ class Cluster:
         if self.mode is None:
             raise ClusterError("call start() (or use `with Cluster(...)`) before run()")
         hostnames = ([f"{self._prefix}-h{i}" for i in range(self.hosts)]
-                     if self.mode == "netns" else ["localhost"] * self.hosts)
+                     if self.mode == "netns" else ["localhost"])
         server, port = self._start_rendezvous(hostnames)
         procs, pumps = [], []
         try:
-            for rank in range(self.hosts):
+            for rank in range(self.size):
                 full_env = dict(os.environ)
                 full_env.update(env or {})
                 full_env.update(self.rank_env(rank, port, hostnames))
                 argv = [str(c) for c in command]
                 if self.mode == "netns":
-                    argv = ["ip", "netns", "exec", self.host_ns(rank)] + argv
+                    argv = ["ip", "netns", "exec",
+                            self.host_ns(rank // self.ranks_per_host)] + argv
                 if log_dir is not None:
                     Path(log_dir).mkdir(parents=True, exist_ok=True)
                     out = open(Path(log_dir) / f"rank.{rank}.log", "wb")
@@ -514,7 +532,10 @@ def main(argv=None):
         description="Run a command as a Horovod (Gloo) job on N emulated hosts: network "
                     "namespaces with shaped links.  Falls back to loopback without root.",
         usage="%(prog)s [options] -- command [args ...]")
-    parser.add_argument("--hosts", "-n", type=int, default=2, help="number of hosts = ranks")
+    parser.add_argument("--hosts", "-n", type=int, default=2, help="number of hosts")
+    parser.add_argument("--ranks-per-host", type=int, default=1,
+                        help="Horovod ranks on each host (L; intra-host traffic stays on its "
+                             "loopback)")
     parser.add_argument("--rate", default="1gbit",
                         help="per-link rate, both directions: 1gbit, 10gbit, ... or unshaped")
     parser.add_argument("--delay", default="0.1ms", help="one-way delay per link direction")
@@ -543,8 +564,10 @@ def main(argv=None):
         parser.error("nothing to run: give -- command [args], or --check")
     install_signal_handlers()
     gso = args.gso_max_size if args.gso_max_size == "auto" else int(args.gso_max_size)
-    with Cluster(args.hosts, args.rate, args.delay, mode=args.mode, gso_max_size=gso) as cluster:
-        logger.info("cluster %s with %d host(s)%s", cluster.label, cluster.hosts,
+    with Cluster(args.hosts, args.rate, args.delay, mode=args.mode, gso_max_size=gso,
+                 ranks_per_host=args.ranks_per_host) as cluster:
+        logger.info("cluster %s with %d host(s) of %d rank(s)%s", cluster.label, cluster.hosts,
+                    cluster.ranks_per_host,
                     f" (fallback: {cluster.fallback_reason})" if cluster.mode != "netns" else "")
         if args.check and cluster.mode == "netns":
             for key, value in cluster.check_links().items():

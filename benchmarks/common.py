@@ -179,8 +179,9 @@ def _script_module(script):
 
 
 def run_workers(script, size, network, config, mode="auto", check=True, timeout=3600,
-                log_dir=None, env=None, quiet_timeout=900.0):
-    """Run ``script --worker CONFIG OUT`` on a cluster of ``size`` hosts on ``network``.
+                log_dir=None, env=None, quiet_timeout=900.0, ranks_per_host=1):
+    """Run ``script --worker CONFIG OUT`` on a cluster of ``size`` ranks on ``network``,
+    ``ranks_per_host`` of them on each emulated host (benchmarks/cluster.py).
 
     Returns (result, info): rank 0's JSON result and a dict describing the cluster (label,
     measured link rates, fallback reason).  Raises RuntimeError when a rank fails; its log
@@ -193,17 +194,22 @@ def run_workers(script, size, network, config, mode="auto", check=True, timeout=
     if launched_by_horovodrun():
         return _run_in_place(script, network, config)
     rate, delay = NETWORKS[network]
+    if size % ranks_per_host:
+        raise ValueError(f"size={size} is not a multiple of ranks_per_host={ranks_per_host}")
+    hosts = size // ranks_per_host
     log_dir = Path(log_dir or RESULTS / "tmp" / f"{Path(script).stem}-{network}-P{size}")
     with tempfile.TemporaryDirectory(prefix="gtopk_bench_") as tmp:
         cfg_path, out_path = Path(tmp, "config.json"), Path(tmp, "result.json")
         cfg_path.write_text(json.dumps(config))
         foreign = wait_for_quiet(timeout=quiet_timeout) if quiet_timeout else float("nan")
-        with Cluster(size, rate=rate, delay=delay, mode=mode) as cluster:
+        with Cluster(hosts, rate=rate, delay=delay, mode=mode,
+                     ranks_per_host=ranks_per_host) as cluster:
             info = {"network": network, "label": cluster.label, "P": size,
+                    "hosts": hosts, "ranks_per_host": ranks_per_host,
                     "foreign_cpu": foreign,
                     "delay_emulated": cluster.delay_emulated,
                     "fallback": cluster.fallback_reason}
-            if check and cluster.mode == "netns" and rate is not None and size >= 2:
+            if check and cluster.mode == "netns" and rate is not None and hosts >= 2:
                 links = cluster.check_links()
                 info.update(link_gbit=links["h0_to_h1_gbit"], rtt_us=links["rtt_us"],
                             tcp_overhead=links.get("tcp_overhead", float("nan")))

@@ -244,17 +244,20 @@ def check_allreduce_arguments(density, op_name, algorithm, process_set, numel, n
 
 
 def check_hierarchical(hierarchical, algorithm, granularity, elastic=False):
-    """``hierarchical`` (bool) where an optimizer can run it: gTop-k at the model or layer
-    granularity, not under Horovod Elastic yet; the error names the value and the fix."""
+    """``hierarchical`` (bool) where an optimizer can run it: gTop-k at the model, layer or
+    bucket granularity, not under Horovod Elastic yet; the error names the value and the
+    fix."""
     if not isinstance(hierarchical, bool):
         raise ValueError(f"hierarchical must be True or False, got {hierarchical!r}")
     if hierarchical and elastic:
         raise ValueError("hierarchical=True does not run under Horovod Elastic yet (its node "
                          "and rail sets are not re-registered after a reset); drop "
                          "hierarchical=True for elastic jobs")
-    if hierarchical and (algorithm != "gtopk" or granularity not in ("model", "layer")):
+    if hierarchical and (algorithm != "gtopk" or granularity not in ("model", "layer",
+                                                                     "bucket")):
         raise ValueError(
-            f"hierarchical=True runs gTop-k across nodes at granularity 'model' or 'layer'; "
+            f"hierarchical=True runs gTop-k across nodes at granularity 'model', 'layer' or "
+            f"'bucket' (PyTorch); "
             f"got algorithm={algorithm!r}, granularity={granularity!r}: pass "
             f"algorithm='gtopk' and granularity='model' (or drop hierarchical=True)")
     return hierarchical

@@ -71,7 +71,7 @@ class TFStep(StepBackend):
         self.state, self.config, self.op, self._finish = state, config, op, finish
         self.out = [it.grad for it in items]
         self.average_over = self.size if config.op == "Average" else 1
-        self.hierarchy, self._shard_terms, self._split = hierarchy, [], {}
+        self.hierarchy, self.shard_terms, self._split = hierarchy, [], {}
 
     def _residuals(self, buffer):
         return [self.state.residual(it.variable) for it in buffer.members]
@@ -98,7 +98,7 @@ class TFStep(StepBackend):
         after the node's reduce-scatter."""
         eps = self.shard_residual(buffer).read_value()
         same = isinstance(scale, float) and scale == predivide
-        self._shard_terms.append(eps if same else eps * (scale / predivide))
+        self.shard_terms.append(eps if same else eps * (scale / predivide))
 
     def flat_grads(self, members):
         return _flatten([it.grad for it in members])
@@ -126,7 +126,7 @@ class TFStep(StepBackend):
         if self.hierarchy is not None:  # one hierarchical step a buffer, one verdict
             layout, sets, shard_ks = self.hierarchy
             results, verdict = [], None
-            for i, (acc, eps, k) in enumerate(zip(accs, self._shard_terms, shard_ks)):
+            for i, (acc, eps, k) in enumerate(zip(accs, self.shard_terms, shard_ks)):
                 results.append(drive(hierarchical_exchange_steps(
                     TFOps(hvd), acc, eps, k, layout, hvd.rank(), f"{name}.h{i}", digest, flags,
                     wire), sets))
@@ -134,14 +134,19 @@ class TFStep(StepBackend):
                     tf.bitwise.bitwise_or(verdict, results[-1].verdict)
             for result in results:
                 result.verdict = verdict
-            self._split = {"bytes_sent_node": sum(r.bytes_node for r in results),
-                           "bytes_sent_cross": sum(r.bytes_cross for r in results)}
+            self.split_bytes(results)
             return results
         name = op_name_safe(name)
         if algorithm == "gtopk":
             return exchange_grouped(accs, ks, name=name, digest=digest, flags=flags, wire=wire)
         return [exchange(accs[0], ks[0], algorithm, name=name, digest=digest, flags=flags,
                          wire=wire)]
+
+    def split_bytes(self, results):
+        """Hierarchical gTop-k: the statistics' bytes sent inside the node and across nodes,
+        from the step's HierarchicalExchange results."""
+        self._split = {"bytes_sent_node": sum(r.bytes_node for r in results),
+                       "bytes_sent_cross": sum(r.bytes_cross for r in results)}
 
     def empty(self):
         return tf.zeros([0])
@@ -214,7 +219,7 @@ class JoinedTFStep(AppliesNothing, TFStep):
         if self.hierarchy is not None:  # nothing of this rank's shard residual either
             layout = self.hierarchy[0]
             lo, hi = layout.shard(buffer.numel, hvd.rank())
-            self._shard_terms.append(tf.zeros([hi - lo], tf.float32))
+            self.shard_terms.append(tf.zeros([hi - lo], tf.float32))
         return tf.zeros([buffer.numel], tf.float32)
 
     def flat_grads(self, members):

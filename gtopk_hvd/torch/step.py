@@ -98,7 +98,7 @@ class TorchStep(StepBackend):
         self.average_over = self.size if config.op == "Average" else 1
         # hierarchical gTop-k: (layout, process sets); acc is then the buffer's gradients and
         # the residual of this rank's shard is added after the node's reduce-scatter
-        self.hierarchy, self._shard_terms, self._split = hierarchy, [], {}
+        self.hierarchy, self.shard_terms, self._split = hierarchy, [], {}
 
     # 1. compensate ---------------------------------------------------------------------
 
@@ -119,7 +119,7 @@ class TorchStep(StepBackend):
         """Hierarchical gTop-k: this rank's shard residual, in the gradients' units, to add
         after the node's reduce-scatter."""
         eps = self.state.residual(buffer.name, self.shard_numel(buffer), device)
-        self._shard_terms.append(eps * (scale / predivide) if scale != predivide else eps)
+        self.shard_terms.append(eps * (scale / predivide) if scale != predivide else eps)
 
     def flat_grads(self, members):
         return flat_grads(members)
@@ -152,21 +152,26 @@ class TorchStep(StepBackend):
         if self.hierarchy is not None:  # one hierarchical step a buffer, one verdict
             layout, sets = self.hierarchy
             density, results, verdict = self.state.density(), [], 0
-            for i, (acc, eps) in enumerate(zip(accs, self._shard_terms)):
+            for i, (acc, eps) in enumerate(zip(accs, self.shard_terms)):
                 results.append(drive(hierarchical_exchange_steps(
                     TorchOps(hvd, device=acc.device), acc, eps, k_for(eps.numel(), density),
                     layout, hvd.rank(), f"{name}.h{i}", digest, flags, wire), sets))
                 verdict |= int(results[-1].verdict)
             for result in results:
                 result.verdict = verdict
-            self._split = {"bytes_sent_node": sum(r.bytes_node for r in results),
-                           "bytes_sent_cross": sum(r.bytes_cross for r in results)}
+            self.split_bytes(results)
             return results
         if algorithm == "gtopk":
             return exchange_grouped(accs, ks, name=name, profile=self.profile, digest=digest,
                                     flags=flags, wire=wire)
         return [exchange(accs[0], ks[0], algorithm, name, profile=self.profile, digest=digest,
                          flags=flags, wire=wire)]
+
+    def split_bytes(self, results):
+        """Hierarchical gTop-k: the statistics' bytes sent inside the node and across nodes,
+        from the step's HierarchicalExchange results."""
+        self._split = {"bytes_sent_node": sum(r.bytes_node for r in results),
+                       "bytes_sent_cross": sum(r.bytes_cross for r in results)}
 
     def empty(self):
         return torch.zeros(0, dtype=torch.float32)
@@ -257,7 +262,7 @@ class JoinedStep(AppliesNothing, TorchStep):
     def compensate(self, buffer, scale, predivide):
         device = buffer.members[0].device
         if self.hierarchy is not None:  # nothing of this rank's shard residual either
-            self._shard_terms.append(torch.zeros(self.shard_numel(buffer), dtype=torch.float32,
+            self.shard_terms.append(torch.zeros(self.shard_numel(buffer), dtype=torch.float32,
                                                  device=device))
         return torch.zeros(buffer.numel, dtype=torch.float32, device=device)
 

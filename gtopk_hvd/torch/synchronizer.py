@@ -349,13 +349,16 @@ class Synchronizer:
 
         def prepare(bucket):
             if not layout.buffers:  # the verdict and the digest still travel
-                return torch.zeros(0, dtype=torch.float32), 0, 0
+                return torch.zeros(0, dtype=torch.float32), 0, 0, None
             self.check_sparse(buffers[bucket].members)
             acc = backend.compensate(buffers[bucket], scale, config.predivide)
-            return acc, ks[bucket], backend.nonfinite_flag([acc])
+            if self.hierarchy is None:
+                return acc, ks[bucket], backend.nonfinite_flag([acc]), None
+            eps = backend.shard_terms[-1]  # this rank's shard residual, added after the sum
+            return acc, k_for(eps.numel(), density), backend.nonfinite_flag([acc]), eps
 
         pipe = BucketPipeline([len(ps) for _, ps in layout.buffers] or [0], prepare,
-                              plan_digest(plan), config.wire)
+                              plan_digest(plan), config.wire, hierarchy=self.hierarchy)
         pipe.layout, pipe.plan, pipe.density, pipe.scale = layout, plan, density, scale
         pipe.buffers, pipe.ks = buffers, ks
         return pipe
@@ -377,6 +380,8 @@ class Synchronizer:
                 # every rank alike, so that no operation is left without its partner
                 pipe.advance(block=True)
         backend, layout, verdict = self.backend(params), pipe.layout, pipe.verdict
+        if self.hierarchy is not None and pipe.buffers:
+            backend.split_bytes(pipe.results)
         dense_numel = sum(p.numel() for p in layout.dense)
         flat = None
         if layout.dense and not verdict & MISMATCH:  # the digest covered the dense sizes

@@ -6,7 +6,8 @@ algorithm (gtopk_hvd.common.reference.hierarchical_step), bit for bit, every ste
 import numpy as np
 import torch
 from _common import Recorder, assert_equal
-from optimizer_worker import flat_params, loss_for, make_model, simulate, train
+from optimizer_worker import (THREE_BUCKETS, deep_model, flat_params, loss_for, make_model,
+                              simulate, train)
 from reference_sgd import ReferenceRun, flat32
 from robustness_worker import loss_scaling, uneven_epoch
 
@@ -34,8 +35,10 @@ class HierarchicalReference(ReferenceRun):
     """ReferenceRun whose synchronisation is the hierarchical step (one buffer a layer, or
     one for the model) with a residual per rank's shard."""
 
-    def __init__(self, model, make_optimizer, size, density, granularity, local):
-        super().__init__(model, make_optimizer, size, density, granularity)
+    def __init__(self, model, make_optimizer, size, density, granularity, local,
+                 bucket_cap_mb=None):
+        super().__init__(model, make_optimizer, size, density, granularity,
+                         bucket_cap_mb=bucket_cap_mb)
         self.local = local
         self.eps = [[np.zeros(hi - lo, np.float32) for lo, hi in
                      (shard_bounds(sum(self.params[i].numel() for i in buf), local)[r % local]
@@ -98,6 +101,39 @@ def optimizer_scenarios(rec, rank, size, local):
                                                                               granularity)))
                 assert stats["bytes_sent_cross"] == cross, (stats, cross)
                 assert stats["bytes_sent"] == cross + stats["bytes_sent_node"], stats
+    with rec("hierarchical_optimizer_bucket_equals_the_reference_exchanged_during_backward"):
+        # three buckets, each one hierarchical step whose node alltoall the backward pass's
+        # hooks start; the residuals are this rank's shard of each bucket
+        model = deep_model(2401)
+        opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(),
+                                       density=0.15, granularity="bucket",
+                                       bucket_cap_mb=THREE_BUCKETS, hierarchical=True)
+        ref = HierarchicalReference(model, momentum_sgd, size, 0.15, "bucket", local,
+                                    bucket_cap_mb=THREE_BUCKETS)
+        loss, ref_loss = loss_for(2401), loss_for(2401)
+        started = []
+        for step in range(4):
+            opt.zero_grad()
+            loss(model, rank, 0).backward()
+            pipeline = opt._gtopk_sync.pipeline
+            started.append(pipeline is not None and pipeline.started)
+            opt.step()
+            loss.step += 1
+            want = simulate(ref, ref_loss, steps=1)[0]
+            assert_equal(flat_params(model), want.numpy(), f"params after step {step + 1}")
+            total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum)  # unnamed
+            assert total.item() == size * (size - 1) / 2, total
+        assert len(ref.buffers) == 3, ref.buffers
+        for b in range(3):
+            assert_equal(opt.gtopk_state.residuals[f"bucket.{b}"], ref.eps[b][rank],
+                         f"residual of bucket {b}")
+        assert started == [False, True, True, True], started
+        if local > 1:
+            stats, n, nodes = opt.gtopk_stats(), rank // local, size // local
+            cross = sum(gtopk_wire_bytes(k_for(len(eps[rank]), 0.15), n, nodes)
+                        for eps in ref.eps)
+            assert stats["bytes_sent_cross"] == cross, (stats, cross)
     with rec("hierarchical_compressor_equals_the_reference_every_step"):
         # Horovod's own optimizer with Compression.gtopk(hierarchical=True): per tensor, as
         # the reference's layer granularity; the residuals are this rank's shards
@@ -178,8 +214,7 @@ def optimizer_scenarios(rec, rank, size, local):
             assert total.item() == size * (size - 1) / 2, total
     with rec("hierarchical_optimizer_refuses_what_it_cannot_run"):
         model = make_model(32)
-        for kwargs in ({"granularity": "bucket"}, {"algorithm": "topk"},
-                       {"hierarchical": "yes"}):
+        for kwargs in ({"algorithm": "topk"}, {"algorithm": "auto"}, {"hierarchical": "yes"}):
             try:
                 hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
                                          named_parameters=model.named_parameters(),
