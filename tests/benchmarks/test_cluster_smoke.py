@@ -34,16 +34,16 @@ def no_leftover_namespaces():
     assert not leftover, f"namespaces left behind: {leftover}"
 
 
-def _run_smoke(cluster, tmp_path):
+def _run_smoke(cluster, tmp_path, env=None):
     codes = cluster.run([sys.executable, str(WORKER)],
-                        env={**ENV, "GTOPK_SMOKE_OUT": str(tmp_path)}, timeout=90,
-                        log_dir=tmp_path / "logs")
+                        env={**ENV, "GTOPK_SMOKE_OUT": str(tmp_path), **(env or {})},
+                        timeout=90, log_dir=tmp_path / "logs")
     logs = "\n".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
-    assert codes == [0] * cluster.hosts, f"exit codes {codes}\n{logs}"
-    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(cluster.hosts)]
+    assert codes == [0] * cluster.size, f"exit codes {codes}\n{logs}"
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(cluster.size)]
     for r, rec in enumerate(records):
         assert rec["ok"], f"rank {r} failed:\n{rec.get('error')}\n{logs}"
-        assert rec["size"] == cluster.hosts and rec["label"] == cluster.label
+        assert rec["size"] == cluster.size and rec["label"] == cluster.label
     return records
 
 
@@ -62,6 +62,21 @@ def test_allreduce_across_two_namespaces_is_right_and_counted_on_the_wire(tmp_pa
     for b, a in zip(before, after):
         assert a["tx_bytes"] - b["tx_bytes"] >= 40_000
     assert not cl.namespaces(owner=os.getpid())
+
+
+@needs_netns
+@pytest.mark.timeout(120)
+def test_two_hosts_of_two_ranks_keep_their_own_traffic_off_the_link(tmp_path):
+    """ranks_per_host=2: the ranks are told their local and cross ranks as on two machines,
+    and a 4 MB allreduce among a host's own ranks does not cross its interface."""
+    with cl.Cluster(2, rate="1gbit", delay=0, mode="netns", ranks_per_host=2) as cluster:
+        assert len(cl.namespaces(owner=os.getpid())) == 3  # switch + 2 hosts
+        records = _run_smoke(cluster, tmp_path, env={"GTOPK_SMOKE_NODES": "1"})
+    for r, rec in enumerate(records):
+        assert (rec["local_rank"], rec["local_size"]) == (r % 2, 2), rec
+        assert (rec["cross_rank"], rec["cross_size"]) == (r // 2, 2), rec
+        assert rec["node_tx"] < 400_000, rec  # 4 MB through eth0 would send 4 MB or more
+        assert rec["tx"] >= 40_000, rec  # the global allreduce crossed the link
 
 
 @needs_netns
@@ -104,6 +119,18 @@ def test_ranks_get_the_environment_horovodrun_gives_them():
     assert env["HOROVOD_CONTROLLER"] == env["HOROVOD_CPU_OPERATIONS"] == "gloo"
     assert env["HOROVOD_GLOO_RENDEZVOUS_ADDR"] == cl.SWITCH_IP
     assert env["HOROVOD_GLOO_RENDEZVOUS_PORT"] == "4242"
+
+
+def test_hosts_of_several_ranks_number_them_host_by_host():
+    cluster = cl.Cluster(2, mode="loopback", ranks_per_host=3)
+    cluster.mode = "netns"
+    assert cluster.size == 6
+    env = cluster.rank_env(4, 4242, ["a", "b"])
+    assert (env["HOROVOD_RANK"], env["HOROVOD_SIZE"], env["HOROVOD_HOSTNAME"]) == ("4", "6", "b")
+    assert (env["HOROVOD_LOCAL_RANK"], env["HOROVOD_LOCAL_SIZE"]) == ("1", "3")
+    assert (env["HOROVOD_CROSS_RANK"], env["HOROVOD_CROSS_SIZE"]) == ("1", "2")
+    with pytest.raises(ValueError, match="ranks_per_host"):
+        cl.Cluster(2, ranks_per_host=0)
 
 
 @pytest.mark.parametrize("text, bits", [("1gbit", 1e9), ("10gbit", 1e10), ("100mbit", 1e8),
