@@ -202,9 +202,11 @@ def hierarchical_sets(hvd):
     ``init(hierarchical=True)`` asks for).  A flat layout needs none of its own."""
     key = (id(hvd), "hierarchical")
     cached = _cache.get(key)
-    if cached is not None and cached[0].size == hvd.size():
-        return cached
     layout = job_layout(hvd)
+    if cached is not None and (cached[0].size, cached[0].local_size, cached[0].mode) == (
+            layout.size, layout.local_size, layout.mode) and not (
+            is_elastic() and _stale(hvd, cached)):
+        return cached
     if layout.reason:
         logger.warning("gtopk_hvd: hierarchical=True on %d x %d ranks: %s", layout.nodes,
                        layout.local_size, layout.reason)

@@ -245,14 +245,16 @@ def check_allreduce_arguments(density, op_name, algorithm, process_set, numel, n
 
 def check_hierarchical(hierarchical, algorithm, granularity, elastic=False):
     """``hierarchical`` (bool) where an optimizer can run it: gTop-k at the model, layer or
-    bucket granularity, not under Horovod Elastic yet; the error names the value and the
-    fix."""
+    bucket granularity; ``elastic``: under Horovod Elastic, where only PyTorch's
+    DistributedOptimizer runs it (the caller passes False there); the error names the value
+    and the fix."""
     if not isinstance(hierarchical, bool):
         raise ValueError(f"hierarchical must be True or False, got {hierarchical!r}")
     if hierarchical and elastic:
-        raise ValueError("hierarchical=True does not run under Horovod Elastic yet (its node "
-                         "and rail sets are not re-registered after a reset); drop "
-                         "hierarchical=True for elastic jobs")
+        raise ValueError("hierarchical=True does not run under Horovod Elastic here yet (only "
+                         "PyTorch's DistributedOptimizer re-shards its residuals when a reset "
+                         "changes the layout); use gtopk_hvd.torch.DistributedOptimizer, or "
+                         "drop hierarchical=True for elastic jobs")
     if hierarchical and (algorithm != "gtopk" or granularity not in ("model", "layer",
                                                                      "bucket")):
         raise ValueError(

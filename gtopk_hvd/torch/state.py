@@ -56,6 +56,11 @@ class GTopkState:
         self.nonfinite_steps = 0
         self.last = {}
         self.parked = {}  # {parameter name: residual} of parameters frozen for now
+        # hierarchical gTop-k: {buffer name: (lo, hi, numel)}, the part of the buffer its
+        # residual covers (this rank's shard; flat: all of it), and {buffer name: a
+        # buffer-sized tensor}, residual mass a layout change left outside that part
+        self.placements = {}
+        self.carry = {}
         self._said = None  # what algorithm='auto' chose, as logged last
         self._verified = False
 
@@ -119,6 +124,43 @@ class GTopkState:
                     if part is None else part for part, (_, n) in zip(parts, members)])
         self.parked = {member: eps.clone() for member, eps in pieces.items()}
 
+    def reshard(self, placements):
+        """Hierarchical gTop-k under Horovod Elastic: a reset changed the layout, so the part
+        of a buffer this rank's residual covers (``placements``: {buffer name: (lo, hi,
+        numel)}, this rank's shard, or all of the buffer where the layout runs flat) moved.
+        Each residual is laid into its buffer at its old place; the new part becomes the
+        residual, and what lies outside it is carried (``carry``) into the gradients of the
+        next step that applies, where the node's reduce-scatter adds it to the shard of
+        whichever rank now owns it: nothing is lost.  A buffer seen for the first time only
+        records its place."""
+        for name, place in placements.items():
+            old = self.placements.get(name)
+            eps = self.residuals.get(name)
+            carried = self.carry.get(name)
+            if old == place and (carried is None or place[1] - place[0] != place[2]):
+                continue  # (a whole-buffer residual takes a pending carry in at once)
+            self.placements[name] = place
+            lo, hi, numel = place
+            if old is None or old[2] != numel or (eps is not None and
+                                                  eps.numel() != old[1] - old[0]):
+                continue  # another buffer now: its residual's size decides (residual())
+            if eps is None and carried is None:
+                continue  # nothing held back
+            device = eps.device if eps is not None else carried.device
+            full = torch.zeros(numel, dtype=torch.float32, device=device)
+            if eps is not None:
+                full[old[0]:old[1]] = eps
+            if carried is not None:
+                full += self.carry.pop(name)
+            self.residuals[name] = full[lo:hi].clone()
+            self.spares.pop(name, None)
+            full[lo:hi] = 0
+            if bool(full.any()):
+                self.carry[name] = full
+            logger.info("gtopk_hvd: buffer %r: the residual now covers entries %d..%d of %d "
+                        "(before %d..%d); the rest joins the next step's gradients",
+                        name, lo, hi, numel, old[0], old[1])
+
     def spare(self, name, numel, device):
         """The buffer a step computes acc into for buffer ``name`` (not checkpointed)."""
         buf = self.spares.get(name)
@@ -137,7 +179,8 @@ class GTopkState:
             self.spares.pop(name, None)
 
     def residual_norm(self):
-        total = sum(float(eps.double().pow(2).sum()) for eps in self.residuals.values())
+        total = sum(float(eps.double().pow(2).sum())
+                    for eps in list(self.residuals.values()) + list(self.carry.values()))
         return total ** 0.5
 
     def gtopk_stats(self):
@@ -170,7 +213,8 @@ class GTopkState:
         them."""
         return {"format": _FORMAT, "step": self.step, "world_size": size, "rank": rank,
                 "algorithm": self.algorithm, "granularity": self.granularity, "layout": layout,
-                "residuals": {name: eps.detach().clone() for name, eps in self.residuals.items()}}
+                "residuals": {name: eps.detach().clone() for name, eps in self.residuals.items()},
+                "carry": {name: c.detach().clone() for name, c in self.carry.items()}}
 
     def load_state_dict(self, state, size, rank, layout=None):
         if not isinstance(state, dict) or "step" not in state:
@@ -179,6 +223,7 @@ class GTopkState:
         self.step = int(state["step"])
         self.residuals = {}
         self.spares = {}
+        self.placements, self.carry = {}, {}  # the next step records its place again
         if not check_world_size_on_load(state.get("world_size"), state.get("rank"), size, rank):
             return
         if not check_layout_on_load(state.get("layout"), layout):
@@ -189,6 +234,8 @@ class GTopkState:
             return
         self.residuals = {name: eps.detach().to(torch.float32).clone()
                           for name, eps in state.get("residuals", {}).items()}
+        self.carry = {name: c.detach().to(torch.float32).clone()
+                      for name, c in state.get("carry", {}).items()}
 
     def __repr__(self):
         return (f"GTopkState(schedule={self.schedule!r}, algorithm={self.algorithm!r}, "

@@ -107,6 +107,9 @@ class TorchStep(StepBackend):
         if self.hierarchy is not None:  # the shard's residual joins after the node's sum
             self.add_shard_residual(buffer, scale, predivide, ps[0].device)
             acc = flat_grads(ps)
+            carried = state.carry.get(buffer.name)  # what a layout change left outside it
+            if carried is not None:
+                acc = torch.add(acc, carried, alpha=scale)
             return acc.mul_(1.0 / predivide) if predivide != 1.0 else acc
         if buffer.method == "dense" and buffer.name not in state.residuals:
             return flat_grads(ps)  # sent densely and nothing held back: the gradients
@@ -229,6 +232,7 @@ class TorchStep(StepBackend):
     def commit(self, buffer, acc, result, carried, finite):
         if self.hierarchy is not None:  # acc of this rank's shard, from the exchange
             acc = result.acc
+            self.state.carry.pop(buffer.name, None)  # it went into this step's gradients
         self.state.commit(buffer.name, update_residual(acc, result, carried))
 
     def write_dense(self, members, flat):

@@ -108,7 +108,8 @@ class Synchronizer:
         if self.config.sparse_algorithm == "gtopk":
             prepare_exchange_sets(hvd)  # collective registration; every check ran first
         self.hierarchy = None  # (layout, process sets) of hierarchical gTop-k
-        if hierarchical:
+        self.hierarchical = hierarchical
+        if hierarchical and not is_elastic():  # under Elastic: at each step (refresh_hierarchy)
             layout, sets = hierarchical_sets(hvd)
             self.hierarchy = None if layout.mode == "flat" else (layout, sets)
 
@@ -237,6 +238,21 @@ class Synchronizer:
             agree_on_mode(hvd, self.config.name, self.hierarchy is not None, gather_modes,
                           once=False)
 
+    def refresh_hierarchy(self, buffers):
+        """Hierarchical gTop-k, before a step's first operation: under Horovod Elastic the
+        layout of this world (its node and rail sets registered again after a reset, here
+        where every rank is), and the part of each buffer this rank's residual covers (the
+        residuals re-sharded where a reset moved it: GTopkState.reshard)."""
+        if not self.hierarchical:
+            return
+        if is_elastic():
+            layout, sets = hierarchical_sets(hvd)
+            self.hierarchy = None if layout.mode == "flat" else (layout, sets)
+        rank = hvd.rank()
+        self.state.reshard({b.name: (*self.hierarchy[0].shard(b.numel, rank), b.numel)
+                            if self.hierarchy is not None else (0, b.numel, b.numel)
+                            for b in buffers if b.method != "dense"})
+
     def backend(self, params):
         args = (self.state, self.config, params, self.compression, self.op, self.finish,
                 self.hierarchy)
@@ -262,6 +278,7 @@ class Synchronizer:
             buffers = self.buffers(layout, methods)
             ks = [k_for(b.numel, density) for b in buffers if b.method != "dense"]
             dense = [(self.names[p], p, p.numel()) for p in layout.dense]
+            self.refresh_hierarchy(buffers)
             self.agree_on_mode()
             run_step(self.backend(params), self.config, buffers, dense, ks, density, scale,
                      dense_first=self.dense_first())
@@ -344,6 +361,7 @@ class Synchronizer:
         buffers = self.buffers(layout, ["gtopk"] * len(layout.buffers))
         plan = step_plan(config, buffers, ks, [(self.names[p], p, p.numel())
                                                for p in layout.dense], scale)
+        self.refresh_hierarchy(buffers)
         self.agree_on_mode()
         backend = self.backend(self.params())
 

@@ -28,6 +28,17 @@ def test_elastic_grow_then_kill_keeps_training_bit_identical_horovod_run_bucket(
     check_elastic_run(WORKER, STEPS, "horovod", {"GTOPK_TEST_GRANULARITY": "bucket"})
 
 
+def test_hierarchical_one_node_to_unequal_hosts_and_back_keeps_training_bit_identical():
+    """hierarchical=True, 2 -> 3 -> 2 with gtopk_hvd's ``elastic.run``: one host of two ranks
+    (the node-only layout, each rank's residual a half of the buffer) grows by a worker on
+    127.0.0.1 (unequal hosts: flat gTop-k, residuals of the whole buffer), which is killed
+    (one host again).  Every reset registers the node sets of the new world and re-shards
+    the residuals (GTopkState.reshard), what left a rank's part joining the next step's
+    gradients; every check of the jobs above holds, the residual norm taken over what each
+    rank holds back (residuals and carry)."""
+    check_elastic_run(WORKER, STEPS, "gtopk", {"GTOPK_TEST_HIERARCHICAL": "1"}, base=2)
+
+
 def test_killing_the_worker_that_joined_2_3_2_recovers_within_10_s():
     """2 workers grown to 3 (the added one on host 127.0.0.1), that worker killed, 2 go on,
     with gtopk_hvd's ``elastic.run``: each time the survivors take their next step within

@@ -30,6 +30,7 @@ SCENARIOS = [
     "hierarchical_bad_residual_is_refused_before_communicating",
     *[f"hierarchical_optimizer_{g}_equals_the_reference_every_step" for g in ("model", "layer")],
     "hierarchical_optimizer_bucket_equals_the_reference_exchanged_during_backward",
+    "hierarchical_carry_of_a_layout_change_joins_the_next_step_and_nothing_is_lost",
     "hierarchical_compressor_equals_the_reference_every_step",
     "hierarchical_checkpoint_keeps_the_shard_residuals_for_its_own_layout_only",
     "hierarchical_optimizer_refuses_what_it_cannot_run",

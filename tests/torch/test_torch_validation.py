@@ -156,6 +156,35 @@ def test_state_keeps_residuals_only_for_the_same_rank_and_world(caplog):
     assert sum("dropping the saved residuals" in r.getMessage() for r in caplog.records) == 2
 
 
+def test_reshard_moves_a_residual_to_its_new_part_and_carries_the_rest_exactly():
+    """An Elastic reset moved this rank's part of a buffer: the old part's entries inside
+    the new one stay the residual, the others are carried to the next step's gradients, a
+    whole-buffer (flat) part takes everything in; the entries are moved, never added up, so
+    the mass is exactly what it was."""
+    state = GTopkState(0.01)
+    state.reshard({"model": (0, 5, 10)})  # the first step only records the place
+    eps = torch.arange(1.0, 6.0)
+    state.residuals["model"] = eps.clone()
+    state.reshard({"model": (0, 5, 10)})  # unchanged: nothing moves
+    assert torch.equal(state.residuals["model"], eps) and state.carry == {}
+    state.reshard({"model": (3, 7, 10)})  # another shard (a new layout)
+    assert torch.equal(state.residuals["model"], torch.tensor([4.0, 5.0, 0.0, 0.0]))
+    assert torch.equal(state.carry["model"], torch.tensor([1.0, 2, 3, 0, 0, 0, 0, 0, 0, 0]))
+    full = torch.cat([eps, torch.zeros(5)])
+    assert state.residual_norm() == float(full.double().norm())
+    state.reshard({"model": (0, 10, 10)})  # a flat layout: the whole buffer, carry included
+    assert torch.equal(state.residuals["model"], full) and state.carry == {}
+    state.reshard({"model": (0, 10, 12)})  # another buffer: residual() decides, nothing moves
+    assert torch.equal(state.residuals["model"], full)
+    state.reshard({"bias": (0, 2, 4)})  # a buffer without a residual: nothing to move
+    assert "bias" not in state.residuals and state.carry == {}
+    state.carry["model"] = torch.ones(10)
+    saved = state.state_dict(size=2, rank=0)
+    again = GTopkState(0.01)
+    again.load_state_dict(saved, size=2, rank=0)
+    assert torch.equal(again.carry["model"], torch.ones(10))
+
+
 def test_state_keeps_residuals_only_for_the_same_layout(caplog):
     """Hierarchical gTop-k keeps a residual per shard, flat gTop-k per buffer: a checkpoint
     of another layout (or of a version that did not record it: read as flat) drops them."""

@@ -9,6 +9,7 @@ on every rank, the residual norm).  Steps are slowed down until the world shrink
 (tests.elastic_harness.Pace), so that it changes mid-run.
 """
 import json
+import math
 import os
 import socket
 import sys
@@ -29,6 +30,8 @@ OUT = os.environ["GTOPK_ELASTIC_OUT"]
 # granularity="bucket" (3 buckets, exchanged during backward) when the test asks for it
 BUCKETS = {"granularity": "bucket", "bucket_cap_mb": 1e-4} \
     if os.environ.get("GTOPK_TEST_GRANULARITY") == "bucket" else {}
+# hierarchical=True when the test asks for it: the hosts' layout changes with every reset
+HIERARCHICAL = os.environ.get("GTOPK_TEST_HIERARCHICAL") == "1"
 
 
 def log(**event):
@@ -39,18 +42,24 @@ def log(**event):
 
 
 def residual_norm(opt):
-    return float(sum(float(e.double().pow(2).sum()) for e in opt.gtopk_state.residuals.values()))
+    """The squared norm of everything this rank holds back: its residuals and what a layout
+    change carries into the next step (hierarchical), summed exactly (math.fsum of exact
+    squares), so that the same entries give the same number however they are split."""
+    state = opt.gtopk_state
+    held = list(state.residuals.values()) + list(state.carry.values())
+    return math.fsum(v * v for e in held for v in e.double().tolist())
 
 
 def main():
     torch.set_num_threads(1)
-    hvd.init()
+    hvd.init(hierarchical=HIERARCHICAL)
     torch.manual_seed(1234)  # the same start everywhere; the sync makes it so anyway
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
     opt = hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3),
         named_parameters=model.named_parameters(),
-        density=StepwiseDensity([0.2, 0.05], steps_per_epoch=10), **BUCKETS)
+        density=StepwiseDensity([0.2, 0.05], steps_per_epoch=10), hierarchical=HIERARCHICAL,
+        **BUCKETS)
     state = hvd.elastic.TorchState(model=model, optimizer=opt, batch=0)
     pace = Pace()
 

@@ -40,6 +40,7 @@ class HierarchicalReference(ReferenceRun):
         super().__init__(model, make_optimizer, size, density, granularity,
                          bucket_cap_mb=bucket_cap_mb)
         self.local = local
+        self.carry = {}  # {buffer: {rank: what a layout change carries into its gradients}}
         self.eps = [[np.zeros(hi - lo, np.float32) for lo, hi in
                      (shard_bounds(sum(self.params[i].numel() for i in buf), local)[r % local]
                       for r in range(size))] for buf in self.buffers]
@@ -51,6 +52,8 @@ class HierarchicalReference(ReferenceRun):
             flats = [np.zeros(sum(numels), np.float32) if r in self.joined else
                      np.concatenate([flat32(grads[r][i], n) for i, n in zip(buf, numels)])
                      for r in range(self.size)]
+            for r, carried in self.carry.pop(b, {}).items():  # a layout change's carry
+                flats[r] = flats[r] + carried
             res = hierarchical_step(flats, self.eps[b], self.local, density,
                                     joined=self.joined)
             self.eps[b] = res.residuals
@@ -134,6 +137,37 @@ def optimizer_scenarios(rec, rank, size, local):
             cross = sum(gtopk_wire_bytes(k_for(len(eps[rank]), 0.15), n, nodes)
                         for eps in ref.eps)
             assert stats["bytes_sent_cross"] == cross, (stats, cross)
+    with rec("hierarchical_carry_of_a_layout_change_joins_the_next_step_and_nothing_is_lost"):
+        # what GTopkState.reshard leaves outside a rank's new part of the buffer (an Elastic
+        # reset that changed the layout) goes into the next step's gradients before the
+        # node's sum (hierarchical), or into the whole-buffer residual (a flat layout)
+        model = make_model(37)
+        opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                       named_parameters=model.named_parameters(),
+                                       density=0.1, hierarchical=True)
+        ref = HierarchicalReference(model, momentum_sgd, size, 0.1, "model", local)
+        loss, ref_loss = loss_for(37), loss_for(37)
+        steps_equal_the_reference(model, opt, ref, loss, ref_loss, rank, size, steps=1)
+        numel = sum(p.numel() for p in model.parameters())
+        carries = []
+        for r in range(size):  # zero on the rank's own part, as reshard leaves it
+            c = np.random.default_rng([37, r]).standard_normal(numel).astype(np.float32)
+            lo, hi = shard_bounds(numel, local)[r % local]
+            c[lo:hi] = 0
+            carries.append(c)
+        state = opt.gtopk_state
+        held = float(np.sum(carries[rank].astype(np.float64) ** 2)) + \
+            float(state.residuals["model"].double().pow(2).sum())
+        assert abs(state.residual_norm() ** 2 - held) > 0  # the carry is not there yet
+        state.carry["model"] = torch.from_numpy(carries[rank].copy())
+        assert abs(state.residual_norm() ** 2 - held) <= 1e-9 * held
+        if local > 1:
+            ref.carry = {0: dict(enumerate(carries))}
+        else:  # flat: the whole-buffer residual takes it in before the step
+            ref.eps[0] = [e + c for e, c in zip(ref.eps[0], carries)]
+        steps_equal_the_reference(model, opt, ref, loss, ref_loss, rank, size, steps=2)
+        assert state.carry == {}, sorted(state.carry)
+        assert_equal(state.residuals["model"], ref.eps[0][rank], "residual")
     with rec("hierarchical_compressor_equals_the_reference_every_step"):
         # Horovod's own optimizer with Compression.gtopk(hierarchical=True): per tensor, as
         # the reference's layer granularity; the residuals are this rank's shards
