@@ -21,9 +21,10 @@ from gtopk_hvd.common.hierarchy import prepare_call
 from gtopk_hvd.common.process_sets import agree_on_mode, hierarchical_sets
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_allreduce_arguments
-from gtopk_hvd.tensorflow.collective import check_tf2_context, op_name, update_residual
-from gtopk_hvd.tensorflow.hierarchical import gather_modes, hierarchical_exchange
-from gtopk_hvd.tensorflow.step import TensorStep
+from gtopk_hvd.tensorflow.collective import (after_verdict, check_tf2_context, op_name,
+                                             update_residual)
+from gtopk_hvd.tensorflow.hierarchical import check_mode, gather_modes, hierarchical_exchange
+from gtopk_hvd.tensorflow.step import TensorStep, when
 
 __all__ = ["GTopkResult", "gtopk_allreduce"]
 
@@ -70,8 +71,8 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
         residual: this rank's residual from the previous call (flat float32), or None.
         process_set: only the global process set is supported.
         profile: record per-phase wall times in ``result.timings`` (eager only).
-        hierarchical: hierarchical gTop-k (ALGORITHM.md), eagerly, as in
-            ``gtopk_hvd.torch.gtopk_allreduce``: ``residual`` covers this rank's shard;
+        hierarchical: hierarchical gTop-k (ALGORITHM.md), eagerly or in ``tf.function``,
+            as in ``gtopk_hvd.torch.gtopk_allreduce``: ``residual`` covers this rank's shard;
             needs ``init(hierarchical=True)``; unequal hosts or one rank a host run flat.
 
     Returns:
@@ -91,8 +92,10 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
     density, numel, k = check_allreduce_arguments(density, op_name(op), algorithm,
                                                   process_set, tensor.shape.num_elements(), name)
     config = StepConfig(algorithm, op_name(op), "tensor", 0, name=name or "gtopk")
-    if tf.executing_eagerly():  # a graph cannot read the modes; hierarchical mode is eager
+    if tf.executing_eagerly():
         agree_on_mode(hvd, name or "gtopk", False, gather_modes)
+    else:  # in a graph: once, when first traced
+        check_mode(name or "gtopk", False, False)
     backend = TensorStep(config, tensor, residual, profile and tf.executing_eagerly())
     run_step(backend, config, [Buffer(name or "tensor", [tensor], numel, algorithm)], [], [k],
              density)
@@ -107,9 +110,6 @@ def _hierarchical_allreduce(tensor, density, name, op, algorithm, residual, proc
     if layout.mode == "flat":
         return gtopk_allreduce(tensor, density, name, op, algorithm, residual, process_set,
                                profile=profile)
-    if not tf.executing_eagerly():
-        raise ValueError("gtopk_allreduce(hierarchical=True) runs eagerly for now: call it "
-                         "outside tf.function (or use the flat gTop-k inside one)")
     _check_tensor(tensor, None)
     density, numel, _ = check_allreduce_arguments(density, op_name(op), algorithm,
                                                   process_set, tensor.shape.num_elements(),
@@ -119,18 +119,25 @@ def _hierarchical_allreduce(tensor, density, name, op, algorithm, residual, proc
     (lo, hi), k, plan = prepare_call(
         layout, numel, hvd.rank(), density, op_name(op), algorithm,
         None if residual is None else residual.shape.num_elements())
-    agree_on_mode(hvd, name or "gtopk", True, gather_modes)
+    if tf.executing_eagerly():
+        agree_on_mode(hvd, name or "gtopk", True, gather_modes)
+    else:  # in a graph: once, when first traced
+        check_mode(name or "gtopk", True, False)
     flat = tf.reshape(tf.cast(tensor, tf.float32), [-1])
     eps = tf.zeros([hi - lo], tf.float32) if residual is None else tf.convert_to_tensor(residual)
     res, finite = hierarchical_exchange(flat, eps, k, layout, sets, f"{name or 'gtopk'}.h", plan)
-    if finite:
-        dense = tf.scatter_nd(tf.expand_dims(res.indices, 1), res.values, [numel])
+    if finite is False:  # eagerly, every rank: NaN, the residual as it was
+        dense, new = tf.fill([numel], float("nan")), eps
+    else:  # indices of another layout are read only once the verdict is known
+        indices = after_verdict(finite, res.indices)
+        dense = tf.scatter_nd(tf.expand_dims(indices, 1), res.values, [numel])
         if op_name(op) == "Average":
             dense = dense / hvd.size()
         new = update_residual(res.acc, res)
-    else:  # every rank: NaN, the residual as it was
-        dense, new = tf.fill([numel], float("nan")), eps
+        if finite is not True:  # in a graph: NaN and the residual as it was where not finite
+            dense = tf.where(finite, dense, float("nan"))
+            new = when(finite, new, lambda: tf.identity(eps))
     result = GTopkResult(tf.cast(tf.reshape(dense, tensor.shape), tensor.dtype), new,
                          res.as_exchange_result(), k)
-    result.finite = bool(finite)
+    result.finite = finite
     return result

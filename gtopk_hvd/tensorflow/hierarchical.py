@@ -34,11 +34,13 @@ def drive(steps, sets):
 
 def hierarchical_exchange(flat, residual, k, layout, sets, name, plan, wire="float32"):
     """One hierarchical step of this rank's flat float32 buffer ``flat`` with its shard's
-    ``residual``, eagerly; (HierarchicalExchange, finite).  Ranks whose ``plan`` differs
-    raise PlanMismatchError on every rank."""
+    ``residual``, eagerly or in a graph; (HierarchicalExchange, finite: a bool, or a bool
+    tensor in a graph).  Ranks whose ``plan`` differs raise PlanMismatchError on every
+    rank."""
     res = drive(hierarchical_exchange_steps(TFOps(hvd), flat, residual, k, layout, hvd.rank(),
                                              name, plan_digest(plan), 0, wire), sets)
-    return res, check_verdict(int(res.verdict), plan, name=op_name_safe(f"{name}.plan"))
+    verdict = int(res.verdict) if tf.executing_eagerly() else res.verdict
+    return res, check_verdict(verdict, plan, name=op_name_safe(f"{name}.plan"))
 
 
 def gather_modes(mode, name):

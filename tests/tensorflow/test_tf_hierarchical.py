@@ -17,6 +17,7 @@ def job():
 
 @pytest.mark.parametrize("scenario", [
     "hierarchical_allreduce_equals_the_reference_every_step",
+    "hierarchical_allreduce_in_a_graph_equals_the_reference_every_step",
     "hierarchical_nan_on_one_rank_gives_nan_everywhere_residuals_kept",
     "hierarchical_on_some_ranks_only_is_refused_on_every_rank",
     *[f"hierarchical_tape_{mode}_{granularity}_equals_the_reference_every_step"

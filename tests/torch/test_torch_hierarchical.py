@@ -3,8 +3,8 @@
 ``localhost:2,127.0.0.1:2`` is two nodes of two ranks (local and cross ranks as on two
 machines).  2 x 3 runs hierarchically (it puts members of one process set at different local
 ranks on the two hosts, which hung Horovod's init before the seventh Horovod patch,
-docs/building.md), 1 x 3 is the node-only case (one host), 3 x 1 falls back to flat gTop-k
-(one rank a host); 2 x 2 (also TensorFlow's layout in make test) and 3 x 2 (three host
+docs/building.md), 1 x 3 is the node-only case (one host), 3 x 1 and 2 + 1 (unequal hosts)
+fall back to flat gTop-k, the same on every rank; 2 x 2 (also TensorFlow's layout in make test) and 3 x 2 (three host
 names) run under ``make test-stress``.  Every rank
 against the NumPy reference (workers/hierarchical_worker.py)."""
 import os
@@ -19,6 +19,7 @@ LAYOUTS = {  # (nodes, ranks a node): (ranks, horovodrun -H, the mode gTop-k run
     (1, 3): (3, "localhost:3", "node"),
     (3, 1): (3, f"localhost:1,127.0.0.1:1,{socket.gethostname()}:1", "flat"),
     (2, 3): (6, "localhost:3,127.0.0.1:3", "hierarchical"),
+    ("2+1",): (3, "localhost:2,127.0.0.1:1", "flat"),  # unequal hosts: the flat fallback
 }
 if os.environ.get("GTOPK_TEST_STRESS"):  # TensorFlow's hierarchical test runs 2 x 2 always
     LAYOUTS[(2, 2)] = (4, "localhost:2,127.0.0.1:2", "hierarchical")
@@ -43,17 +44,18 @@ NOT_FLAT = [  # a layout that falls back to flat runs test_torch_robustness.py's
 ]
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS), ids=lambda nl: f"{nl[0]}x{nl[1]}")
+@pytest.fixture(scope="module", params=list(LAYOUTS),
+                ids=lambda nl: "x".join(str(n) for n in nl))
 def job(request):
     ranks, hosts, mode = LAYOUTS[request.param]
     return request.param, mode, horovodrun(ranks, WORKER, hosts=hosts)
 
 
 def test_the_layout_is_the_one_horovod_reports(job):
-    (nodes, local), mode, results = job
+    key, mode, results = job
+    ranks = LAYOUTS[key][0]
     for rec in check_scenario(results, "layout"):
-        assert rec["layout"] == ((nodes * local if mode == "flat" else nodes),
-                                 (1 if mode == "flat" else local), mode), rec
+        assert rec["layout"] == ((ranks, 1) if mode == "flat" else key) + (mode,), rec
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS + NOT_FLAT)

@@ -233,6 +233,31 @@ def main():
             ref_eps = want.residuals
             total = hvd.allreduce(tf.constant([float(rank)]), op=hvd.Sum)  # unnamed
             assert float(total[0]) == size * (size - 1) / 2, total
+    with rec("hierarchical_allreduce_in_a_graph_equals_the_reference_every_step"):
+        @tf.function
+        def step(g, e):
+            res = hvd.gtopk_allreduce(g, density=0.05, residual=e, name="hg",
+                                      hierarchical=True)
+            return res.output, res.residual, res.finite
+        geps = tf.zeros([shards[rank % local][1] - shards[rank % local][0]], tf.float32)
+        ref_eps = [np.zeros(shards[p % local][1] - shards[p % local][0], np.float32)
+                   for p in range(size)]
+        for t in range(3):
+            grads = [grads_for(20 + t, p) for p in range(size)]
+            want = hierarchical_step(grads, ref_eps, local, 0.05)
+            output, geps, finite = step(tf.constant(grads[rank]), geps)
+            assert bool(finite)
+            assert_equal(output, want.dense(D) / size, f"output at step {t}")
+            assert_equal(geps, want.residuals[rank], f"residual at step {t}")
+            ref_eps = want.residuals
+            total = hvd.allreduce(tf.constant([float(rank)]), op=hvd.Sum)  # unnamed
+            assert float(total[0]) == size * (size - 1) / 2, total
+        grad = grads_for(29, rank)
+        if rank == 0:
+            grad[7] = np.inf
+        output, kept, finite = step(tf.constant(grad), geps)
+        assert not bool(finite) and np.isnan(output.numpy()).all()
+        assert_equal(kept, geps, "residual kept")
     with rec("hierarchical_nan_on_one_rank_gives_nan_everywhere_residuals_kept"):
         grad = grads_for(9, rank)
         if rank == size - 1:
