@@ -33,8 +33,7 @@ from gtopk_hvd.common.schedule import stages_for, world_split
 __all__ = ["METHODS", "Cost", "Link", "dense_allreduce_cost", "topk_allgather_cost",
            "gtopk_cost", "gtopk_stages", "cost_of", "fit_alpha_beta", "as_link",
            "method_costs", "round_costs", "choose_methods", "buffer_methods", "logged_methods",
-           "describe_methods",
-           "measure_link"]
+           "describe_methods", "node_costs", "measure_link"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,15 +169,23 @@ class Link:
     selection, residual update; a buffer pays ``overhead`` once and once per stage merge;
     merging costs ``select`` per entry merged); ``stage`` (s): what one gTop-k stage costs
     beyond its bytes, one Horovod operation in a small process set (its negotiation, a
-    round trip); 0 when not measured: then alpha per message, as for the dense rounds."""
+    round trip); 0 when not measured: then alpha per message, as for the dense rounds.
+    ``intra_alpha`` / ``intra_beta``: the same as alpha / beta between the ranks of one node
+    (hierarchical gTop-k's reduce-scatter and allgather, flat gTop-k's stages inside a
+    node); None: the network's (alpha, beta)."""
     alpha: float
     beta: float
     select: float = 0.0
     overhead: float = 0.0
     stage: float = 0.0
+    intra_alpha: float = None
+    intra_beta: float = None
 
     def __post_init__(self):
-        for name in ("alpha", "beta", "select", "overhead", "stage"):
+        for name in ("alpha", "beta", "select", "overhead", "stage", "intra_alpha",
+                     "intra_beta"):
+            if name.startswith("intra") and getattr(self, name) is None:
+                continue
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, numbers.Real)
                     or not math.isfinite(value) or value < 0):
@@ -190,11 +197,11 @@ def as_link(link):
     """A :class:`Link` from a Link, a tuple (alpha, beta[, select[, overhead]]), or None."""
     if link is None or isinstance(link, Link):
         return link
-    if isinstance(link, (tuple, list)) and len(link) in (2, 3, 4, 5):
+    if isinstance(link, (tuple, list)) and len(link) in (2, 3, 4, 5, 6, 7):
         return Link(*link)
     raise ValueError(f"link must be a gtopk_hvd.common.cost.Link or a tuple (alpha_s, "
-                     f"beta_s_per_byte[, select_s_per_entry[, overhead_s[, stage_s]]]), got "
-                     f"{link!r}")
+                     f"beta_s_per_byte[, select_s_per_entry[, overhead_s[, stage_s[, "
+                     f"intra_alpha_s, intra_beta_s_per_byte]]]]), got {link!r}")
 
 
 def method_costs(d, density, size, link):
@@ -225,6 +232,43 @@ def round_costs(size, link):
     return {"dense": dense_allreduce_cost(1, size).messages * link.alpha,
             "gtopk": rounds(gtopk_cost(1, size).messages, gtopk_stages(size)),
             "topk": rounds(topk_allgather_cost(1, size).messages, 1)}
+
+
+def node_costs(d, density, nodes, local, link):
+    """On N = ``nodes`` nodes of L = ``local`` ranks (node-contiguous), the seconds one buffer
+    of ``d`` entries costs a rank, rounds included, by flat gTop-k ('gtopk') and by
+    hierarchical gTop-k ('hierarchical'); the dense ring's, whose one cross-node flow a node
+    carries as with one rank a node, is :func:`method_costs`'s.
+
+    Flat gTop-k: a stage whose group lies inside a node runs at the intra-node link; one that
+    spans nodes has the node's L ranks sending through its one network card at once (L times
+    the bytes at ``beta``).  Hierarchical gTop-k (ALGORITHM.md): the node's alltoall of the
+    L shards ((L-1)/L of the buffer at the intra-node link), the selection on the shard, the
+    rail's gTop-k on k_l = k of the shard among the N nodes (L rails share the card), the node
+    allgather of the L sets; its Horovod operations (alltoall, rail stages, allgather) are
+    its own, one step a buffer, at ``link.stage`` each."""
+    intra_alpha = link.alpha if link.intra_alpha is None else link.intra_alpha
+    intra_beta = link.beta if link.intra_beta is None else link.intra_beta
+    size, k = nodes * local, k_for(d, density)
+    flat = link.select * d + link.overhead * (1 + gtopk_stages(size))
+    for st in stages_for(0, size):
+        sent = ring_bytes(st.group, 0, {m: k if st.sends(m) else 0 for m in st.group},
+                          header=False)
+        crosses = len({m // local for m in st.group}) > 1
+        flat += sent * (link.beta * local if crosses else intra_beta) + link.select * 2 * k
+        flat += link.stage + (len(st.group) - 2) * link.alpha if link.stage > 0 else \
+            (len(st.group) - 1) * (link.alpha if crosses else intra_alpha)
+    shard = d // local + (1 if d % local else 0)
+    k_l, stages = k_for(shard, density), gtopk_stages(nodes)
+    hier = (intra_beta * BYTES_PER_VALUE * shard * (local - 1)  # the node's alltoall
+            + link.select * shard * local / 2  # the node sum's additions, about
+            + link.select * shard + link.overhead * (1 + stages)
+            + link.beta * local * gtopk_cost(k_l, nodes).bytes + link.select * 2 * k_l * stages
+            + intra_beta * BYTES_PER_ENTRY * k_l * (local - 1))  # the node's allgather
+    operations = 2 + stages
+    hier += operations * link.stage if link.stage > 0 else \
+        2 * (local - 1) * intra_alpha + gtopk_cost(1, nodes).messages * link.alpha
+    return {"gtopk": flat, "hierarchical": hier}
 
 
 # on a tie the first wins: dense is exact and keeps no residual; gTop-k sends no more than Top-k
@@ -268,24 +312,43 @@ def choose_methods(numels, density, size, link, dense_paid=False, methods=METHOD
     return min(candidates, key=total)
 
 
-def buffer_methods(algorithm, numels, density, size, link, dense_paid=False):
+def buffer_methods(algorithm, numels, density, size, link, dense_paid=False, nodes=None):
     """Per buffer, the method a step uses: ``algorithm`` itself ('gtopk' / 'topk'), or with
     ``"auto"`` the cheapest of 'dense' and 'gtopk' by :func:`choose_methods` ('gtopk' for
     every buffer while ``link`` is None on more than one rank: the first step, before the
-    link is measured).  The same on every rank for the same arguments."""
+    link is measured).  ``nodes``: (N, L) where the optimizer may run hierarchical gTop-k:
+    then also 'hierarchical' (:func:`hierarchical_choice`).  The same on every rank for the
+    same arguments."""
     if algorithm != "auto":
         return tuple(algorithm for _ in numels)
     if link is None and size > 1:
         return tuple("gtopk" for _ in numels)
-    return choose_methods(numels, density, size, link, dense_paid=dense_paid,
-                          methods=("dense", "gtopk"))
+    methods = choose_methods(numels, density, size, link, dense_paid=dense_paid,
+                             methods=("dense", "gtopk"))
+    if nodes is None or "gtopk" not in methods:
+        return methods
+    return hierarchical_choice(numels, density, nodes, link, methods)
 
 
-def logged_methods(algorithm, numels, density, size, link, dense_paid, rank, said):
+def hierarchical_choice(numels, density, nodes, link, methods):
+    """``methods`` (dense or gTop-k per buffer, :func:`choose_methods`), with 'hierarchical'
+    for every sparsified buffer where that step costs less than flat gTop-k on these
+    ``nodes`` (N, L) by :func:`node_costs` (a step runs one mode: all its sparsified buffers
+    flat, or all hierarchical)."""
+    sparse = [d for d, m in zip(numels, methods) if m == "gtopk"]
+    costs = [node_costs(d, density, *nodes, link) for d in sparse]
+    flat = sum(c["gtopk"] for c in costs)
+    if sum(c["hierarchical"] for c in costs) < flat:
+        return tuple("hierarchical" if m == "gtopk" else m for m in methods)
+    return methods
+
+
+def logged_methods(algorithm, numels, density, size, link, dense_paid, rank, said, nodes=None):
     """:func:`buffer_methods` as a state chooses them for a step: logged (INFO on rank 0)
     whenever what ``algorithm="auto"`` chose with a link changes.  ``said``: the description
     logged last (None at first).  Returns (methods, the description now)."""
-    methods = buffer_methods(algorithm, numels, density, size, link, dense_paid=dense_paid)
+    methods = buffer_methods(algorithm, numels, density, size, link, dense_paid=dense_paid,
+                             nodes=nodes)
     if algorithm == "auto" and link is not None:
         now = describe_methods(methods)
         if now != said:
@@ -304,7 +367,7 @@ def describe_methods(methods):
 
 
 def measure_link(allreduce, select, agree, size, n=1 << 18, repeats=5, clock=time.perf_counter,
-                 stage=None):
+                 stage=None, intra=None, local=1):
     """Measure a :class:`Link` on the running job, in tens of milliseconds; call it on every
     rank at the same point: it issues the same Horovod operations everywhere.
 
@@ -319,6 +382,9 @@ def measure_link(allreduce, select, agree, size, n=1 << 18, repeats=5, clock=tim
             many runs; clock: seconds now.
         stage: ``stage()`` runs one gTop-k stage of one entry (an allgather in this rank's
             first exchange group, a collective); None: ``Link.stage`` stays 0.
+        intra: ``intra(numel)`` runs a dense allreduce inside this rank's node of ``local``
+            ranks (hierarchical gTop-k; the same on every rank): ``Link.intra_alpha`` and
+            ``intra_beta`` from it; None: they stay None (the network's).
 
     Two allreduce sizes (1 and ``n`` entries) fit alpha and beta to the dense ring's cost
     (:func:`dense_allreduce_cost`); ``select`` on 64 entries gives the fixed cost of a buffer
@@ -342,15 +408,24 @@ def measure_link(allreduce, select, agree, size, n=1 << 18, repeats=5, clock=tim
     if stage is not None and size > 1:
         stage()
         one_stage = median_time(stage)
+    node_small = node_large = 0.0
+    if intra is not None and local > 1:
+        intra(1)
+        node_small, node_large = median_time(intra, 1), median_time(intra, n)
     overhead = median_time(select, _SMALL)
     per_entry = max(0.0, median_time(select, n) - overhead) / n
-    small, large, per_entry, overhead, one_stage = agree([small, large, per_entry, overhead,
-                                                          one_stage])
+    small, large, per_entry, overhead, one_stage, node_small, node_large = agree(
+        [small, large, per_entry, overhead, one_stage, node_small, node_large])
     if size == 1:
         return Link(0.0, 0.0, per_entry, overhead)
     alpha, beta = fit_alpha_beta([dense_allreduce_cost(1, size), dense_allreduce_cost(n, size)],
                                  [max(small, 1e-9), max(large, 1e-9)])
-    return Link(alpha, beta, per_entry, overhead, one_stage)
+    intra_alpha = intra_beta = None
+    if intra is not None and local > 1:
+        intra_alpha, intra_beta = fit_alpha_beta(
+            [dense_allreduce_cost(1, local), dense_allreduce_cost(n, local)],
+            [max(node_small, 1e-9), max(node_large, 1e-9)])
+    return Link(alpha, beta, per_entry, overhead, one_stage, intra_alpha, intra_beta)
 
 
 _SMALL = 64  # entries of the probe that times a sparse buffer's fixed cost

@@ -243,11 +243,11 @@ def check_allreduce_arguments(density, op_name, algorithm, process_set, numel, n
     return density, numel, k_for(numel, density)
 
 
-def check_hierarchical(hierarchical, algorithm, granularity, elastic=False):
+def check_hierarchical(hierarchical, algorithm, granularity, elastic=False, auto=False):
     """``hierarchical`` (bool) where an optimizer can run it: gTop-k at the model, layer or
-    bucket granularity; ``elastic``: under Horovod Elastic, where only PyTorch's
-    DistributedOptimizer runs it (the caller passes False there); the error names the value
-    and the fix."""
+    bucket granularity (``auto``: also ``algorithm="auto"``, PyTorch's DistributedOptimizer);
+    ``elastic``: under Horovod Elastic, where only PyTorch's DistributedOptimizer runs it (the
+    caller passes False there); the error names the value and the fix."""
     if not isinstance(hierarchical, bool):
         raise ValueError(f"hierarchical must be True or False, got {hierarchical!r}")
     if hierarchical and elastic:
@@ -255,11 +255,13 @@ def check_hierarchical(hierarchical, algorithm, granularity, elastic=False):
                          "PyTorch's DistributedOptimizer re-shards its residuals when a reset "
                          "changes the layout); use gtopk_hvd.torch.DistributedOptimizer, or "
                          "drop hierarchical=True for elastic jobs")
-    if hierarchical and (algorithm != "gtopk" or granularity not in ("model", "layer",
-                                                                     "bucket")):
+    algorithms = ("gtopk", "auto") if auto else ("gtopk",)
+    if hierarchical and (algorithm not in algorithms or granularity not in ("model", "layer",
+                                                                            "bucket")):
         raise ValueError(
             f"hierarchical=True runs gTop-k across nodes at granularity 'model', 'layer' or "
             f"'bucket' (PyTorch); "
             f"got algorithm={algorithm!r}, granularity={granularity!r}: pass "
-            f"algorithm='gtopk' and granularity='model' (or drop hierarchical=True)")
+            f"algorithm='gtopk' (PyTorch's DistributedOptimizer also takes 'auto') and "
+            f"granularity='model' (or drop hierarchical=True)")
     return hierarchical

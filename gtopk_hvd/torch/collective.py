@@ -98,12 +98,13 @@ def exchange_each(accs, ks, algorithm="gtopk", name="gtopk", profile=False, dige
     return results
 
 
-def measure_link(name="gtopk.link", *, device="cpu"):
+def measure_link(name="gtopk.link", *, device="cpu", node_set=None, local_size=1):
     """This job's :class:`~gtopk_hvd.common.cost.Link` (alpha, beta, and the cost of gTop-k's
     local work), measured now in tens of milliseconds and the same on every rank (the
     slowest rank's figures); call it on every rank at the same point (Horovod operations
     ``{name}.*``).  ``algorithm="auto"`` calls it once; pass the result as ``link=`` to skip
-    the measurement (Horovod Elastic needs that)."""
+    the measurement (Horovod Elastic needs that).  ``node_set``: this rank's node's process
+    set, of ``local_size`` ranks (hierarchical gTop-k): the link inside the node too."""
     def allreduce(numel):
         hvd.allreduce(torch.zeros(numel, dtype=torch.float32, device=device),
                       name=f"{name}.{numel}", op=hvd.Sum)
@@ -123,7 +124,12 @@ def measure_link(name="gtopk.link", *, device="cpu"):
         return hvd.allreduce(torch.tensor(values, dtype=torch.float64), name=f"{name}.max",
                              op=hvd.Max).tolist()
 
-    return _measure_link(allreduce, select, agree, hvd.size(), stage=stage)
+    def intra(numel):
+        hvd.allreduce(torch.zeros(numel, dtype=torch.float32, device=device),
+                      name=f"{name}.node.{numel}", op=hvd.Sum, process_set=node_set)
+
+    return _measure_link(allreduce, select, agree, hvd.size(), stage=stage,
+                         intra=intra if node_set is not None else None, local=local_size)
 
 
 def check_verdict(verdict, plan, name="gtopk.plan"):

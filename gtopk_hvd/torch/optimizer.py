@@ -283,7 +283,7 @@ def DistributedOptimizer(optimizer, named_parameters=None,
                         f"{type(gtopk_state).__name__}")
     bucket_cap_mb = check_bucket_arguments(state.algorithm, state.granularity, bucket_cap_mb)
     check_auto_link(state.algorithm, state.link, is_elastic(), "gtopk_hvd.torch.measure_link")
-    check_hierarchical(hierarchical, state.algorithm, state.granularity)  # Elastic too
+    check_hierarchical(hierarchical, state.algorithm, state.granularity, auto=True)  # Elastic too
     named = _named_parameters(optimizer, named_parameters)
     if not hvd.is_initialized():
         raise GTopkError("Horovod is not initialised: call gtopk_hvd.torch.init() on every "

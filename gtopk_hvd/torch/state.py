@@ -64,12 +64,13 @@ class GTopkState:
         self._said = None  # what algorithm='auto' chose, as logged last
         self._verified = False
 
-    def methods_for(self, names, numels, size, rank, dense_paid):
-        """Per buffer, the method of the coming step (gtopk_hvd.common.cost.buffer_methods),
-        recorded in ``methods`` and logged once per change on rank 0."""
+    def methods_for(self, names, numels, size, rank, dense_paid, nodes=None):
+        """Per buffer, the method of the coming step (gtopk_hvd.common.cost.buffer_methods;
+        ``nodes``: (N, L) where hierarchical gTop-k may run), recorded in ``methods`` and
+        logged once per change on rank 0."""
         density = self.density() if self.algorithm == "auto" else None  # only 'auto' reads it
         methods, self._said = logged_methods(self.algorithm, numels, density, size, self.link,
-                                             dense_paid, rank, self._said)
+                                             dense_paid, rank, self._said, nodes=nodes)
         self.methods = dict(zip(names, methods))
         return methods
 

@@ -107,11 +107,14 @@ class Synchronizer:
         self.publish_step()
         if self.config.sparse_algorithm == "gtopk":
             prepare_exchange_sets(hvd)  # collective registration; every check ran first
-        self.hierarchy = None  # (layout, process sets) of hierarchical gTop-k
+        # hierarchical gTop-k: (layout, process sets) of this world where it can run
+        # (``nodes``, None where the layout falls back to flat) and of the step (``hierarchy``:
+        # algorithm="auto" runs it only when the cost model says so)
+        self.hierarchy = self.nodes = None
         self.hierarchical = hierarchical
-        if hierarchical and not is_elastic():  # under Elastic: at each step (refresh_hierarchy)
+        if hierarchical and not is_elastic():  # under Elastic: at each step (refresh_layout)
             layout, sets = hierarchical_sets(hvd)
-            self.hierarchy = None if layout.mode == "flat" else (layout, sets)
+            self.hierarchy = self.nodes = None if layout.mode == "flat" else (layout, sets)
 
     @property
     def optimizer(self):
@@ -238,16 +241,37 @@ class Synchronizer:
             agree_on_mode(hvd, self.config.name, self.hierarchy is not None, gather_modes,
                           once=False)
 
-    def refresh_hierarchy(self, buffers):
-        """Hierarchical gTop-k, before a step's first operation: under Horovod Elastic the
+    def refresh_layout(self):
+        """Hierarchical gTop-k under Horovod Elastic, before a step's first operation: the
         layout of this world (its node and rail sets registered again after a reset, here
-        where every rank is), and the part of each buffer this rank's residual covers (the
-        residuals re-sharded where a reset moved it: GTopkState.reshard)."""
+        where every rank is).  Returns (N, L) where hierarchical gTop-k can run, else None."""
         if not self.hierarchical:
-            return
+            return None
         if is_elastic():
             layout, sets = hierarchical_sets(hvd)
-            self.hierarchy = None if layout.mode == "flat" else (layout, sets)
+            self.nodes = None if layout.mode == "flat" else (layout, sets)
+        return None if self.nodes is None else (self.nodes[0].nodes, self.nodes[0].local_size)
+
+    def step_methods(self, layout, density, dense_paid):
+        """The step's methods per buffer (GTopkState.methods_for) and its mode: with
+        ``algorithm="auto"`` and hierarchical=True, hierarchical gTop-k when the cost model
+        prefers it on this world's nodes (gtopk_hvd.common.cost.hierarchical_choice).
+        Returns the methods as the step runs them ('gtopk' for 'hierarchical')."""
+        nodes = self.refresh_layout()
+        methods = self.state.methods_for([name for name, _ in layout.buffers], layout.numels,
+                                         hvd.size(), hvd.rank(), dense_paid=dense_paid,
+                                         nodes=nodes if self.state.algorithm == "auto" else None)
+        auto = self.state.algorithm == "auto"
+        self.hierarchy = self.nodes if not auto or "hierarchical" in methods else None
+        return ["gtopk" if m == "hierarchical" else m for m in methods]
+
+    def refresh_hierarchy(self, buffers):
+        """Hierarchical gTop-k, before a step's first operation: the part of each buffer this
+        rank's residual covers (this rank's shard, or all of it where the step runs flat), the
+        residuals re-sharded where it moved (an Elastic reset, or ``algorithm="auto"``
+        switching modes: GTopkState.reshard)."""
+        if not self.hierarchical:
+            return
         rank = hvd.rank()
         self.state.reshard({b.name: (*self.hierarchy[0].shard(b.numel, rank), b.numel)
                             if self.hierarchy is not None else (0, b.numel, b.numel)
@@ -273,8 +297,7 @@ class Synchronizer:
             state = self.state
             density, scale = state.density(), self.loss_scale()
             # the dense allreduce runs every step (it carries the verdict): its rounds are paid
-            methods = state.methods_for([name for name, _ in layout.buffers], layout.numels,
-                                     hvd.size(), hvd.rank(), dense_paid=True)
+            methods = self.step_methods(layout, density, dense_paid=True)
             buffers = self.buffers(layout, methods)
             ks = [k_for(b.numel, density) for b in buffers if b.method != "dense"]
             dense = [(self.names[p], p, p.numel()) for p in layout.dense]
@@ -284,7 +307,10 @@ class Synchronizer:
                      dense_first=self.dense_first())
         if self.state.algorithm == "auto" and self.state.link is None:
             # every rank got here with the same verdict, so with the same plan: measure now
-            self.state.link = measure_link("gtopk.link")
+            node = None if self.nodes is None else self.nodes[1][
+                self.nodes[0].node(hvd.rank())]
+            self.state.link = measure_link("gtopk.link", node_set=node,
+                                           local_size=hvd.local_size())
 
     # join() ------------------------------------------------------------------------------
 
@@ -361,6 +387,8 @@ class Synchronizer:
         buffers = self.buffers(layout, ["gtopk"] * len(layout.buffers))
         plan = step_plan(config, buffers, ks, [(self.names[p], p, p.numel())
                                                for p in layout.dense], scale)
+        self.refresh_layout()
+        self.hierarchy = self.nodes  # buckets run gTop-k ('auto' is not offered there)
         self.refresh_hierarchy(buffers)
         self.agree_on_mode()
         backend = self.backend(self.params())

@@ -8,7 +8,7 @@ import pytest
 from gtopk_hvd.common.cost import (Cost, Link, as_link, buffer_methods, choose_methods,
                                    cost_of, describe_methods, dense_allreduce_cost,
                                    fit_alpha_beta, gtopk_cost, gtopk_stages, measure_link,
-                                   method_costs, round_costs, topk_allgather_cost)
+                                   method_costs, node_costs, round_costs, topk_allgather_cost)
 from gtopk_hvd.common.density import k_for
 
 
@@ -193,7 +193,8 @@ def test_measure_link_fits_alpha_beta_from_two_allreduce_sizes_and_agrees_before
 
     link = measure_link(allreduce, select, agree, size, n=1 << 18, repeats=3,
                         clock=lambda: now[0], stage=stage)
-    assert len(agreed) == 1 and len(agreed[0]) == 5
+    assert len(agreed) == 1 and len(agreed[0]) == 7  # (no node probe: two zeros)
+    assert link.intra_alpha is None and link.intra_beta is None
     assert [c for c in calls if c[0] == "allreduce"] == [("allreduce", 1)] * 4 + \
         [("allreduce", 1 << 18)] * 3
     assert calls.count(("stage",)) == 4  # a warm-up and three timed
@@ -229,6 +230,54 @@ def test_merges_cost_select_per_entry_merged():
     costs = method_costs(d, density, size, link)
     assert costs["gtopk"] == pytest.approx(1e-9 * (d + 2 * k * gtopk_stages(size)))
     assert costs["topk"] == pytest.approx(1e-9 * (d + k * size))
+
+
+def test_measure_link_times_the_node_link_where_a_node_set_is_given():
+    now, alpha, beta, intra_alpha, intra_beta, local = [0.0], 2e-4, 8e-9, 1e-6, 1e-10, 4
+
+    def allreduce(n):
+        cost = dense_allreduce_cost(n, 8)
+        now[0] += cost.messages * alpha + cost.bytes * beta
+
+    def intra(n):  # the node's allreduce, on its own (faster) link
+        cost = dense_allreduce_cost(n, local)
+        now[0] += cost.messages * intra_alpha + cost.bytes * intra_beta
+
+    link = measure_link(allreduce, lambda n: None, lambda v: v, 8, repeats=3,
+                        clock=lambda: now[0], intra=intra, local=local)
+    assert link.beta == pytest.approx(beta, rel=1e-6)
+    assert link.intra_alpha == pytest.approx(intra_alpha, rel=1e-6)
+    assert link.intra_beta == pytest.approx(intra_beta, rel=1e-6)
+
+
+def test_hierarchical_is_chosen_where_the_network_card_is_the_bottleneck():
+    """On N x L nodes flat gTop-k's cross-node stages put L ranks' sets through one card;
+    hierarchical gTop-k sends k / L a rail but moves the buffer inside the node: it wins with
+    a slow network and a fast node, loses with a node as slow as the network (node_costs)."""
+    d, density, nodes = 25_000_000, 0.001, (8, 8)
+    slow_net_fast_node = Link(alpha=5e-5, beta=8e-9, stage=1e-3, intra_alpha=1e-6,
+                              intra_beta=1e-11)  # 1 Gbit/s between nodes, NVLink-class inside
+    costs = node_costs(d, density, *nodes, slow_net_fast_node)
+    assert costs["hierarchical"] < costs["gtopk"], costs
+    assert buffer_methods("auto", [d, d // 2], density, 64, slow_net_fast_node,
+                          dense_paid=True, nodes=nodes) == ("hierarchical", "hierarchical")
+    node_as_slow = Link(alpha=5e-5, beta=8e-9, stage=1e-3)  # intra: the network's
+    assert buffer_methods("auto", [d], density, 64, node_as_slow, nodes=nodes) == ("gtopk",)
+    # without nodes (hierarchical=False, or a flat layout) 'hierarchical' is never offered
+    assert buffer_methods("auto", [d], density, 64, slow_net_fast_node) == ("gtopk",)
+    # the card's share: flat's cross-node stage bytes count L times, a rail's once
+    one = Link(alpha=0.0, beta=1.0, intra_alpha=0.0, intra_beta=0.0)
+    k = k_for(1 << 20, 0.01)
+    assert node_costs(1 << 20, 0.01, 2, 4, one)["gtopk"] == 4 * 8 * k  # one crossing stage
+    assert node_costs(1 << 20, 0.01, 2, 4, one)["hierarchical"] == \
+        4 * 8 * k_for((1 << 20) // 4, 0.01)
+
+
+def test_link_takes_the_node_terms_as_a_tuple_and_checks_them():
+    assert as_link((1e-4, 1e-9, 0, 0, 1e-3, 1e-6, 1e-11)).intra_beta == 1e-11
+    assert Link(1e-4, 1e-9).intra_alpha is None
+    with pytest.raises(ValueError, match="intra_beta must be a finite number"):
+        Link(1e-4, 1e-9, intra_beta=-1.0)
 
 
 def test_measure_link_on_one_rank_has_no_network_terms():

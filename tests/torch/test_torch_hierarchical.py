@@ -32,6 +32,7 @@ SCENARIOS = [
     *[f"hierarchical_optimizer_{g}_equals_the_reference_every_step" for g in ("model", "layer")],
     "hierarchical_optimizer_bucket_equals_the_reference_exchanged_during_backward",
     "hierarchical_carry_of_a_layout_change_joins_the_next_step_and_nothing_is_lost",
+    "hierarchical_auto_runs_the_mode_the_cost_model_chooses_bit_for_bit",
     "hierarchical_compressor_equals_the_reference_every_step",
     "hierarchical_checkpoint_keeps_the_shard_residuals_for_its_own_layout_only",
     "hierarchical_optimizer_refuses_what_it_cannot_run",

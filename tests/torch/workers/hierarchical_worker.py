@@ -15,6 +15,7 @@ import horovod.torch as plain_hvd
 
 import gtopk_hvd.torch as hvd
 from gtopk_hvd.common.collective import gtopk_wire_bytes
+from gtopk_hvd.common.cost import Link, buffer_methods
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.hierarchy import shard_bounds
 from gtopk_hvd.common.plan import PlanMismatchError
@@ -168,6 +169,34 @@ def optimizer_scenarios(rec, rank, size, local):
         steps_equal_the_reference(model, opt, ref, loss, ref_loss, rank, size, steps=2)
         assert state.carry == {}, sorted(state.carry)
         assert_equal(state.residuals["model"], ref.eps[0][rank], "residual")
+    with rec("hierarchical_auto_runs_the_mode_the_cost_model_chooses_bit_for_bit"):
+        # algorithm="auto" with hierarchical=True: per step dense or gTop-k per buffer, and
+        # for the sparsified ones flat or hierarchical gTop-k by the cost of this world's
+        # nodes; a link whose network card is slow and node fast chooses hierarchical (on
+        # every layout with two nodes or more), one whose node is slower than the network
+        # flat; each run against its reference, bit for bit
+        nodes = None if job_layout(hvd).mode == "flat" else (size // local, local)
+        links = {"fast node": Link(0.0, 1.0, intra_alpha=0.0, intra_beta=1e-9),
+                 "slow node": Link(0.0, 1e-3, intra_alpha=0.0, intra_beta=1.0)}
+        for what, link in links.items():
+            model = make_model(38)
+            numel = sum(p.numel() for p in model.parameters())
+            want = buffer_methods("auto", [numel], 0.1, size, link, dense_paid=True,
+                                  nodes=nodes)
+            if nodes is not None and nodes[0] > 1:
+                assert want == (("hierarchical",) if what == "fast node" else ("gtopk",)), want
+            opt = hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
+                                           named_parameters=model.named_parameters(),
+                                           density=0.1, algorithm="auto", link=link,
+                                           hierarchical=True)
+            if want == ("hierarchical",):
+                ref = HierarchicalReference(model, momentum_sgd, size, 0.1, "model", local)
+            else:
+                ref = ReferenceRun(model, momentum_sgd, size, 0.1, "model")
+            steps_equal_the_reference(model, opt, ref, loss_for(38), loss_for(38), rank, size)
+            assert opt.gtopk_stats()["methods"] == {want[0]: 1}, opt.gtopk_stats()
+            eps = opt.gtopk_state.residuals["model"]
+            assert_equal(eps, ref.eps[0][rank], f"residual ({what})")
     with rec("hierarchical_compressor_equals_the_reference_every_step"):
         # Horovod's own optimizer with Compression.gtopk(hierarchical=True): per tensor, as
         # the reference's layer granularity; the residuals are this rank's shards
@@ -248,7 +277,8 @@ def optimizer_scenarios(rec, rank, size, local):
             assert total.item() == size * (size - 1) / 2, total
     with rec("hierarchical_optimizer_refuses_what_it_cannot_run"):
         model = make_model(32)
-        for kwargs in ({"algorithm": "topk"}, {"algorithm": "auto"}, {"hierarchical": "yes"}):
+        for kwargs in ({"algorithm": "topk"}, {"algorithm": "topk", "granularity": "layer"},
+                       {"hierarchical": "yes"}):
             try:
                 hvd.DistributedOptimizer(momentum_sgd(model.parameters()),
                                          named_parameters=model.named_parameters(),
