@@ -36,7 +36,8 @@ from gtopk_hvd.common.compression import (COMPRESSOR_PREFIX, check_compressor_pr
                                           horovod_call, op_from_call,
                                           require_name)
 from gtopk_hvd.common.density import check_density
-from gtopk_hvd.common.validation import check_algorithm, check_buffer_numel
+from gtopk_hvd.common.process_sets import hierarchical_sets, is_elastic
+from gtopk_hvd.common.validation import check_algorithm, check_buffer_numel, check_hierarchical
 from gtopk_hvd.tensorflow.collective import check_tf2_context, op_name
 from gtopk_hvd.tensorflow.functional import gtopk_allreduce
 
@@ -67,18 +68,20 @@ class GTopkCompressor(Compressor):
     Args:
         density: fraction of each tensor's entries kept, in (0, 1].
         algorithm: ``"gtopk"`` (hypercube stages, O(k log P)) or ``"topk"`` (allgather).
-        hierarchical: False only (PyTorch's compressor has it; here a clear error).
+        hierarchical: hierarchical gTop-k per tensor (docs/tensorflow.md), as PyTorch's
+            compressor: the residual of each tensor covers this rank's shard; needs
+            ``gtopk_hvd.tensorflow.init(hierarchical=True)`` before the compressor is made
+            (it registers the node and rail sets, a collective).
     """
 
     def __init__(self, density=0.001, algorithm="gtopk", hierarchical=False):
         self.density = check_density(density)
         self.algorithm = check_algorithm(algorithm, where="Compression.gtopk")
-        if hierarchical is not False:
-            raise ValueError(
-                f"Compression.gtopk(hierarchical={hierarchical!r}): TensorFlow's compressor "
-                f"runs inside Horovod's tf.function and hierarchical gTop-k runs eagerly; use "
-                f"gtopk_allreduce(..., hierarchical=True) eagerly (or PyTorch's compressor), "
-                f"or drop hierarchical=")
+        self._layout = None  # hierarchical gTop-k's layout (None: flat)
+        if check_hierarchical(hierarchical, self.algorithm, "layer", is_elastic()):
+            layout, _ = hierarchical_sets(hvd)  # collective: every rank makes its compressor
+            self._layout = None if layout.mode == "flat" else layout
+        self.hierarchical = hierarchical
         self._residuals = {}
         self._positions = weakref.WeakKeyDictionary()  # traced graph -> tensors seen
 
@@ -131,10 +134,11 @@ class GTopkCompressor(Compressor):
                 f"or gtopk_hvd.tensorflow.DistributedGradientTape, which take the shape from "
                 f"the variable")
         numel = check_buffer_numel(tensor.shape.num_elements(), key)
-        eps = self._residual(key, numel)
+        lo, hi = (0, numel) if self._layout is None else self._layout.shard(numel, hvd.rank())
+        eps = self._residual(key, hi - lo)  # hierarchical: this rank's shard
         result = gtopk_allreduce(tensor, self.density, name=f"{COMPRESSOR_PREFIX}.{key}",
                                  op=getattr(hvd, op), algorithm=self.algorithm,
-                                 residual=eps.read_value())
+                                 residual=eps.read_value(), hierarchical=self.hierarchical)
         update = eps.assign(result.residual)
         return tf.zeros([1], tensor.dtype), (result.output, update)
 
@@ -155,7 +159,8 @@ class GTopkCompressor(Compressor):
         return {"density": self.density, "algorithm": self.algorithm, "residual_norm": norm}
 
     def __repr__(self):
-        return f"Compression.gtopk(density={self.density}, algorithm={self.algorithm!r})"
+        return (f"Compression.gtopk(density={self.density}, algorithm={self.algorithm!r}"
+                f"{', hierarchical=True' if self.hierarchical else ''})")
 
 
 class Compression(_HorovodCompression):

@@ -23,6 +23,8 @@ def job():
     *[f"hierarchical_tape_{mode}_{granularity}_equals_the_reference_every_step"
       for mode in ("eager", "graph") for granularity in ("model", "layer")],
     "hierarchical_keras_minimize_in_a_graph_equals_the_reference_every_step",
+    *[f"hierarchical_compressor_in_horovods_tape_{mode}_equals_the_reference"
+      for mode in ("eager", "graph")],
     "hierarchical_tape_nan_on_one_rank_in_a_graph_gives_nan_everywhere_residuals_kept",
     "hierarchical_tape_of_another_model_on_one_rank_is_refused_in_a_graph",
     "hierarchical_tape_on_some_ranks_only_is_refused_on_every_rank",

@@ -132,6 +132,34 @@ def keras_scenario(tf, hvd, rec, rank, size, local):
         assert opt.gtopk_stats()["step"] == 3
 
 
+def compressor_scenario(tf, hvd, rec, rank, size, local):
+    import horovod.tensorflow as horovod_tf
+    for mode in ("eager", "graph"):
+        with rec(f"hierarchical_compressor_in_horovods_tape_{mode}_equals_the_reference"):
+            # Horovod's own tape, Compression.gtopk(hierarchical=True): one hierarchical step
+            # per tensor (the reference's layer granularity), residuals of the shards
+            variables = make_variables(tf, f"cmp{mode}")
+            compressor = hvd.Compression.gtopk(density=0.05, hierarchical=True)
+
+            def step(grads):
+                with tf.GradientTape() as tape:
+                    loss = linear_loss(tf, variables, grads)
+                tape = horovod_tf.DistributedGradientTape(tape, compression=compressor)
+                return tape.gradient(loss, variables)
+            step = tf.function(step) if mode == "graph" else step
+            ref = HierarchicalReference(size, local, 0.05, "layer")
+            for t in range(3):
+                got = step([tf.constant(g) for g in rank_grads(27, t, rank, SHAPES)])
+                want = ref.step([rank_grads(27, t, p, SHAPES) for p in range(size)])
+                for j in range(len(SHAPES)):
+                    assert_equal(got[j], want[j], f"step {t} variable {j}")
+                unnamed_allreduce(tf, hvd, rank, size)
+            residuals = compressor.residuals
+            assert sorted(residuals) == ["0", "1", "2", "3"], sorted(residuals)
+            for j in range(len(SHAPES)):
+                assert_equal(residuals[str(j)], ref.eps[j][rank], f"shard residual {j}")
+
+
 def robustness_scenarios(tf, hvd, rec, rank, size, local):
     with rec("hierarchical_tape_nan_on_one_rank_in_a_graph_gives_nan_everywhere_residuals_kept"):
         variables = make_variables(tf, "nan")
@@ -281,6 +309,7 @@ def main():
             assert float(total[0]) == size * (size - 1) / 2, total
     tape_scenarios(tf, hvd, rec, rank, size, local)
     keras_scenario(tf, hvd, rec, rank, size, local)
+    compressor_scenario(tf, hvd, rec, rank, size, local)
     robustness_scenarios(tf, hvd, rec, rank, size, local)
     finish(tf, hvd, rec)
 
