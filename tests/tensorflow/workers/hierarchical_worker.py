@@ -11,6 +11,8 @@ import tempfile
 import numpy as np
 from _common import assert_equal, finish, start
 from reference_steps import rank_grads
+from training_worker import SHAPES, linear_loss, tape_step_fn
+from training_worker import make_variables as _make_variables
 
 from gtopk_hvd.common.collective import gtopk_wire_bytes
 from gtopk_hvd.common.density import k_for
@@ -20,7 +22,10 @@ from gtopk_hvd.common.process_sets import job_layout
 from gtopk_hvd.common.reference import hierarchical_step
 
 D = 103
-SHAPES = [(40, 12), (12,), (12, 3), (3,)]
+
+
+def make_variables(tf, prefix):
+    return _make_variables(tf, SHAPES, prefix)
 
 
 class HierarchicalReference:
@@ -54,23 +59,6 @@ class HierarchicalReference:
                 out[j] = total[offset:offset + self.numels[j]].reshape(self.shapes[j])
                 offset += self.numels[j]
         return out
-
-
-def linear_loss(tf, variables, grads):
-    return tf.add_n([tf.reduce_sum(v * g) for v, g in zip(variables, grads)])
-
-
-def make_variables(tf, prefix):
-    return [tf.Variable(tf.zeros(s), name=f"{prefix}{j}") for j, s in enumerate(SHAPES)]
-
-
-def tape_step_fn(tf, hvd, variables, mode, **kwargs):
-    def step(grads):
-        with tf.GradientTape() as tape:
-            loss = linear_loss(tf, variables, grads)
-        tape = hvd.DistributedGradientTape(tape, **kwargs)
-        return tape.gradient(loss, variables)
-    return tf.function(step) if mode == "graph" else step
 
 
 def unnamed_allreduce(tf, hvd, rank, size):
