@@ -148,6 +148,35 @@ def compressor_scenario(tf, hvd, rec, rank, size, local):
                 assert_equal(residuals[str(j)], ref.eps[j][rank], f"shard residual {j}")
 
 
+def loss_scale_scenarios(tf, hvd, rec, rank, size):
+    """With a LossScaleOptimizer whose scale grows, bit-identical to the unscaled hierarchical
+    run (the shard residuals stay in unscaled units), and an overflow on one rank skipping
+    the step on every rank with every shard residual finite; the tape, which reduces the
+    scaled gradients, and the Keras optimizer inside the LossScaleOptimizer."""
+    from robustness_worker import _loss_scale_run
+    for how in ("tape", "keras_inside"):
+        with rec(f"hierarchical_{how}_loss_scale_bit_identical_and_an_overflow_skipped"):
+            plain, _ = _loss_scale_run(tf, hvd, rank, size, how, 5, prefix="h",
+                                       hierarchical=True)
+            scaled, state = _loss_scale_run(tf, hvd, rank, size, how, 5, lso=(16.0, 2),
+                                            prefix="h", hierarchical=True)
+            scales = [s for _, s, _ in scaled]
+            assert scales[-1] > scales[0], f"the scale never grew: {scales}"
+            for t, ((a, _, _), (b, _, _)) in enumerate(zip(plain, scaled)):
+                for j in range(len(SHAPES)):
+                    assert_equal(b[j], a[j], f"variable {j} after step {t + 1} ({scales})")
+            history, state = _loss_scale_run(tf, hvd, rank, size, how, 4,
+                                              lso=(2.0 ** 8, 1000), overflow_at=2,
+                                              prefix="ho", hierarchical=True)
+            assert [s for _, s, _ in history] == [2.0 ** 8] * 2 + [2.0 ** 7] * 2, history
+            for j in range(len(SHAPES)):
+                assert_equal(history[2][0][j], history[1][0][j], f"variable {j} at the skip")
+            stats = state.gtopk_stats()
+            assert stats["nonfinite_steps"] == 1 and stats["step"] == 3, stats
+            shards = state.state_dict(size, rank)["shard_residuals"]
+            assert shards and all(np.isfinite(e).all() for e in shards.values()), shards
+
+
 def robustness_scenarios(tf, hvd, rec, rank, size, local):
     with rec("hierarchical_tape_nan_on_one_rank_in_a_graph_gives_nan_everywhere_residuals_kept"):
         variables = make_variables(tf, "nan")
@@ -298,6 +327,7 @@ def main():
     tape_scenarios(tf, hvd, rec, rank, size, local)
     keras_scenario(tf, hvd, rec, rank, size, local)
     compressor_scenario(tf, hvd, rec, rank, size, local)
+    loss_scale_scenarios(tf, hvd, rec, rank, size)
     robustness_scenarios(tf, hvd, rec, rank, size, local)
     finish(tf, hvd, rec)
 

@@ -150,9 +150,11 @@ def _scaled_loss_fn(tf):
     return loss
 
 
-def _loss_scale_run(tf, hvd, rank, size, how, steps, lso=None, overflow_at=None, prefix=""):
+def _loss_scale_run(tf, hvd, rank, size, how, steps, lso=None, overflow_at=None, prefix="",
+                    hierarchical=False):
     """``steps`` steps of SGD(0.5) on the sine loss with gTop-k (density 0.1, graph mode) wired
-    as ``how``; ``lso``: the LossScaleOptimizer's (initial_scale, growth_steps) or None.
+    as ``how``; ``lso``: the LossScaleOptimizer's (initial_scale, growth_steps) or None;
+    ``hierarchical``: hierarchical gTop-k (workers/hierarchical_worker.py).
     Returns [(variables, loss scale, loss)] after every step, and the gTop-k state."""
     import gtopk_hvd.tensorflow.keras as hvd_keras
     legacy = how.endswith("legacy")
@@ -174,16 +176,19 @@ def _loss_scale_run(tf, hvd, rank, size, how, steps, lso=None, overflow_at=None,
                 loss = loss_fn(variables, grads, factor)
                 target = opt.get_scaled_loss(loss) if lso else loss
             tape = hvd.DistributedGradientTape(tape, gtopk_state=state,
-                                               loss_scale_optimizer=opt if lso else None)
+                                               loss_scale_optimizer=opt if lso else None,
+                                               hierarchical=hierarchical)
             got = tape.gradient(target, variables)
             opt.apply_gradients(zip(opt.get_unscaled_gradients(got) if lso else got,
                                     variables))
             return loss
     else:
         if how.startswith("keras_outside"):  # DistributedOptimizer(LossScaleOptimizer(SGD))
-            opt = hvd_keras.DistributedOptimizer(wrap(sgd), gtopk_state=state)
+            opt = hvd_keras.DistributedOptimizer(wrap(sgd), gtopk_state=state,
+                                                 hierarchical=hierarchical)
         else:  # LossScaleOptimizer(DistributedOptimizer(SGD)), as mixed_float16 compile does
-            opt = wrap(hvd_keras.DistributedOptimizer(sgd, gtopk_state=state))
+            opt = wrap(hvd_keras.DistributedOptimizer(sgd, gtopk_state=state,
+                                                      hierarchical=hierarchical))
 
         def step(grads, factor):
             holder = []
