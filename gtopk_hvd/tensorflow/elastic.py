@@ -11,24 +11,26 @@ from horovod.common.exceptions import HorovodInternalError
 from horovod.tensorflow.elastic import ObjectState, TensorFlowKerasState, TensorFlowState
 from horovod.tensorflow.mpi_ops import shutdown
 
-__all__ = ["run", "ObjectState", "TensorFlowKerasState", "TensorFlowState"]
+from gtopk_hvd.common.errors import lost_worker
 
-_HOROVOD_OPS = ("HorovodAllreduce", "HorovodAllgather", "HorovodBroadcast")
+__all__ = ["run", "ObjectState", "TensorFlowKerasState", "TensorFlowState"]
 
 
 def run(func):
     """Decorator that runs ``func(state, ...)`` elastically, as
     ``horovod.tensorflow.keras.elastic.run``: on a reset Horovod restarts with the new world
     (``gtopk_hvd.tensorflow.init``), the state is synchronised from rank 0 and ``func`` runs
-    again.  A TensorFlow error from a Horovod operation counts as a lost worker; any other
-    error is raised (Horovod's own wrapper returns None for it)."""
-    from tensorflow.python.framework.errors_impl import UnknownError
+    again.  A TensorFlow error from a Horovod operation (:func:`lost_worker`) counts as a lost
+    worker, also one of a named operation, whose message Horovod's own wrapper does not
+    recognise (it then lets the worker die); any other error is raised (Horovod's wrapper
+    returns None for it)."""
+    from tensorflow.python.framework.errors_impl import AbortedError, UnknownError
 
     def wrapper(state, *args, **kwargs):
         try:
             return func(state, *args, **kwargs)
-        except UnknownError as err:
-            if any(op in (err.message or "") for op in _HOROVOD_OPS):
+        except (UnknownError, AbortedError) as err:
+            if lost_worker(err.message):
                 raise HorovodInternalError(err)
             raise
     return run_fn(wrapper, _reset)

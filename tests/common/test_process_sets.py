@@ -50,3 +50,19 @@ def test_comm_list_and_communicator(clean_env):
             return 5
     assert world_size_before_init(Comm()) == 5
     assert world_size_before_init(object()) is None
+
+
+def test_a_named_horovod_operation_lost_to_a_dead_worker_counts_as_lost():
+    """Horovod's TensorFlow elastic wrapper recognises a lost worker by the operation's type
+    in the error (HorovodAllgather ...), which only an unnamed operation's node carries; a
+    named one, as gtopk_hvd's exchanges are, fails with Horovod's shutdown message alone.
+    That worker died instead of resetting, now and then in the Keras Elastic test."""
+    from gtopk_hvd.common.errors import lost_worker
+    named = ("Horovod has been shut down. This was caused by an exception on one of the ranks "
+             "or an attempt to allreduce, allgather or broadcast a tensor after one of the "
+             "ranks finished execution.\n\t [[{{node DistributedSGD.0.s0}}]] "
+             "[Op:__inference_train_function_3367]")
+    assert lost_worker(named)
+    assert lost_worker("... [[{{node HorovodAllreduce_grads_0}}]]")
+    assert not lost_worker("Incompatible shapes: [3] vs. [4]")
+    assert not lost_worker(None)
