@@ -27,6 +27,7 @@ def job():
       for mode in ("eager", "graph")],
     *[f"hierarchical_{how}_loss_scale_bit_identical_and_an_overflow_skipped"
       for how in ("tape", "keras_inside")],
+    "hierarchical_tape_join_with_uneven_data_eagerly_equals_the_reference",
     "hierarchical_tape_nan_on_one_rank_in_a_graph_gives_nan_everywhere_residuals_kept",
     "hierarchical_tape_of_another_model_on_one_rank_is_refused_in_a_graph",
     "hierarchical_tape_on_some_ranks_only_is_refused_on_every_rank",
