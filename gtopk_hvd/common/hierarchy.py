@@ -15,7 +15,7 @@ from gtopk_hvd.common.schedule import exchange_groups
 
 __all__ = ["HierarchicalLayout", "hierarchical_layout", "shard_bounds",
            "hierarchical_exchange_steps", "HierarchicalExchange", "prepare_call",
-           "drive_requests"]
+           "drive_requests", "split_bytes"]
 
 
 def shard_bounds(numel, parts):
@@ -186,6 +186,13 @@ def hierarchical_exchange_steps(ops, grad, residual, k, layout, rank, name="gtop
     out.bytes_node = 4 * sum(b - a for j, (a, b) in enumerate(bounds) if j != l) + ring_bytes(
         node, rank, {m: ops.length(v) for m, (v, _, _) in zip(node, blocks)})
     return out
+
+
+def split_bytes(results):
+    """The statistics of a step's :class:`HierarchicalExchange` results: bytes sent inside
+    the node (``bytes_sent_node``) and across nodes (``bytes_sent_cross``)."""
+    return {"bytes_sent_node": sum(r.bytes_node for r in results),
+            "bytes_sent_cross": sum(r.bytes_cross for r in results)}
 
 
 def prepare_call(layout, numel, rank, density, op, algorithm, residual_numel):

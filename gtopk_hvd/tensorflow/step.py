@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from gtopk_hvd.common.collective import (JOINED, VERDICT_TAIL, GTopkResult,
                                          allreduce_with_verdict)
-from gtopk_hvd.common.hierarchy import hierarchical_exchange_steps
+from gtopk_hvd.common.hierarchy import hierarchical_exchange_steps, split_bytes
 from gtopk_hvd.common.step import AppliesNothing, StepBackend
 from gtopk_hvd.common.validation import layout_key
 from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, compensate,
@@ -145,8 +145,7 @@ class TFStep(StepBackend):
     def split_bytes(self, results):
         """Hierarchical gTop-k: the statistics' bytes sent inside the node and across nodes,
         from the step's HierarchicalExchange results."""
-        self._split = {"bytes_sent_node": sum(r.bytes_node for r in results),
-                       "bytes_sent_cross": sum(r.bytes_cross for r in results)}
+        self._split = split_bytes(results)
 
     def empty(self):
         return tf.zeros([0])

@@ -101,24 +101,15 @@ class BucketPipeline:
                 lambda stage: process_set_for_stage(self._sets, stage),
                 name=f"{self._name}.{bucket}", digest=self._digest, flags=flags,
                 wire=self._wire)
-            request = next(steps)
-            try:
-                while True:
-                    message, process_set, op = request
-                    request = steps.send((yield "allgather", message, process_set, op))
-            except StopIteration as finished:
-                return finished.value[0]
+            results = yield from _relay(steps, lambda message, process_set, op: (
+                "allgather", message, process_set, op))
+            return results[0]
         layout, sets = self._hierarchy
         steps = hierarchical_exchange_steps(ops, acc, residual, k, layout, self.rank,
                                             f"{self._name}.{bucket}.h", self._digest, flags,
                                             self._wire)
-        request = next(steps)
-        try:
-            while True:
-                kind, payload, group, op = request
-                request = steps.send((yield kind, payload, sets[group], op))
-        except StopIteration as finished:
-            return finished.value
+        return (yield from _relay(steps, lambda kind, payload, group, op: (
+            kind, payload, sets[group], op)))
 
     def _resume(self, bucket, answered):
         steps = self._steps[bucket]
@@ -133,3 +124,14 @@ class BucketPipeline:
         self._kinds[bucket] = kind
         self._handles[bucket] = issue(kind, payload, process_set, op)
         self.started = True
+
+
+def _relay(steps, request):
+    """Run the generator ``steps``, yielding ``request(*its request)`` for each of its
+    requests and sending the answers back; its value."""
+    reply = None
+    try:
+        while True:
+            reply = yield request(*steps.send(reply))
+    except StopIteration as finished:
+        return finished.value

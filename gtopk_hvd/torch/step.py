@@ -13,7 +13,7 @@ from horovod.common.exceptions import HorovodInternalError
 from gtopk_hvd.common.collective import (JOINED, NONFINITE, VERDICT_TAIL, GTopkResult,
                                          allreduce_with_verdict)
 from gtopk_hvd.common.density import k_for
-from gtopk_hvd.common.hierarchy import hierarchical_exchange_steps
+from gtopk_hvd.common.hierarchy import hierarchical_exchange_steps, split_bytes
 from gtopk_hvd.common.plan import plan_digest
 from gtopk_hvd.common.step import AppliesNothing, StepBackend
 from gtopk_hvd.torch.collective import (check_verdict, compensate, decompress, exchange,
@@ -173,8 +173,7 @@ class TorchStep(StepBackend):
     def split_bytes(self, results):
         """Hierarchical gTop-k: the statistics' bytes sent inside the node and across nodes,
         from the step's HierarchicalExchange results."""
-        self._split = {"bytes_sent_node": sum(r.bytes_node for r in results),
-                       "bytes_sent_cross": sum(r.bytes_cross for r in results)}
+        self._split = split_bytes(results)
 
     def empty(self):
         return torch.zeros(0, dtype=torch.float32)

@@ -252,16 +252,15 @@ class Synchronizer:
             self.nodes = None if layout.mode == "flat" else (layout, sets)
         return None if self.nodes is None else (self.nodes[0].nodes, self.nodes[0].local_size)
 
-    def step_methods(self, layout, density, dense_paid):
+    def step_methods(self, layout, dense_paid):
         """The step's methods per buffer (GTopkState.methods_for) and its mode: with
         ``algorithm="auto"`` and hierarchical=True, hierarchical gTop-k when the cost model
         prefers it on this world's nodes (gtopk_hvd.common.cost.hierarchical_choice).
         Returns the methods as the step runs them ('gtopk' for 'hierarchical')."""
-        nodes = self.refresh_layout()
+        nodes, auto = self.refresh_layout(), self.state.algorithm == "auto"
         methods = self.state.methods_for([name for name, _ in layout.buffers], layout.numels,
                                          hvd.size(), hvd.rank(), dense_paid=dense_paid,
-                                         nodes=nodes if self.state.algorithm == "auto" else None)
-        auto = self.state.algorithm == "auto"
+                                         nodes=nodes if auto else None)
         self.hierarchy = self.nodes if not auto or "hierarchical" in methods else None
         return ["gtopk" if m == "hierarchical" else m for m in methods]
 
@@ -297,7 +296,7 @@ class Synchronizer:
             state = self.state
             density, scale = state.density(), self.loss_scale()
             # the dense allreduce runs every step (it carries the verdict): its rounds are paid
-            methods = self.step_methods(layout, density, dense_paid=True)
+            methods = self.step_methods(layout, dense_paid=True)
             buffers = self.buffers(layout, methods)
             ks = [k_for(b.numel, density) for b in buffers if b.method != "dense"]
             dense = [(self.names[p], p, p.numel()) for p in layout.dense]
