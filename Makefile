@@ -14,7 +14,7 @@ test: env
 # what shows up now and then, repeated: a plain shutdown or exit after the last step (ten
 # runs each), the Elastic 2 -> 3 -> 2 recovery (five jobs); and the TensorFlow world sizes
 # that make test leaves to the core and PyTorch (robustness at P = 5, the tape at P = 4, the
-# collective at P = 2, Horovod's own tests re-written at P = 3); PyTorch's hierarchical gTop-k at 2 x 2 and 3 x 2
+# collective at P = 2, Horovod's own tests re-written at P = 3); PyTorch's hierarchical gTop-k at 2 x 2, 3 x 2 and 4 x 2
 test-stress: env
 	@GTOPK_TEST_STRESS=1 GTOPK_TEST_REPEAT=10 GTOPK_TEST_ELASTIC_REPEAT=5 bash scripts/run_tests.sh \
 		tests/torch/test_torch_robustness.py \

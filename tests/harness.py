@@ -31,6 +31,30 @@ HOROVODRUN = [sys.executable, str(ROOT / "tests" / "hvdrun.py")]
 _TRANSIENT = ("gloo::IoException", "Connection refused", "Connection reset by peer")
 
 
+def emulated_hosts(nodes, ranks):
+    """horovodrun's ``-H`` for ``nodes`` emulated nodes of ``ranks`` ranks on this machine, or
+    None where this machine has fewer distinct names that resolve to it.  Horovod groups ranks
+    by the names in ``-H`` and runs here every name whose address is one of this machine's:
+    ``localhost``, ``127.0.0.1``, the host name and each interface's IPv4 address."""
+    import socket
+
+    import psutil
+
+    mine = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family == socket.AF_INET}
+    names = ["localhost", "127.0.0.1", socket.gethostname(), *sorted(mine - {"127.0.0.1"})]
+    local = []
+    for name in names:
+        try:
+            if socket.gethostbyname(name) in mine and name not in local:
+                local.append(name)
+        except OSError:
+            continue
+    if len(local) < nodes:
+        return None
+    return ",".join(f"{name}:{ranks}" for name in local[:nodes])
+
+
 def horovodrun(np_, script, *args, timeout=600, env=None, attempts=2, survivors=False,
                hosts=None):
     """Run ``horovodrun -np np_ python script args``; return the per-rank result dicts.

@@ -245,7 +245,7 @@ def check_allreduce_arguments(density, op_name, algorithm, process_set, numel, n
 
 def check_hierarchical(hierarchical, algorithm, granularity, elastic=False, auto=False):
     """``hierarchical`` (bool) where an optimizer can run it: gTop-k at the model, layer or
-    bucket granularity (``auto``: also ``algorithm="auto"``, PyTorch's DistributedOptimizer);
+    bucket granularity (``auto``: also ``algorithm="auto"``, the optimizers and the tape);
     ``elastic``: under Horovod Elastic, where only PyTorch's DistributedOptimizer runs it (the
     caller passes False there); the error names the value and the fix."""
     if not isinstance(hierarchical, bool):
@@ -262,6 +262,6 @@ def check_hierarchical(hierarchical, algorithm, granularity, elastic=False, auto
             f"hierarchical=True runs gTop-k across nodes at granularity 'model', 'layer' or "
             f"'bucket' (PyTorch); "
             f"got algorithm={algorithm!r}, granularity={granularity!r}: pass "
-            f"algorithm='gtopk' (PyTorch's DistributedOptimizer also takes 'auto') and "
+            f"algorithm='gtopk' (the optimizers and the tape also take 'auto') and "
             f"granularity='model' (or drop hierarchical=True)")
     return hierarchical

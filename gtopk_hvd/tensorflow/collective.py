@@ -214,12 +214,14 @@ def update_residual(acc, result, scale=1.0):
     return rest if isinstance(scale, float) and scale == 1.0 else rest / scale
 
 
-def measure_link(name="gtopk.link"):
+def measure_link(name="gtopk.link", *, node_set=None, local_size=1):
     """This job's :class:`~gtopk_hvd.common.cost.Link` (alpha, beta, and the cost of gTop-k's
     local work), measured now in tens of milliseconds and the same on every rank (the
     slowest rank's figures); call it eagerly on every rank at the same point (Horovod
     operations ``{name}.*``).  ``algorithm="auto"`` calls it once after the first eager
-    step; pass the result as ``link=`` to skip that, and inside ``tf.function``."""
+    step; pass the result as ``link=`` to skip that, and inside ``tf.function``.
+    ``node_set``: this rank's node's process set, of ``local_size`` ranks (hierarchical
+    gTop-k): the link inside the node too."""
     if not tf.executing_eagerly():
         raise GTopkError("measure_link() times Horovod operations, so it runs eagerly: call "
                          "it outside tf.function (for example once after init()) and pass "
@@ -244,4 +246,9 @@ def measure_link(name="gtopk.link"):
         return hvd.allreduce(tf.constant(values, tf.float64), name=f"{name}.max",
                              op=hvd.Max).numpy().tolist()
 
-    return _measure_link(allreduce, select, agree, hvd.size(), stage=stage)
+    def intra(numel):
+        hvd.allreduce(tf.zeros([numel], tf.float32), name=f"{name}.node.{numel}", op=hvd.Sum,
+                      process_set=node_set).numpy()
+
+    return _measure_link(allreduce, select, agree, hvd.size(), stage=stage,
+                         intra=intra if node_set is not None else None, local=local_size)

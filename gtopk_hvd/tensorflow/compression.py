@@ -40,6 +40,7 @@ from gtopk_hvd.common.process_sets import hierarchical_sets, is_elastic
 from gtopk_hvd.common.validation import check_algorithm, check_buffer_numel, check_hierarchical
 from gtopk_hvd.tensorflow.collective import check_tf2_context, op_name
 from gtopk_hvd.tensorflow.functional import gtopk_allreduce
+from gtopk_hvd.tensorflow.ops import zeros
 
 __all__ = ["Compression", "GTopkCompressor"]
 
@@ -140,7 +141,7 @@ class GTopkCompressor(Compressor):
                                  op=getattr(hvd, op), algorithm=self.algorithm,
                                  residual=eps.read_value(), hierarchical=self.hierarchical)
         update = eps.assign(result.residual)
-        return tf.zeros([1], tensor.dtype), (result.output, update)
+        return zeros([1], tensor.dtype), (result.output, update)
 
     def decompress(self, tensor, ctx):
         """The dense gTop-k result, after the placeholder's allreduce and the residual update."""

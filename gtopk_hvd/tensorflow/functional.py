@@ -24,6 +24,7 @@ from gtopk_hvd.common.validation import check_allreduce_arguments
 from gtopk_hvd.tensorflow.collective import (after_verdict, check_tf2_context, op_name,
                                              update_residual)
 from gtopk_hvd.tensorflow.hierarchical import check_mode, gather_modes, hierarchical_exchange
+from gtopk_hvd.tensorflow.ops import zeros
 from gtopk_hvd.tensorflow.step import TensorStep, when
 
 __all__ = ["GTopkResult", "gtopk_allreduce"]
@@ -124,7 +125,7 @@ def _hierarchical_allreduce(tensor, density, name, op, algorithm, residual, proc
     else:  # in a graph: once, when first traced
         check_mode(name or "gtopk", True, False)
     flat = tf.reshape(tf.cast(tensor, tf.float32), [-1])
-    eps = tf.zeros([hi - lo], tf.float32) if residual is None else tf.convert_to_tensor(residual)
+    eps = zeros([hi - lo]) if residual is None else tf.convert_to_tensor(residual)
     res, finite = hierarchical_exchange(flat, eps, k, layout, sets, f"{name or 'gtopk'}.h", plan)
     if finite is False:  # eagerly, every rank: NaN, the residual as it was
         dense, new = tf.fill([numel], float("nan")), eps

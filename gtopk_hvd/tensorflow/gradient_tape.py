@@ -84,7 +84,7 @@ def prepare_state(gtopk_state, make_state, init_call, what, hierarchical=False):
     check_auto_link(gtopk_state.algorithm, gtopk_state.link, is_elastic(),
                     "gtopk_hvd.tensorflow.measure_link")
     check_hierarchical(hierarchical, gtopk_state.algorithm, gtopk_state.granularity,
-                       is_elastic())
+                       is_elastic(), auto=True)
     if not hvd.is_initialized():
         raise GTopkError(f"Horovod is not initialised: call {init_call} on every rank before "
                          f"building a gTop-k {what}")
@@ -200,8 +200,9 @@ def DistributedGradientTape(gradtape, device_dense='', device_sparse='',
         hierarchical: hierarchical gTop-k across nodes (docs/tensorflow.md, "Hierarchical
             gTop-k"): a reduce-scatter inside each node, gTop-k across nodes on each rank's
             1/L shard, an allgather inside the node; residuals cover this rank's shard.  Needs
-            ``init(hierarchical=True)`` and ``algorithm="gtopk"``; unequal hosts or one rank a
-            host run flat gTop-k (logged once).
+            ``init(hierarchical=True)`` and ``algorithm="gtopk"`` or ``"auto"`` (which then
+            also chooses between flat and hierarchical gTop-k by the cost on these nodes);
+            unequal hosts or one rank a host run flat gTop-k (logged once).
 
     ``compression`` is ``Compression.none`` or ``Compression.fp16`` (values travel as float16,
     merges and residuals stay float32), ``op`` is Average or Sum, ``process_set`` the global

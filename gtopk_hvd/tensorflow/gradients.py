@@ -23,7 +23,7 @@ from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_buffer_numel, layout_key
 from gtopk_hvd.tensorflow.collective import check_tf2_context, measure_link, op_name
 from gtopk_hvd.tensorflow.hierarchical import check_mode
-from gtopk_hvd.tensorflow.ops import op_name_safe
+from gtopk_hvd.tensorflow.ops import op_name_safe, zeros
 from gtopk_hvd.tensorflow.step import Item, JoinedTFStep, TFStep
 from gtopk_hvd.tensorflow.join import remember
 
@@ -114,7 +114,7 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     items = []
     for i, (grad, var) in enumerate(zip(grads, variables)):
         _check_variable(var)
-        grad = tf.zeros(var.shape, var.dtype) if grad is None else grad
+        grad = zeros(var.shape, var.dtype) if grad is None else grad
         items.append(Item(i, _dense_gradient(grad, var, sparse_as_dense), var))
     threshold = max(1, state.dense_threshold)
     sparse = [it for it in items if it.numel >= threshold]
@@ -128,25 +128,37 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     if hierarchical:
         hierarchy = hierarchical_sets(hvd)
         hierarchy = None if hierarchy[0].mode == "flat" else hierarchy
-    key = layout_key(hierarchy)
-    check_mode(name, hierarchy is not None, state.is_verified())
-    shard_numels = []
-    if hierarchy is not None:  # create (and so restore) every residual before the checks
-        for (buffer_name, _), numel in zip(layout, numels):
-            lo, hi = hierarchy[0].shard(numel, rank)
-            shard_numels.append(hi - lo)
-            state.shard_residual(buffer_name, hi - lo, key)
-    else:
-        for it in sparse:
-            state.residual(it.variable)
-    state.check_layout(key)
-    state.check_world(size, rank)
+    nodes = hierarchy if state.algorithm == "auto" else None  # "auto" picks the mode
     for (buffer_name, _), numel in zip(layout, numels):
         check_buffer_numel(numel, buffer_name)
     # algorithm="auto": the buffers it sends densely join the dense allreduce, whose rounds
-    # are paid anyway when tensors below dense_threshold go there
+    # are paid anyway when tensors below dense_threshold go there; on nodes it also chooses
+    # between flat and hierarchical gTop-k (gtopk_hvd.common.cost.hierarchical_choice)
     methods = state.methods_for([b for b, _ in layout], numels, size, rank,
-                                dense_paid=bool(dense))
+                                dense_paid=bool(dense), nodes=None if nodes is None else
+                                (nodes[0].nodes, nodes[0].local_size))
+    if nodes is not None and "hierarchical" not in methods:
+        hierarchy = None
+    methods = ["gtopk" if m == "hierarchical" else m for m in methods]
+    key = layout_key(hierarchy)
+    check_mode(name, hierarchy is not None, state.is_verified())
+    shard_numels = []  # create (and so restore) every residual before the checks
+    for (buffer_name, members), numel, method in zip(layout, numels, methods):
+        if hierarchy is not None and method != "dense":
+            lo, hi = hierarchy[0].shard(numel, rank)
+            shard_numels.append(hi - lo)
+            state.shard_residual(buffer_name, hi - lo, key)
+        else:
+            for it in members:
+                state.residual(it.variable)
+    # "auto" keeps both modes' storage: the layout its shards and carries belong to
+    state.check_layout(key if nodes is None else layout_key(nodes))
+    state.check_world(size, rank)
+    if nodes is not None:  # a buffer whose mode changed moves its residual first
+        state.settle_modes([(b, [it.variable for it in members], numel,
+                             hierarchy is not None and method != "dense")
+                            for (b, members), numel, method in zip(layout, numels, methods)],
+                           nodes[0], layout_key(nodes), rank)
     # the plan names each variable by its position and size: variable names may differ
     # across ranks (Keras numbers them per process), positions may not
     buffers = [Buffer(b, members, numel, m, [(f"variable {it.index}", it.numel)
@@ -177,7 +189,9 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
         state.mark_verified()
     if state.algorithm == "auto" and state.link is None and eager:
         # every rank got here with the same verdict, so with the same plan: measure now
-        state.link = measure_link(op_name_safe(f"{name}.link"))
+        node_set = None if nodes is None else nodes[1][nodes[0].node(rank)]
+        state.link = measure_link(op_name_safe(f"{name}.link"), node_set=node_set,
+                                  local_size=hvd.local_size())
     return backend.out
 
 

@@ -18,7 +18,10 @@ and what ``tf.argsort(stable=True)`` is built on).
 Graph mode: Horovod's ops are not marked stateful, so in a ``tf.function`` an exchange whose
 output nobody reads would be pruned, and two exchanges with equal inputs could be merged.
 Every message holds data of its own buffer (a header-only message slices its values from
-it), and :meth:`TFOps.finalize` ties the result to every exchange issued.
+it), and :meth:`TFOps.finalize` ties the result to every exchange issued.  Nor may a message
+be a constant: TensorFlow's optimiser folds an operation whose inputs are all constants, so it
+would run a Horovod collective once, while optimising the function, and never at run time
+(horovod/horovod#3229); the zeros gtopk_hvd sends itself come from :func:`zeros`.
 
 Reference: S. Shi et al., "A Distributed Synchronous SGD Algorithm with Global Top-k
 Sparsification for Low Bandwidth Networks", ICDCS 2019.
@@ -32,8 +35,8 @@ import tensorflow as tf
 from gtopk_hvd.common.collective import (ALL_FLAGS, DIGEST_BITS, FLAG_BITS, JOINED, MISMATCH,
                                          NONFINITE)
 
-__all__ = ["TFOps", "select_topk", "select_topk_many", "merge_truncate", "merge_truncate_many",
-           "isin", "isin_many", "compress", "op_name_safe", "all_finite"]
+__all__ = ["TFOps", "zeros", "select_topk", "select_topk_many", "merge_truncate",
+           "merge_truncate_many", "isin", "isin_many", "compress", "op_name_safe", "all_finite"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,22 @@ def op_name_safe(name):
     """``name`` with the characters TensorFlow refuses in op names replaced by '_'."""
     name = re.sub(r"[^A-Za-z0-9_.\-]", "_", str(name))
     return name if re.match(r"[A-Za-z0-9.]", name) else "g" + name
+
+
+def zeros(shape, dtype=tf.float32):
+    """``tf.zeros(shape, dtype)`` that a ``tf.function``'s constant folding leaves alone.
+
+    TensorFlow's optimiser evaluates an operation whose inputs are all constants when it
+    optimises the function, and Horovod's operations are not marked stateful: a collective fed
+    only by zeros (a joined rank's step, a variable without a gradient, the compressor's
+    placeholder) would run once, on the calling thread while the function is optimised, and
+    never at run time: that rank would issue fewer operations than the others, or wait at
+    optimisation time for a partner that is running its step (horovod/horovod#3229).  In a graph
+    the zeros are filled from a value the optimiser cannot know (a comparison with the clock,
+    always false); eagerly, plain zeros."""
+    if tf.executing_eagerly():
+        return tf.zeros(shape, dtype)
+    return tf.fill([int(d) for d in shape], tf.cast(tf.timestamp() < 0.0, dtype))
 
 
 def _magnitude(x):

@@ -58,7 +58,7 @@ class _Untracked:
         self.said = None      # what was last logged of those methods
         self.verified = False  # a finite eager step found every rank with the same plan
         self.layout = None    # the (nodes, local size) this process last wrote; (0, 0): flat
-        self.pending_shards = None  # (layout key, {buffer: values}) from load_state_dict
+        self.pending_shards = None  # (layout key, {kind: {buffer: values}}), load_state_dict
         self.hierarchical = False  # a step ran hierarchically (gtopk_stats splits the bytes)
 
 
@@ -142,9 +142,10 @@ class GTopkState(tf.Module):
         ks.set_shape([len(numels)])
         return density, [ks[i] for i in range(len(numels))]
 
-    def methods_for(self, names, numels, size, rank, dense_paid):
-        """Per buffer, the method of the coming step (gtopk_hvd.common.cost.buffer_methods),
-        recorded in ``methods`` and logged once per change on rank 0.
+    def methods_for(self, names, numels, size, rank, dense_paid, nodes=None):
+        """Per buffer, the method of the coming step (gtopk_hvd.common.cost.buffer_methods;
+        ``nodes``: (N, L) where hierarchical gTop-k may run), recorded in ``methods`` and
+        logged once per change on rank 0.
 
         With ``algorithm="auto"`` inside a ``tf.function`` the choice is made when the step is
         traced, so it needs the link (``link=``, or measured by an earlier eager step or
@@ -171,7 +172,8 @@ class GTopkState(tf.Module):
             with tf.init_scope():
                 density = self.density()
         methods, self._book.said = logged_methods(self.algorithm, numels, density, size,
-                                                  self.link, dense_paid, rank, self._book.said)
+                                                  self.link, dense_paid, rank, self._book.said,
+                                                  nodes=nodes)
         self._book.methods = dict(zip(names, methods))
         return methods
 
@@ -240,14 +242,14 @@ class GTopkState(tf.Module):
                 f"the same model (residuals are matched by position)")
         return eps
 
-    def shard_residual(self, name, numel, key):
+    def shard_residual(self, name, numel, key, kind="shards"):
         """Hierarchical gTop-k: this rank's residual of its shard of buffer ``name``
         (``numel`` entries) under the layout ``key`` (gtopk_hvd.common.validation.layout_key):
         a flat float32 tf.Variable created on first use with zeros, or with what a pending
         checkpoint restore or :meth:`load_state_dict` of the same layout holds.  Each layout
         keeps its shards under its own name, so a checkpoint of another layout never fills
-        them (:meth:`check_layout` says so)."""
-        attr = f"_shards_{key[1]}x{key[2]}"
+        them (:meth:`check_layout` says so).  ``kind="carry"``: the buffer's :meth:`carry`."""
+        attr = f"_{kind}_{key[1]}x{key[2]}"
         shards = getattr(self, attr, None)
         if shards is None:
             setattr(self, attr, {})  # tracked: a pending restore fills what is added to it
@@ -256,11 +258,13 @@ class GTopkState(tf.Module):
         if eps is None:
             with tf.init_scope():
                 eps = tf.Variable(tf.zeros([numel], tf.float32), trainable=False,
-                                  name="gtopk_shard_residual")
+                                  name="gtopk_shard_residual" if kind == "shards" else
+                                  "gtopk_carry")
             shards[name] = eps
             pending = self._book.pending_shards
-            if pending is not None and pending[0] == list(key) and name in pending[1]:
-                eps.assign(np.asarray(pending[1].pop(name), np.float32).reshape(-1))
+            if pending is not None and pending[0] == list(key) and \
+                    name in pending[1].get(kind, {}):
+                eps.assign(np.asarray(pending[1][kind].pop(name), np.float32).reshape(-1))
         if eps.shape.num_elements() != numel:
             raise ValueError(
                 f"the shard residual of {name!r} has {eps.shape.num_elements()} elements but "
@@ -268,12 +272,73 @@ class GTopkState(tf.Module):
                 f"same model")
         return eps
 
-    def _shards(self):
-        """{buffer name: shard residual} of the layout this process runs (empty when flat)."""
+    def carry(self, name, numel, key):
+        """``algorithm="auto"`` with hierarchical gTop-k: what a switch of buffer ``name``
+        (``numel`` entries) to hierarchical gTop-k left outside this rank's shard; the next
+        step that applies adds it to its gradients before the node's reduce-scatter
+        (:meth:`settle_modes`)."""
+        return self.shard_residual(name, numel, key, kind="carry")
+
+    def settle_modes(self, buffers, layout, key, rank):
+        """``algorithm="auto"`` with hierarchical gTop-k, before a step's first operation:
+        where a buffer's mode (hierarchical gTop-k, or flat: gTop-k or dense) differs from its
+        last step's, move this rank's residual of it to the new mode's storage, eagerly or at
+        run time inside a ``tf.function`` (each buffer's mode is kept in a variable).  To
+        hierarchical: the entries of this rank's shard join its shard residual, the rest is
+        carried (:meth:`carry`); to flat: the shard residual and any carry go back into the
+        whole-buffer residuals.  Entries are moved, never summed with another rank's, so what
+        this rank holds back stays exactly what it was (PyTorch:
+        gtopk_hvd.torch.state.GTopkState.reshard).  ``buffers``: (buffer name, its variables,
+        numel, hierarchical: bool) for every buffer of the step."""
+        if not hasattr(self, "_modes"):
+            self._modes = {}  # tracked: buffer name -> 1 hierarchical, 0 flat, -1 not known
+        moves = []
+        for name, variables, numel, hierarchical in buffers:
+            lo, hi = layout.shard(numel, rank)
+            if name not in self._modes:
+                with tf.init_scope():
+                    self._modes[name] = tf.Variable(-1, dtype=tf.int32, trainable=False,
+                                                    name="gtopk_mode")
+            moves.append((self._modes[name], int(hierarchical), lo, hi,
+                          [self.residual(v) for v in variables],
+                          self.shard_residual(name, hi - lo, key), self.carry(name, numel, key)))
+        for mode, target, lo, hi, flat, shard, carry in moves:
+            def move(mode=mode, target=target, lo=lo, hi=hi, flat=flat, shard=shard,
+                     carry=carry):
+                whole = tf.concat([e.read_value() for e in flat], 0) + carry.read_value()
+                if target:
+                    shard.assign_add(whole[lo:hi])
+                    carry.assign(tf.concat([whole[:lo], tf.zeros([hi - lo]), whole[hi:]], 0))
+                    parts = [tf.zeros_like(e) for e in flat]
+                else:
+                    whole = whole + tf.pad(shard.read_value(),
+                                           [[lo, int(carry.shape[0]) - hi]])
+                    parts = tf.split(whole, [int(e.shape[0]) for e in flat])
+                    shard.assign(tf.zeros_like(shard))
+                    carry.assign(tf.zeros_like(carry))
+                for e, part in zip(flat, parts):
+                    e.assign(part)
+                mode.assign(target)
+                return tf.constant(True)
+            if tf.executing_eagerly():
+                if int(mode.numpy()) != target:
+                    move()
+            else:
+                tf.cond(tf.not_equal(mode.read_value(), target), move,
+                        lambda: tf.constant(False))
+
+    def _shards(self, kind="shards"):
+        """{buffer name: shard residual} of the layout this process runs (empty when flat);
+        ``kind="carry"``: the carries."""
         layout = self._book.layout
         if not layout or layout == (0, 0):
             return {}
-        return dict(getattr(self, f"_shards_{layout[0]}x{layout[1]}", {}))
+        return dict(getattr(self, f"_{kind}_{layout[0]}x{layout[1]}", {}))
+
+    def _held(self):
+        """Every variable that holds back gradient mass: residuals, shards, carries."""
+        return list(self._slots) + list(self._shards().values()) + \
+            list(self._shards("carry").values())
 
     def check_layout(self, key):
         """Record the layout of the coming step (``key``: None for flat gTop-k) and, where the
@@ -300,14 +365,14 @@ class GTopkState(tf.Module):
             saved = tuple(int(v) for v in self._world.numpy())
             own = saved == self._book.world
             if saved[0] >= 0 and not own and not check_world_size_on_load(*saved, size, rank):
-                for eps in list(self._slots) + list(self._shards().values()):
+                for eps in self._held():
                     eps.assign(tf.zeros_like(eps))
             self._world.assign([size, rank])
             self._book.world = (size, rank)
 
     def residual_norm(self):
         total = sum(float(tf.reduce_sum(tf.square(tf.cast(eps, tf.float64))))
-                    for eps in list(self._slots) + list(self._shards().values()))
+                    for eps in self._held())
         return total ** 0.5
 
     # statistics --------------------------------------------------------------------------
@@ -382,6 +447,9 @@ class GTopkState(tf.Module):
         if state["layout"] is not None:
             state["shard_residuals"] = {name: eps.numpy().copy()
                                         for name, eps in self._shards().items()}
+            if self._shards("carry"):
+                state["carry"] = {name: eps.numpy().copy()
+                                  for name, eps in self._shards("carry").items()}
         return state
 
     def load_state_dict(self, state, size, rank):
@@ -393,8 +461,10 @@ class GTopkState(tf.Module):
                              "GTopkState.state_dict() returns")
         self._step.assign(int(state["step"]))
         self._world.assign([size, rank])
-        for eps in list(self._slots) + list(self._shards().values()):
+        for eps in self._held():
             eps.assign(tf.zeros_like(eps))
+        for mode in getattr(self, "_modes", {}).values():
+            mode.assign(-1)  # the next step moves what was restored where it runs
         self._book.pending.clear()
         self._book.pending_shards = None
         if not check_world_size_on_load(state.get("world_size"), state.get("rank"), size, rank):
@@ -419,7 +489,8 @@ class GTopkState(tf.Module):
         are created, if the layout is the same) before its first step."""
         saved = state.get("layout")
         self._book.pending_shards = (None if saved is None else list(saved),
-                                     dict(state.get("shard_residuals", {})))
+                                     {"shards": dict(state.get("shard_residuals", {})),
+                                      "carry": dict(state.get("carry", {}))})
         layout = self._book.layout
         if layout is None:
             return
@@ -427,10 +498,11 @@ class GTopkState(tf.Module):
         if not check_layout_on_load(saved, key):
             self._book.pending_shards = None
             return
-        for name, eps in self._shards().items():
-            value = self._book.pending_shards[1].pop(name, None)
-            if value is not None:
-                eps.assign(np.asarray(value, np.float32).reshape(-1))
+        for kind, pending in self._book.pending_shards[1].items():
+            for name, eps in self._shards(kind).items():
+                value = pending.pop(name, None)
+                if value is not None:
+                    eps.assign(np.asarray(value, np.float32).reshape(-1))
 
     def __repr__(self):
         return (f"GTopkState(schedule={self.schedule!r}, algorithm={self.algorithm!r}, "

@@ -22,7 +22,7 @@ from gtopk_hvd.tensorflow.collective import (after_verdict, check_verdict, compe
                                              nonfinite_flag, plan_digest_tensor,
                                              update_residual)
 from gtopk_hvd.tensorflow.hierarchical import drive
-from gtopk_hvd.tensorflow.ops import TFOps, op_name_safe
+from gtopk_hvd.tensorflow.ops import TFOps, op_name_safe, zeros
 
 __all__ = ["TFStep", "JoinedTFStep", "TensorStep", "Item"]
 
@@ -79,13 +79,28 @@ class TFStep(StepBackend):
     # 1. compensate ---------------------------------------------------------------------
 
     def compensate(self, buffer, scale, predivide):
-        if self.hierarchy is not None:  # the shard's residual joins after the node's sum
+        if self.hierarchical(buffer):  # the shard's residual joins after the node's sum
             self.add_shard_residual(buffer, scale, predivide)
             acc = _flatten([it.grad for it in buffer.members])
+            carry = self.carry(buffer)  # what a switch to hierarchical left outside the shard
+            if carry is not None:
+                acc = acc + (carry.read_value() if isinstance(scale, float) and scale == 1.0
+                             else carry.read_value() * scale)
             return acc * (1.0 / predivide) if predivide != 1.0 else acc
         acc = compensate(_flatten([it.grad for it in buffer.members]),
                          _flatten([eps.read_value() for eps in self._residuals(buffer)]), scale)
         return acc * (1.0 / predivide) if predivide != 1.0 else acc
+
+    def hierarchical(self, buffer):
+        """Whether ``buffer`` runs hierarchical gTop-k this step (a step's sparsified buffers,
+        where it runs hierarchically)."""
+        return self.hierarchy is not None and buffer.method != "dense"
+
+    def carry(self, buffer):
+        """``algorithm="auto"``: the buffer's carry (GTopkState.carry), else None."""
+        if self.config.algorithm != "auto":
+            return None
+        return self.state.carry(buffer.name, buffer.numel, layout_key(self.hierarchy))
 
     def shard_residual(self, buffer):
         """Hierarchical gTop-k: the residual of this rank's shard of ``buffer``."""
@@ -148,7 +163,7 @@ class TFStep(StepBackend):
         self._split = split_bytes(results)
 
     def empty(self):
-        return tf.zeros([0])
+        return zeros([0])
 
     def dense_allreduce(self, flat):
         predivide = self.config.predivide
@@ -179,6 +194,9 @@ class TFStep(StepBackend):
             eps = self.shard_residual(buffer)
             eps.assign(when(finite, update_residual(result.acc, result, carried),
                             eps.read_value))
+            carry = self.carry(buffer)
+            if carry is not None:  # it went into this step's gradients
+                carry.assign(when(finite, tf.zeros_like(carry), carry.read_value))
             return
         rest = update_residual(acc, result, carried)
         for eps, value in zip(self._residuals(buffer),
@@ -215,14 +233,14 @@ class JoinedTFStep(AppliesNothing, TFStep):
     all_joined = False
 
     def compensate(self, buffer, scale, predivide):
-        if self.hierarchy is not None:  # nothing of this rank's shard residual either
+        if self.hierarchical(buffer):  # nothing of this rank's shard residual either
             layout = self.hierarchy[0]
             lo, hi = layout.shard(buffer.numel, hvd.rank())
-            self.shard_terms.append(tf.zeros([hi - lo], tf.float32))
-        return tf.zeros([buffer.numel], tf.float32)
+            self.shard_terms.append(zeros([hi - lo]))
+        return zeros([buffer.numel])
 
     def flat_grads(self, members):
-        return tf.zeros([sum(it.numel for it in members)], tf.float32)
+        return zeros([sum(it.numel for it in members)])
 
     def commit(self, buffer, acc, result, carried, finite):
         """Flat: nothing, its residuals are kept as they are.  Hierarchical: this rank's shard

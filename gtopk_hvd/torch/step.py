@@ -104,7 +104,7 @@ class TorchStep(StepBackend):
 
     def compensate(self, buffer, scale, predivide):
         state, ps = self.state, buffer.members
-        if self.hierarchy is not None:  # the shard's residual joins after the node's sum
+        if self.hierarchical(buffer):  # the shard's residual joins after the node's sum
             self.add_shard_residual(buffer, scale, predivide, ps[0].device)
             acc = flat_grads(ps)
             carried = state.carry.get(buffer.name)  # what a layout change left outside it
@@ -126,6 +126,12 @@ class TorchStep(StepBackend):
 
     def flat_grads(self, members):
         return flat_grads(members)
+
+    def hierarchical(self, buffer):
+        """Whether ``buffer`` runs hierarchical gTop-k this step (a step's sparsified buffers,
+        where it runs hierarchically; one that ``algorithm="auto"`` sends densely keeps its
+        whole-buffer residual, applied in full)."""
+        return self.hierarchy is not None and buffer.method != "dense"
 
     def shard_numel(self, buffer):
         """Hierarchical gTop-k: the entries of ``buffer`` in this rank's shard."""
@@ -264,7 +270,7 @@ class JoinedStep(AppliesNothing, TorchStep):
 
     def compensate(self, buffer, scale, predivide):
         device = buffer.members[0].device
-        if self.hierarchy is not None:  # nothing of this rank's shard residual either
+        if self.hierarchical(buffer):  # nothing of this rank's shard residual either
             self.shard_terms.append(torch.zeros(self.shard_numel(buffer), dtype=torch.float32,
                                                  device=device))
         return torch.zeros(buffer.numel, dtype=torch.float32, device=device)

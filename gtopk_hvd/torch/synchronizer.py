@@ -266,15 +266,16 @@ class Synchronizer:
 
     def refresh_hierarchy(self, buffers):
         """Hierarchical gTop-k, before a step's first operation: the part of each buffer this
-        rank's residual covers (this rank's shard, or all of it where the step runs flat), the
+        rank's residual covers (this rank's shard, or all of it where the step runs flat or
+        sends the buffer densely), the
         residuals re-sharded where it moved (an Elastic reset, or ``algorithm="auto"``
         switching modes: GTopkState.reshard)."""
         if not self.hierarchical:
             return
         rank = hvd.rank()
         self.state.reshard({b.name: (*self.hierarchy[0].shard(b.numel, rank), b.numel)
-                            if self.hierarchy is not None else (0, b.numel, b.numel)
-                            for b in buffers if b.method != "dense"})
+                            if self.hierarchy is not None and b.method != "dense"
+                            else (0, b.numel, b.numel) for b in buffers})
 
     def backend(self, params):
         args = (self.state, self.config, params, self.compression, self.op, self.finish,

@@ -27,7 +27,13 @@ def job():
       for mode in ("eager", "graph")],
     *[f"hierarchical_{how}_loss_scale_bit_identical_and_an_overflow_skipped"
       for how in ("tape", "keras_inside")],
-    "hierarchical_tape_join_with_uneven_data_eagerly_equals_the_reference",
+    *[f"hierarchical_tape_join_with_uneven_data_{m}_equals_the_reference"
+      for m in ("eager", "graph")],
+    *[f"hierarchical_tape_auto_{mode}_{link}_runs_the_mode_the_cost_model_chooses"
+      for mode in ("eager", "graph") for link in ("fast_node", "slow_node")],
+    *[f"hierarchical_tape_auto_{mode}_switching_modes_moves_the_residuals_bit_for_bit"
+      for mode in ("eager", "graph")],
+    "hierarchical_tape_auto_dense_for_one_buffer_hierarchical_for_another_bit_for_bit",
     "hierarchical_tape_nan_on_one_rank_in_a_graph_gives_nan_everywhere_residuals_kept",
     "hierarchical_tape_of_another_model_on_one_rank_is_refused_in_a_graph",
     "hierarchical_tape_on_some_ranks_only_is_refused_on_every_rank",

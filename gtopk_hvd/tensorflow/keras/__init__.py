@@ -86,8 +86,9 @@ def DistributedOptimizer(optimizer, name=None,
         hierarchical: hierarchical gTop-k across nodes (docs/tensorflow.md, "Hierarchical
             gTop-k"): a reduce-scatter inside each node, gTop-k across nodes on each rank's
             1/L shard, an allgather inside the node; residuals cover this rank's shard.  Needs
-            ``init(hierarchical=True)`` and ``algorithm="gtopk"``; unequal hosts or one rank a
-            host run flat gTop-k (logged once).
+            ``init(hierarchical=True)`` and ``algorithm="gtopk"`` or ``"auto"`` (which then
+            also chooses between flat and hierarchical gTop-k by the cost on these nodes);
+            unequal hosts or one rank a host run flat gTop-k (logged once).
 
     The residuals (float32, one per trainable variable, per rank) are created at the first
     step as variables of ``optimizer.gtopk_state``: ``tf.train.Checkpoint`` and Keras' TF-format

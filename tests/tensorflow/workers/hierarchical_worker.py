@@ -10,11 +10,14 @@ import tempfile
 
 import numpy as np
 from _common import assert_equal, finish, start
-from reference_steps import rank_grads
+from reference_steps import ReferenceModel, rank_grads
 from training_worker import SHAPES, linear_loss, tape_step_fn
 from training_worker import make_variables as _make_variables
 
+from tests.auto_reference import MIXED_NUMELS, AutoHierarchicalReference, mixed_case
+
 from gtopk_hvd.common.collective import gtopk_wire_bytes
+from gtopk_hvd.common.cost import Link, buffer_methods
 from gtopk_hvd.common.density import k_for
 from gtopk_hvd.common.hierarchy import shard_bounds
 from gtopk_hvd.common.plan import PlanMismatchError
@@ -148,29 +151,161 @@ def compressor_scenario(tf, hvd, rec, rank, size, local):
                 assert_equal(residuals[str(j)], ref.eps[j][rank], f"shard residual {j}")
 
 
-def join_scenario(tf, hvd, rec, rank, size, local):
-    with rec("hierarchical_tape_join_with_uneven_data_eagerly_equals_the_reference"):
-        # odd ranks run out one batch early and join(): they repeat the tape's step with
-        # zeros, and what their shard of the node's sum did not apply joins their residual
-        # (eagerly: in a tf.function the joined ranks' replay hangs, an open issue)
-        batches = [2 + (r + 1) % 2 for r in range(size)]
-        variables = make_variables(tf, "join")
-        state = hvd.GTopkState(0.1)
-        step = tape_step_fn(tf, hvd, variables, "eager", gtopk_state=state, hierarchical=True)
-        ref = HierarchicalReference(size, local, 0.1, "model")
-        for t in range(max(batches)):
-            joined = {q for q in range(size) if t >= batches[q]}
-            want = ref.step([rank_grads(33, t, p, SHAPES) for p in range(size)], joined)
-            if t < batches[rank]:
-                got = step([tf.constant(g) for g in rank_grads(33, t, rank, SHAPES)])
+def join_scenario(tf, hvd, rec, rank, size, local, modes=("eager", "graph")):
+    for mode in modes:
+        with rec(f"hierarchical_tape_join_with_uneven_data_{mode}_equals_the_reference"):
+            # odd ranks run out one batch early and join(): they repeat the tape's step with
+            # zeros, and what their shard of the node's sum did not apply joins their residual
+            batches = [2 + (r + 1) % 2 for r in range(size)]
+            variables = make_variables(tf, f"join{mode}")
+            state = hvd.GTopkState(0.1)
+            step = tape_step_fn(tf, hvd, variables, mode, gtopk_state=state, hierarchical=True)
+            ref = HierarchicalReference(size, local, 0.1, "model")
+            for t in range(max(batches)):
+                joined = {q for q in range(size) if t >= batches[q]}
+                want = ref.step([rank_grads(33, t, p, SHAPES) for p in range(size)], joined)
+                if t < batches[rank]:
+                    got = step([tf.constant(g) for g in rank_grads(33, t, rank, SHAPES)])
+                    for j in range(len(SHAPES)):
+                        assert_equal(got[j], want[j], f"step {t} variable {j}")
+            last = hvd.join()
+            assert batches[last] == max(batches), (last, batches)
+            shards = list(state.state_dict(size, rank)["shard_residuals"].values())
+            assert_equal(shards[0], ref.eps[0][rank], "shard residual after join")
+            assert state.step == max(batches), state.step
+            unnamed_allreduce(tf, hvd, rank, size)
+
+
+LINKS = {  # a slow network card with a fast node, and a node slower than the network
+    "fast_node": Link(0.0, 1.0, intra_alpha=0.0, intra_beta=1e-9),
+    "slow_node": Link(0.0, 1e-3, intra_alpha=0.0, intra_beta=1.0)}
+
+
+def auto_scenarios(tf, hvd, rec, rank, size, local):
+    """algorithm="auto" with hierarchical=True: per buffer dense or gTop-k, and for the
+    sparsified ones flat or hierarchical gTop-k by the cost on these nodes; each link's
+    choice against its reference, eagerly and in a graph; then a job whose choice changes
+    from step to step, residuals moved between the modes' storage, bit for bit."""
+    nodes, numel = (size // local, local), sum(int(np.prod(s)) for s in SHAPES)
+    for mode in ("eager", "graph"):
+        for what, link in LINKS.items():
+            with rec(f"hierarchical_tape_auto_{mode}_{what}_runs_the_mode_the_cost_model_"
+                     f"chooses"):
+                want = buffer_methods("auto", [numel], 0.05, size, link, dense_paid=False,
+                                      nodes=nodes)
+                assert want == (("hierarchical",) if what == "fast_node" else ("gtopk",)), want
+                variables = make_variables(tf, f"auto{mode}{what}")
+                state = hvd.GTopkState(0.05, algorithm="auto", link=link)
+                step = tape_step_fn(tf, hvd, variables, mode, gtopk_state=state,
+                                    hierarchical=True)
+                hierarchical = want == ("hierarchical",)
+                ref = HierarchicalReference(size, local, 0.05, "model") if hierarchical \
+                    else ReferenceModel(SHAPES, size, 0.05, "model")
+                for t in range(3):
+                    got = step([tf.constant(g) for g in rank_grads(41, t, rank, SHAPES)])
+                    expected = ref.step([rank_grads(41, t, p, SHAPES) for p in range(size)])
+                    for j in range(len(SHAPES)):
+                        assert_equal(got[j], expected[j], f"step {t} variable {j}")
+                    unnamed_allreduce(tf, hvd, rank, size)
+                assert state.gtopk_stats()["methods"] == {want[0]: 1}, state.gtopk_stats()
+                saved = state.state_dict(size, rank)
+                if hierarchical:
+                    assert_equal(list(saved["shard_residuals"].values())[0], ref.eps[0][rank],
+                                 "shard residual")
+                else:
+                    for j, eps in enumerate(ref.residuals(rank)):
+                        assert_equal(list(saved["residuals"].values())[j], eps,
+                                     f"residual {j}")
+        with rec(f"hierarchical_tape_auto_{mode}_switching_modes_moves_the_residuals_"
+                 f"bit_for_bit"):
+            # the link changes between steps, so the choice does: a switch to hierarchical
+            # keeps this rank's shard of its whole-buffer residual and carries the rest into
+            # the next step's gradients; a switch back returns shard and carry to the
+            # whole-buffer residual (in a graph at run time: each trace has its mode)
+            variables = make_variables(tf, f"autoswitch{mode}")
+            state = hvd.GTopkState(0.05, algorithm="auto", link=LINKS["slow_node"])
+            steps = {}
+            flat = ReferenceModel(SHAPES, size, 0.05, "model")
+            hier = HierarchicalReference(size, local, 0.05, "model")
+            carry = [np.zeros(numel, np.float32) for _ in range(size)]
+            cuts = np.cumsum([0] + [int(np.prod(s)) for s in SHAPES])
+            for t, what in enumerate(["slow_node", "fast_node", "fast_node", "slow_node",
+                                      "fast_node", "slow_node"]):
+                state.link = LINKS[what]
+                traced = what not in steps or mode == "eager"  # state.methods: the last trace
+                if traced:
+                    steps[what] = tape_step_fn(tf, hvd, variables, mode, gtopk_state=state,
+                                               hierarchical=True)
+                to_hier = what == "fast_node"
+                for p in range(size):  # the move, as GTopkState.settle_modes makes it
+                    lo, hi = shard_bounds(numel, local)[p % local]
+                    whole = np.concatenate(flat.eps[p]) + carry[p]
+                    if to_hier:
+                        hier.eps[0][p] = hier.eps[0][p] + whole[lo:hi]
+                        carry[p] = whole.copy()
+                        carry[p][lo:hi] = 0
+                        whole = np.zeros(numel, np.float32)
+                    else:
+                        whole = whole + np.pad(hier.eps[0][p], (lo, numel - hi))
+                        hier.eps[0][p] = np.zeros(hi - lo, np.float32)
+                        carry[p] = np.zeros(numel, np.float32)
+                    flat.eps[p] = [whole[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+                grads = [rank_grads(43, t, p, SHAPES) for p in range(size)]
+                if to_hier:
+                    expected = hier.step([[g + carry[p][a:b].reshape(g.shape)
+                                           for g, a, b in zip(grads[p], cuts[:-1], cuts[1:])]
+                                          for p in range(size)])
+                    carry = [np.zeros(numel, np.float32) for _ in range(size)]
+                else:
+                    expected = flat.step(grads)
+                got = steps[what]([tf.constant(g) for g in grads[rank]])
                 for j in range(len(SHAPES)):
-                    assert_equal(got[j], want[j], f"step {t} variable {j}")
-        last = hvd.join()
-        assert batches[last] == max(batches), (last, batches)
-        shards = list(state.state_dict(size, rank)["shard_residuals"].values())
-        assert_equal(shards[0], ref.eps[0][rank], "shard residual after join")
-        assert state.step == max(batches), state.step
-        unnamed_allreduce(tf, hvd, rank, size)
+                    assert_equal(got[j], expected[j], f"step {t} ({what}) variable {j}")
+                if traced:
+                    assert state.methods == {"model": "hierarchical" if to_hier else "gtopk"}
+                saved = state.state_dict(size, rank)
+                assert_equal(np.concatenate(list(saved["residuals"].values())),
+                             np.concatenate(flat.eps[rank]), f"residuals after step {t}")
+                assert_equal(list(saved["shard_residuals"].values())[0], hier.eps[0][rank],
+                             f"shard residual after step {t}")
+                assert_equal(list(saved["carry"].values())[0], carry[rank],
+                             f"carry after step {t}")
+                unnamed_allreduce(tf, hvd, rank, size)
+
+
+def auto_mixed_scenario(tf, hvd, rec, rank, size, local):
+    """algorithm="auto" with hierarchical=True, one buffer a variable, under a density
+    schedule that makes the small variable dense at the high density while the large one stays
+    hierarchical (a step runs both): what the small one held back as a shard residual goes
+    back to its whole-buffer residual and is applied in full by the dense allreduce, nothing
+    lost; integer gradients make the dense sums exact in any order."""
+    with rec("hierarchical_tape_auto_dense_for_one_buffer_hierarchical_for_another_bit_for_bit"):
+        numels = MIXED_NUMELS
+        shapes = [(n,) for n in numels]
+        densities, link, mixes = mixed_case(size, (size // local, local), dense_paid=False)
+        assert mixes
+        state = hvd.GTopkState(lambda step: densities[min(step, 3)], algorithm="auto",
+                               granularity="layer", link=link)
+        variables = _make_variables(tf, shapes, "automixed")
+        step = tape_step_fn(tf, hvd, variables, "eager", gtopk_state=state, hierarchical=True)
+        ref = AutoHierarchicalReference(numels, size, local)
+        for t, density in enumerate(densities):
+            methods = buffer_methods("auto", numels, density, size, link, dense_paid=False,
+                                     nodes=(size // local, local))
+            assert methods[0] == "hierarchical" and methods[1] == (
+                "hierarchical" if t % 2 == 0 else "dense"), methods
+            grads = [rank_grads(47, t, p, shapes, integer=True) for p in range(size)]
+            expected = ref.step(grads, methods, density)
+            got = step([tf.constant(g) for g in grads[rank]])
+            for j in range(len(numels)):
+                assert_equal(got[j], expected[j], f"step {t} variable {j} ({methods[j]})")
+            saved = state.state_dict(size, rank)
+            for j in range(len(numels)):
+                assert_equal(list(saved["residuals"].values())[j], ref.flat[rank][j],
+                             f"residual {j} after step {t}")
+                assert_equal(list(saved["shard_residuals"].values())[j], ref.shard[rank][j],
+                             f"shard residual {j} after step {t}")
+            unnamed_allreduce(tf, hvd, rank, size)
 
 
 def loss_scale_scenarios(tf, hvd, rec, rank, size):
@@ -265,8 +400,7 @@ def robustness_scenarios(tf, hvd, rec, rank, size, local):
             assert_equal(got[j], want[j], f"after the restore, variable {j}")
         assert again.gtopk_stats()["step"] == 3
     with rec("hierarchical_tape_refuses_what_it_cannot_run"):
-        for kwargs in ({"algorithm": "topk"}, {"algorithm": "auto", "link": (1e-4, 1e-9)},
-                       {"hierarchical": "yes"}):
+        for kwargs in ({"algorithm": "topk"}, {"hierarchical": "yes"}):
             try:
                 with tf.GradientTape() as tape:
                     pass
@@ -354,6 +488,8 @@ def main():
     compressor_scenario(tf, hvd, rec, rank, size, local)
     loss_scale_scenarios(tf, hvd, rec, rank, size)
     join_scenario(tf, hvd, rec, rank, size, local)
+    auto_scenarios(tf, hvd, rec, rank, size, local)
+    auto_mixed_scenario(tf, hvd, rec, rank, size, local)
     robustness_scenarios(tf, hvd, rec, rank, size, local)
     finish(tf, hvd, rec)
 

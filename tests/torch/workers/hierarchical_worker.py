@@ -11,6 +11,8 @@ from optimizer_worker import (THREE_BUCKETS, deep_model, flat_params, loss_for, 
 from reference_sgd import ReferenceRun, flat32
 from robustness_worker import loss_scaling, uneven_epoch
 
+from tests.auto_reference import MIXED_NUMELS, AutoHierarchicalReference, mixed_case
+
 import horovod.torch as plain_hvd
 
 import gtopk_hvd.torch as hvd
@@ -197,6 +199,37 @@ def optimizer_scenarios(rec, rank, size, local):
             assert opt.gtopk_stats()["methods"] == {want[0]: 1}, opt.gtopk_stats()
             eps = opt.gtopk_state.residuals["model"]
             assert_equal(eps, ref.eps[0][rank], f"residual ({what})")
+    with rec("hierarchical_auto_dense_for_one_buffer_hierarchical_for_another_bit_for_bit"):
+        # a density schedule makes the small parameter dense at its high density while the large one
+        # stays hierarchical (one step runs both): what the small one held back as a shard
+        # residual goes back to its whole-buffer residual and the dense allreduce applies it
+        # in full; integer gradients make the dense sums exact in any order
+        nodes = None if job_layout(hvd).mode == "flat" else (size // local, local)
+        numels = MIXED_NUMELS
+        densities, link, mixes = mixed_case(size, nodes, dense_paid=True)
+        assert mixes or nodes is None or nodes[0] * nodes[1] in (3, 8), (nodes, "no mix")
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in numels]
+        opt = hvd.DistributedOptimizer(
+            torch.optim.SGD(params, lr=1.0), named_parameters=[(f"w{j}", p) for j, p in
+                                                               enumerate(params)],
+            density=lambda step: densities[min(step, 3)], granularity="layer",
+            algorithm="auto", link=link, hierarchical=True)
+        ref, w = AutoHierarchicalReference(numels, size, local), [np.zeros(n, np.float32)
+                                                                   for n in numels]
+        for t, density in enumerate(densities):
+            methods = buffer_methods("auto", numels, density, size, link, dense_paid=True,
+                                     nodes=nodes)
+            grads = [[np.random.default_rng([47, t, p, j]).integers(-4, 5, n).astype(np.float32)
+                      for j, n in enumerate(numels)] for p in range(size)]
+            expected = ref.step(grads, methods, density)
+            opt.zero_grad()
+            sum((p * torch.from_numpy(g)).sum() for p, g in zip(params, grads[rank])).backward()
+            opt.step()
+            for j, p in enumerate(params):
+                w[j] = w[j] - expected[j]
+                assert_equal(p.detach(), w[j], f"step {t} parameter {j} ({methods[j]})")
+            total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum)  # unnamed
+            assert total.item() == size * (size - 1) / 2, total
     with rec("hierarchical_compressor_equals_the_reference_every_step"):
         # Horovod's own optimizer with Compression.gtopk(hierarchical=True): per tensor, as
         # the reference's layer granularity; the residuals are this rank's shards
