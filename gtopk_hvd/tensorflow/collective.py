@@ -28,7 +28,7 @@ from gtopk_hvd.common.errors import GTopkError
 from gtopk_hvd.common.plan import mismatch_error, plan_digest
 from gtopk_hvd.common.process_sets import (exchange_sets, first_stage_set,
                                            process_set_for_stage)
-from gtopk_hvd.tensorflow.ops import TFOps, all_finite, compress, select_topk
+from gtopk_hvd.tensorflow.ops import TFOps, all_finite, compress, select_topk, zeros
 
 __all__ = ["GTopkResult", "check_tf2_context", "compensate", "exchange", "exchange_grouped",
            "nonfinite_flag",
@@ -189,11 +189,13 @@ def exact_divide(x, n):
 
     Grappler rewrites a division by a constant into a multiplication by its reciprocal, which
     is not exact (x / 3 != x * (1 / 3) for a third of all floats), so in a graph the divisor
-    is fed through a placeholder that constant folding leaves alone.
+    must be a value constant folding cannot know: ``n`` plus a zero from a stateful clock
+    read (gtopk_hvd.tensorflow.ops.zeros; a ``placeholder_with_default``, used before, is
+    folded by TensorFlow 2.21).
     """
     divisor = tf.constant(float(n), x.dtype)
     if not tf.executing_eagerly():
-        divisor = tf.compat.v1.placeholder_with_default(divisor, [])
+        divisor = divisor + zeros([], x.dtype)
     return x / divisor
 
 

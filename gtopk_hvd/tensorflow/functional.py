@@ -21,8 +21,8 @@ from gtopk_hvd.common.hierarchy import prepare_call
 from gtopk_hvd.common.process_sets import agree_on_mode, hierarchical_sets
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_allreduce_arguments
-from gtopk_hvd.tensorflow.collective import (after_verdict, check_tf2_context, op_name,
-                                             update_residual)
+from gtopk_hvd.tensorflow.collective import (after_verdict, check_tf2_context, exact_divide,
+                                             op_name, update_residual)
 from gtopk_hvd.tensorflow.hierarchical import check_mode, gather_modes, hierarchical_exchange
 from gtopk_hvd.tensorflow.ops import zeros
 from gtopk_hvd.tensorflow.step import TensorStep, when
@@ -132,8 +132,8 @@ def _hierarchical_allreduce(tensor, density, name, op, algorithm, residual, proc
     else:  # indices of another layout are read only once the verdict is known
         indices = after_verdict(finite, res.indices)
         dense = tf.scatter_nd(tf.expand_dims(indices, 1), res.values, [numel])
-        if op_name(op) == "Average":
-            dense = dense / hvd.size()
+        if op_name(op) == "Average":  # x / P exactly, also where a graph would take 1 / P
+            dense = exact_divide(dense, hvd.size())
         new = update_residual(res.acc, res)
         if finite is not True:  # in a graph: NaN and the residual as it was where not finite
             dense = tf.where(finite, dense, float("nan"))
