@@ -246,15 +246,16 @@ def check_allreduce_arguments(density, op_name, algorithm, process_set, numel, n
 def check_hierarchical(hierarchical, algorithm, granularity, elastic=False, auto=False):
     """``hierarchical`` (bool) where an optimizer can run it: gTop-k at the model, layer or
     bucket granularity (``auto``: also ``algorithm="auto"``, the optimizers and the tape);
-    ``elastic``: under Horovod Elastic, where only PyTorch's DistributedOptimizer runs it (the
-    caller passes False there); the error names the value and the fix."""
+    ``elastic``: under Horovod Elastic, where the Compressors do not run it (the optimizers
+    and the tape pass False); the error names the value and the fix."""
     if not isinstance(hierarchical, bool):
         raise ValueError(f"hierarchical must be True or False, got {hierarchical!r}")
     if hierarchical and elastic:
-        raise ValueError("hierarchical=True does not run under Horovod Elastic here yet (only "
-                         "PyTorch's DistributedOptimizer re-shards its residuals when a reset "
-                         "changes the layout); use gtopk_hvd.torch.DistributedOptimizer, or "
-                         "drop hierarchical=True for elastic jobs")
+        raise ValueError("hierarchical=True does not run under Horovod Elastic with a "
+                         "Compressor (the optimizers and the tape re-shard their residuals "
+                         "when a reset changes the layout; a Compressor does not); use "
+                         "gtopk_hvd's DistributedOptimizer or DistributedGradientTape, or drop "
+                         "hierarchical=True for elastic jobs")
     algorithms = ("gtopk", "auto") if auto else ("gtopk",)
     if hierarchical and (algorithm not in algorithms or granularity not in ("model", "layer",
                                                                             "bucket")):
@@ -262,6 +263,7 @@ def check_hierarchical(hierarchical, algorithm, granularity, elastic=False, auto
             f"hierarchical=True runs gTop-k across nodes at granularity 'model', 'layer' or "
             f"'bucket' (PyTorch); "
             f"got algorithm={algorithm!r}, granularity={granularity!r}: pass "
-            f"algorithm='gtopk' (the optimizers and the tape also take 'auto') and "
+            f"algorithm='gtopk' (the optimizers and the tape also take 'auto', TensorFlow's "
+            f"not under Horovod Elastic) and "
             f"granularity='model' (or drop hierarchical=True)")
     return hierarchical

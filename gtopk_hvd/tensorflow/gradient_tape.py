@@ -83,8 +83,10 @@ def prepare_state(gtopk_state, make_state, init_call, what, hierarchical=False):
                         f"{type(gtopk_state).__name__}")
     check_auto_link(gtopk_state.algorithm, gtopk_state.link, is_elastic(),
                     "gtopk_hvd.tensorflow.measure_link")
+    # under Horovod Elastic the residuals follow each reset (GTopkState.relocate); "auto"'s
+    # moves between the modes do not follow a change of layout there
     check_hierarchical(hierarchical, gtopk_state.algorithm, gtopk_state.granularity,
-                       is_elastic(), auto=True)
+                       auto=not is_elastic())
     if not hvd.is_initialized():
         raise GTopkError(f"Horovod is not initialised: call {init_call} on every rank before "
                          f"building a gTop-k {what}")

@@ -154,6 +154,10 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     # "auto" keeps both modes' storage: the layout its shards and carries belong to
     state.check_layout(key if nodes is None else layout_key(nodes))
     state.check_world(size, rank)
+    if hierarchical and is_elastic():  # a reset may have moved this rank's part
+        state.relocate([(b, [it.variable for it in members], numel)
+                        for (b, members), numel in zip(layout, numels)], key,
+                       None if hierarchy is None else hierarchy[0], rank)
     if nodes is not None:  # a buffer whose mode changed moves its residual first
         state.settle_modes([(b, [it.variable for it in members], numel,
                              hierarchy is not None and method != "dense")

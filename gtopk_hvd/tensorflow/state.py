@@ -60,6 +60,7 @@ class _Untracked:
         self.layout = None    # the (nodes, local size) this process last wrote; (0, 0): flat
         self.pending_shards = None  # (layout key, {kind: {buffer: values}}), load_state_dict
         self.hierarchical = False  # a step ran hierarchically (gtopk_stats splits the bytes)
+        self.placements = {}  # buffer -> (layout key or None, lo, hi) where it is held back
 
 
 class GTopkState(tf.Module):
@@ -272,12 +273,74 @@ class GTopkState(tf.Module):
                 f"same model")
         return eps
 
-    def carry(self, name, numel, key):
-        """``algorithm="auto"`` with hierarchical gTop-k: what a switch of buffer ``name``
-        (``numel`` entries) to hierarchical gTop-k left outside this rank's shard; the next
-        step that applies adds it to its gradients before the node's reduce-scatter
-        (:meth:`settle_modes`)."""
+    def carry(self, name, numel, key, create=True):
+        """Hierarchical gTop-k: what a switch of buffer ``name`` (``numel`` entries) to
+        hierarchical gTop-k (``algorithm="auto"``, :meth:`settle_modes`) or a change of layout
+        (Horovod Elastic, :meth:`relocate`) left outside this rank's shard; the next step
+        that applies adds it to its gradients before the node's reduce-scatter.  ``create``
+        False: None where there is none."""
+        if not create and name not in getattr(self, f"_carry_{key[1]}x{key[2]}", {}):
+            return None
         return self.shard_residual(name, numel, key, kind="carry")
+
+    def relocate(self, buffers, key, layout, rank):
+        """Hierarchical gTop-k under Horovod Elastic, before a step: where a reset changed
+        where this process holds back a buffer (its shard under the old layout, or the whole
+        buffer when flat), move the entries there, eagerly (in a ``tf.function`` when it is
+        traced again after the reset, before its first step): the part of the new place joins
+        its residual, the rest is carried (:meth:`carry`) into the next applied step's
+        gradients, where the node's reduce-scatter adds it to the shard of the rank that now
+        owns it; a flat layout takes it all into the whole-buffer residuals.  Entries are
+        moved, never summed with another rank's (PyTorch: GTopkState.reshard).  ``buffers``:
+        (buffer name, its variables, numel); ``key``: this step's layout key, None for
+        flat."""
+        for name, variables, numel in buffers:
+            lo, hi = (0, numel) if key is None else layout.shard(numel, rank)
+            new = (None if key is None else tuple(key), lo, hi)
+            old = self._book.placements.get(name)
+            self._book.placements[name] = new
+            if old is None or old == new:
+                continue
+            with tf.init_scope():
+                whole = np.zeros(numel, np.float32)
+                if old[0] is None:
+                    flat = [self.residual(v) for v in variables]
+                    whole = np.concatenate([e.numpy() for e in flat])
+                    for e in flat:
+                        e.assign(tf.zeros_like(e))
+                else:
+                    suffix = f"{old[0][1]}x{old[0][2]}"
+                    shard = getattr(self, f"_shards_{suffix}", {}).get(name)
+                    if shard is not None and shard.shape.num_elements() == old[2] - old[1]:
+                        whole[old[1]:old[2]] = shard.numpy()
+                        shard.assign(tf.zeros_like(shard))
+                    carry = getattr(self, f"_carry_{suffix}", {}).get(name)
+                    if carry is not None and carry.shape.num_elements() == numel:
+                        whole = whole + carry.numpy()
+                        carry.assign(tf.zeros_like(carry))
+                if key is None:
+                    offset = 0
+                    for v in variables:
+                        eps, n = self.residual(v), v.shape.num_elements()
+                        eps.assign_add(whole[offset:offset + n])
+                        offset += n
+                else:
+                    self.shard_residual(name, hi - lo, key).assign_add(whole[lo:hi])
+                    whole[lo:hi] = 0
+                    if whole.any():
+                        self.carry(name, numel, key).assign_add(whole)
+            logger.info("gtopk_hvd: buffer %r: held back now over entries %d..%d of %d "
+                        "(before %d..%d); the rest joins the next step's gradients",
+                        name, lo, hi, numel, old[1], old[2])
+
+    def held_variables(self):
+        """Every variable of every layout that holds back gradient mass (residuals, shards,
+        carries), for Horovod Elastic's commit and restore."""
+        out = list(self._slots)
+        for attr, value in sorted(vars(self).items()):
+            if attr.startswith(("_shards_", "_carry_")) and hasattr(value, "values"):
+                out += list(value.values())
+        return out
 
     def settle_modes(self, buffers, layout, key, rank):
         """``algorithm="auto"`` with hierarchical gTop-k, before a step's first operation:

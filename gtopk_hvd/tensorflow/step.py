@@ -97,10 +97,10 @@ class TFStep(StepBackend):
         return self.hierarchy is not None and buffer.method != "dense"
 
     def carry(self, buffer):
-        """``algorithm="auto"``: the buffer's carry (GTopkState.carry), else None."""
-        if self.config.algorithm != "auto":
-            return None
-        return self.state.carry(buffer.name, buffer.numel, layout_key(self.hierarchy))
+        """The buffer's carry (GTopkState.carry: ``algorithm="auto"``, a Horovod Elastic
+        reset), None where there is none."""
+        return self.state.carry(buffer.name, buffer.numel, layout_key(self.hierarchy),
+                                create=False)
 
     def shard_residual(self, buffer):
         """Hierarchical gTop-k: the residual of this rank's shard of ``buffer``."""

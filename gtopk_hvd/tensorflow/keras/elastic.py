@@ -86,13 +86,17 @@ class KerasState(TensorFlowKerasState):
 
     def _save_model(self):
         super()._save_model()
-        if getattr(self, "_gtopk", None) is not None:
-            self._saved_residuals = [tf.identity(eps) for eps in self._gtopk._slots]
+        if getattr(self, "_gtopk", None) is not None:  # residuals, shards, carries
+            self._saved_residuals = {eps.ref(): tf.identity(eps)
+                                     for eps in self._gtopk.held_variables()}
+            self._saved_placements = dict(self._gtopk._book.placements)
             self._saved_step = self._gtopk.step
 
     def _load_model(self):
         super()._load_model()
         if self._gtopk is not None:
-            for eps, saved in zip(self._gtopk._slots, self._saved_residuals):
-                eps.assign(saved)
+            for eps in self._gtopk.held_variables():  # one created since: empty then
+                saved = self._saved_residuals.get(eps.ref())
+                eps.assign(tf.zeros_like(eps) if saved is None else saved)
+            self._gtopk._book.placements = dict(self._saved_placements)
             self._gtopk._step.assign(self._saved_step)

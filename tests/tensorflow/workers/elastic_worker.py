@@ -26,6 +26,7 @@ from tests.elastic_harness import Pace  # noqa: E402
 TOTAL_STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 30
 OUT = os.environ["GTOPK_ELASTIC_OUT"]
 PACE = Pace()  # one for the process: it remembers the largest world across resets
+HIERARCHICAL = os.environ.get("GTOPK_TEST_HIERARCHICAL") == "1"
 
 
 def log(**event):
@@ -55,12 +56,13 @@ class LogSteps(tf.keras.callbacks.Callback):
 
 def main():
     tf.config.threading.set_intra_op_parallelism_threads(1)
-    hvd.init()
+    hvd.init(hierarchical=HIERARCHICAL)
     tf.keras.utils.set_random_seed(1234)  # the same start everywhere; the sync makes it so
     model = tf.keras.Sequential([tf.keras.layers.Dense(32, activation="tanh", input_shape=(16,)),
                                  tf.keras.layers.Dense(4)])
     opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05),
-                                   density=StepwiseDensity([0.2, 0.05], steps_per_epoch=10))
+                                   density=StepwiseDensity([0.2, 0.05], steps_per_epoch=10),
+                                   hierarchical=HIERARCHICAL)
     model.compile(optimizer=opt, loss="mse")
     state = hvd.elastic.KerasState(model, step=0, batch=0, epoch=0)
     gtopk = opt.gtopk_state
