@@ -83,7 +83,7 @@ def prepare_state(gtopk_state, make_state, init_call, what, hierarchical=False):
                         f"{type(gtopk_state).__name__}")
     check_auto_link(gtopk_state.algorithm, gtopk_state.link, is_elastic(),
                     "gtopk_hvd.tensorflow.measure_link")
-    # under Horovod Elastic the residuals follow each reset (GTopkState.relocate); "auto"'s
+    # under Horovod Elastic the residuals follow each reset (GTopkState.reshard); "auto"'s
     # moves between the modes do not follow a change of layout there
     check_hierarchical(hierarchical, gtopk_state.algorithm, gtopk_state.granularity,
                        auto=not is_elastic())

@@ -155,7 +155,7 @@ def allreduce_gradients(state, grads, variables, op=hvd.Average, sparse_as_dense
     state.check_layout(key if nodes is None else layout_key(nodes))
     state.check_world(size, rank)
     if hierarchical and is_elastic():  # a reset may have moved this rank's part
-        state.relocate([(b, [it.variable for it in members], numel)
+        state.reshard([(b, [it.variable for it in members], numel)
                         for (b, members), numel in zip(layout, numels)], key,
                        None if hierarchy is None else hierarchy[0], rank)
     if nodes is not None:  # a buffer whose mode changed moves its residual first

@@ -276,14 +276,14 @@ class GTopkState(tf.Module):
     def carry(self, name, numel, key, create=True):
         """Hierarchical gTop-k: what a switch of buffer ``name`` (``numel`` entries) to
         hierarchical gTop-k (``algorithm="auto"``, :meth:`settle_modes`) or a change of layout
-        (Horovod Elastic, :meth:`relocate`) left outside this rank's shard; the next step
+        (Horovod Elastic, :meth:`reshard`) left outside this rank's shard; the next step
         that applies adds it to its gradients before the node's reduce-scatter.  ``create``
         False: None where there is none."""
         if not create and name not in getattr(self, f"_carry_{key[1]}x{key[2]}", {}):
             return None
         return self.shard_residual(name, numel, key, kind="carry")
 
-    def relocate(self, buffers, key, layout, rank):
+    def reshard(self, buffers, key, layout, rank):
         """Hierarchical gTop-k under Horovod Elastic, before a step: where a reset changed
         where this process holds back a buffer (its shard under the old layout, or the whole
         buffer when flat), move the entries there, eagerly (in a ``tf.function`` when it is
@@ -291,9 +291,9 @@ class GTopkState(tf.Module):
         its residual, the rest is carried (:meth:`carry`) into the next applied step's
         gradients, where the node's reduce-scatter adds it to the shard of the rank that now
         owns it; a flat layout takes it all into the whole-buffer residuals.  Entries are
-        moved, never summed with another rank's (PyTorch: GTopkState.reshard).  ``buffers``:
-        (buffer name, its variables, numel); ``key``: this step's layout key, None for
-        flat."""
+        moved, never summed with another rank's (as PyTorch's GTopkState.reshard, which takes
+        the places).  ``buffers``: (buffer name, its variables, numel); ``key``: this step's
+        layout key, None for flat."""
         for name, variables, numel in buffers:
             lo, hi = (0, numel) if key is None else layout.shard(numel, rank)
             new = (None if key is None else tuple(key), lo, hi)

@@ -27,7 +27,7 @@ def test_keras_elastic_hierarchical_one_node_to_unequal_hosts_and_back():
     rank's residual a half of the buffer) grows by a worker on 127.0.0.1 (unequal hosts:
     flat gTop-k, residuals of the whole buffer), which is killed (one host again).  Each
     reset re-traces the Keras step, which registers the node sets of the new world and moves
-    what each rank held back to its new place (GTopkState.relocate), what left a rank's
+    what each rank held back to its new place (GTopkState.reshard), what left a rank's
     part joining the next step's gradients; every check of the job above holds, the
     residual norm taken over residuals, shards and carries."""
     check_elastic_run(WORKER, STEPS, "gtopk", {"TF_USE_LEGACY_KERAS": "1",

@@ -103,7 +103,7 @@ buffers = [("model", vs, 9)]
 def flat():
     return np.concatenate([state.residual(v).numpy() for v in vs])
 def moved(layout, key, rank):  # held back where it should be, and nothing else anywhere
-    state.relocate(buffers, key, layout, rank)
+    state.reshard(buffers, key, layout, rank)
     lo, hi = layout.shard(9, rank)
     shard, carry = state.shard_residual("model", hi - lo, key), state.carry("model", 9, key)
     rest = whole.copy()
@@ -112,21 +112,21 @@ def moved(layout, key, rank):  # held back where it should be, and nothing else 
                  if v.ref() not in (shard.ref(), carry.ref()))
     return (np.array_equal(shard.numpy(), whole[lo:hi]) and np.array_equal(carry.numpy(), rest)
             and others == 0.0)
-state.relocate(buffers, None, None, 0)  # first sight: where it is held back, flat
+state.reshard(buffers, None, None, 0)  # first sight: where it is held back, flat
 checks = [moved(hierarchical_layout(2, 2, 1, True), ["node", 1, 2], 1)]
-state.relocate(buffers, None, None, 0)  # unequal hosts: all back into the whole buffer
+state.reshard(buffers, None, None, 0)  # unequal hosts: all back into the whole buffer
 checks.append(np.array_equal(flat(), whole))
 checks.append(moved(hierarchical_layout(4, 2, 2, True), ["hierarchical", 2, 2], 2))
-print("relocate:", checks)
+print("reshard:", checks)
 """
 
 
-def test_relocate_moves_what_a_rank_holds_back_when_the_layout_changes():
-    """GTopkState.relocate (Horovod Elastic with hierarchical=True): flat -> rank 1 of one
+def test_reshard_moves_what_a_rank_holds_back_when_the_layout_changes():
+    """GTopkState.reshard (Horovod Elastic with hierarchical=True): flat -> rank 1 of one
     node of two (its shard's entries in the shard residual, the rest carried) -> flat (all
     back, bit for bit) -> local rank 0 of 2 x 2; at each place nothing is left anywhere
     else, so nothing is lost or counted twice (test_tf_elastic.py runs it in a job)."""
-    assert _tf1_then_float16()[-1] == "relocate: [True, True, True]"
+    assert _tf1_then_float16()[-1] == "reshard: [True, True, True]"
 
 
 @functools.lru_cache(maxsize=None)
