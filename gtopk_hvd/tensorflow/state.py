@@ -266,6 +266,8 @@ class GTopkState(tf.Module):
             if pending is not None and pending[0] == list(key) and \
                     name in pending[1].get(kind, {}):
                 eps.assign(np.asarray(pending[1][kind].pop(name), np.float32).reshape(-1))
+                if kind == "carry":
+                    self.carry_pending(name, key).assign(True)
         if eps.shape.num_elements() != numel:
             raise ValueError(
                 f"the shard residual of {name!r} has {eps.shape.num_elements()} elements but "
@@ -282,6 +284,20 @@ class GTopkState(tf.Module):
         if not create and name not in getattr(self, f"_carry_{key[1]}x{key[2]}", {}):
             return None
         return self.shard_residual(name, numel, key, kind="carry")
+
+    def carry_pending(self, name, key):
+        """Whether buffer ``name``'s :meth:`carry` under layout ``key`` holds something to
+        apply (a bool tf.Variable, checkpointed): the moves set it, the step that applies the
+        carry clears it, and a step without one skips the carry (no pass over the buffer)."""
+        attr = f"_pending_{key[1]}x{key[2]}"
+        flags = getattr(self, attr, None)
+        if flags is None:
+            setattr(self, attr, {})  # tracked, as the shards
+            flags = getattr(self, attr)
+        if name not in flags:
+            with tf.init_scope():
+                flags[name] = tf.Variable(False, trainable=False, name="gtopk_carry_pending")
+        return flags[name]
 
     def reshard(self, buffers, key, layout, rank):
         """Hierarchical gTop-k under Horovod Elastic, before a step: where a reset changed
@@ -318,6 +334,7 @@ class GTopkState(tf.Module):
                     if carry is not None and carry.shape.num_elements() == numel:
                         whole = whole + carry.numpy()
                         carry.assign(tf.zeros_like(carry))
+                        self.carry_pending(name, old[0]).assign(False)
                 if key is None:
                     offset = 0
                     for v in variables:
@@ -329,16 +346,19 @@ class GTopkState(tf.Module):
                     whole[lo:hi] = 0
                     if whole.any():
                         self.carry(name, numel, key).assign_add(whole)
+                        self.carry_pending(name, key).assign(True)
             logger.info("gtopk_hvd: buffer %r: held back now over entries %d..%d of %d "
                         "(before %d..%d); the rest joins the next step's gradients",
                         name, lo, hi, numel, old[1], old[2])
 
-    def held_variables(self):
+    def held_variables(self, with_flags=False):
         """Every variable of every layout that holds back gradient mass (residuals, shards,
-        carries), for Horovod Elastic's commit and restore."""
+        carries); ``with_flags``: also whether each carry is pending (:meth:`carry_pending`),
+        for Horovod Elastic's commit and restore."""
+        kinds = ("_shards_", "_carry_") + (("_pending_",) if with_flags else ())
         out = list(self._slots)
         for attr, value in sorted(vars(self).items()):
-            if attr.startswith(("_shards_", "_carry_")) and hasattr(value, "values"):
+            if attr.startswith(kinds) and hasattr(value, "values"):
                 out += list(value.values())
         return out
 
@@ -364,14 +384,16 @@ class GTopkState(tf.Module):
                                                     name="gtopk_mode")
             moves.append((self._modes[name], int(hierarchical), lo, hi,
                           [self.residual(v) for v in variables],
-                          self.shard_residual(name, hi - lo, key), self.carry(name, numel, key)))
-        for mode, target, lo, hi, flat, shard, carry in moves:
+                          self.shard_residual(name, hi - lo, key), self.carry(name, numel, key),
+                          self.carry_pending(name, key)))
+        for mode, target, lo, hi, flat, shard, carry, pending in moves:
             def move(mode=mode, target=target, lo=lo, hi=hi, flat=flat, shard=shard,
-                     carry=carry):
+                     carry=carry, pending=pending):
                 whole = tf.concat([e.read_value() for e in flat], 0) + carry.read_value()
                 if target:
                     shard.assign_add(whole[lo:hi])
                     carry.assign(tf.concat([whole[:lo], tf.zeros([hi - lo]), whole[hi:]], 0))
+                    pending.assign(True)
                     parts = [tf.zeros_like(e) for e in flat]
                 else:
                     whole = whole + tf.pad(shard.read_value(),
@@ -379,6 +401,7 @@ class GTopkState(tf.Module):
                     parts = tf.split(whole, [int(e.shape[0]) for e in flat])
                     shard.assign(tf.zeros_like(shard))
                     carry.assign(tf.zeros_like(carry))
+                    pending.assign(False)
                 for e, part in zip(flat, parts):
                     e.assign(part)
                 mode.assign(target)
@@ -566,6 +589,8 @@ class GTopkState(tf.Module):
                 value = pending.pop(name, None)
                 if value is not None:
                     eps.assign(np.asarray(value, np.float32).reshape(-1))
+                    if kind == "carry":
+                        self.carry_pending(name, _layout_key(self._book.layout)).assign(True)
 
     def __repr__(self):
         return (f"GTopkState(schedule={self.schedule!r}, algorithm={self.algorithm!r}, "

@@ -82,10 +82,10 @@ class TFStep(StepBackend):
         if self.hierarchical(buffer):  # the shard's residual joins after the node's sum
             self.add_shard_residual(buffer, scale, predivide)
             acc = _flatten([it.grad for it in buffer.members])
-            carry = self.carry(buffer)  # what a switch to hierarchical left outside the shard
+            carry = self.carry(buffer)  # what a move left outside the shard, if pending
             if carry is not None:
-                acc = acc + (carry.read_value() if isinstance(scale, float) and scale == 1.0
-                             else carry.read_value() * scale)
+                acc = tf.cond(self.carry_pending(buffer).read_value(),
+                              lambda: compensate(acc, carry.read_value(), scale), lambda: acc)
             return acc * (1.0 / predivide) if predivide != 1.0 else acc
         acc = compensate(_flatten([it.grad for it in buffer.members]),
                          _flatten([eps.read_value() for eps in self._residuals(buffer)]), scale)
@@ -101,6 +101,9 @@ class TFStep(StepBackend):
         reset), None where there is none."""
         return self.state.carry(buffer.name, buffer.numel, layout_key(self.hierarchy),
                                 create=False)
+
+    def carry_pending(self, buffer):
+        return self.state.carry_pending(buffer.name, layout_key(self.hierarchy))
 
     def shard_residual(self, buffer):
         """Hierarchical gTop-k: the residual of this rank's shard of ``buffer``."""
@@ -195,8 +198,15 @@ class TFStep(StepBackend):
             eps.assign(when(finite, update_residual(result.acc, result, carried),
                             eps.read_value))
             carry = self.carry(buffer)
-            if carry is not None:  # it went into this step's gradients
-                carry.assign(when(finite, tf.zeros_like(carry), carry.read_value))
+            if carry is not None:  # a pending one went into this step's gradients
+                pending = self.carry_pending(buffer)
+
+                def clear():
+                    carry.assign(tf.zeros_like(carry))
+                    pending.assign(False)
+                    return tf.constant(True)
+                tf.cond(tf.logical_and(finite, pending.read_value()), clear,
+                        lambda: tf.constant(False))
             return
         rest = update_residual(acc, result, carried)
         for eps, value in zip(self._residuals(buffer),

@@ -87,15 +87,15 @@ class KerasState(TensorFlowKerasState):
     def _save_model(self):
         super()._save_model()
         if getattr(self, "_gtopk", None) is not None:  # residuals, shards, carries
-            self._saved_residuals = {eps.ref(): tf.identity(eps)
-                                     for eps in self._gtopk.held_variables()}
+            self._saved_residuals = {eps.ref(): tf.identity(eps) for eps in
+                                     self._gtopk.held_variables(with_flags=True)}
             self._saved_placements = dict(self._gtopk._book.placements)
             self._saved_step = self._gtopk.step
 
     def _load_model(self):
         super()._load_model()
         if self._gtopk is not None:
-            for eps in self._gtopk.held_variables():  # one created since: empty then
+            for eps in self._gtopk.held_variables(with_flags=True):  # one made since: empty
                 saved = self._saved_residuals.get(eps.ref())
                 eps.assign(tf.zeros_like(eps) if saved is None else saved)
             self._gtopk._book.placements = dict(self._saved_placements)
