@@ -18,12 +18,12 @@ import tensorflow as tf
 
 from gtopk_hvd.common.collective import GTopkResult
 from gtopk_hvd.common.hierarchy import prepare_call
-from gtopk_hvd.common.process_sets import agree_on_mode, hierarchical_sets
+from gtopk_hvd.common.process_sets import hierarchical_sets
 from gtopk_hvd.common.step import Buffer, StepConfig, run_step
 from gtopk_hvd.common.validation import check_allreduce_arguments
 from gtopk_hvd.tensorflow.collective import (after_verdict, check_tf2_context, exact_divide,
                                              op_name, update_residual)
-from gtopk_hvd.tensorflow.hierarchical import check_mode, gather_modes, hierarchical_exchange
+from gtopk_hvd.tensorflow.hierarchical import check_call_mode, hierarchical_exchange
 from gtopk_hvd.tensorflow.ops import zeros
 from gtopk_hvd.tensorflow.step import TensorStep, when
 
@@ -93,10 +93,7 @@ def gtopk_allreduce(tensor, density=0.001, name=None, op=hvd.Average, algorithm=
     density, numel, k = check_allreduce_arguments(density, op_name(op), algorithm,
                                                   process_set, tensor.shape.num_elements(), name)
     config = StepConfig(algorithm, op_name(op), "tensor", 0, name=name or "gtopk")
-    if tf.executing_eagerly():
-        agree_on_mode(hvd, name or "gtopk", False, gather_modes)
-    else:  # in a graph: once, when first traced
-        check_mode(name or "gtopk", False, False)
+    check_call_mode(name or "gtopk", False)
     backend = TensorStep(config, tensor, residual, profile and tf.executing_eagerly())
     run_step(backend, config, [Buffer(name or "tensor", [tensor], numel, algorithm)], [], [k],
              density)
@@ -120,10 +117,7 @@ def _hierarchical_allreduce(tensor, density, name, op, algorithm, residual, proc
     (lo, hi), k, plan = prepare_call(
         layout, numel, hvd.rank(), density, op_name(op), algorithm,
         None if residual is None else residual.shape.num_elements())
-    if tf.executing_eagerly():
-        agree_on_mode(hvd, name or "gtopk", True, gather_modes)
-    else:  # in a graph: once, when first traced
-        check_mode(name or "gtopk", True, False)
+    check_call_mode(name or "gtopk", True)
     flat = tf.reshape(tf.cast(tensor, tf.float32), [-1])
     eps = zeros([hi - lo]) if residual is None else tf.convert_to_tensor(residual)
     res, finite = hierarchical_exchange(flat, eps, k, layout, sets, f"{name or 'gtopk'}.h", plan)

@@ -15,7 +15,7 @@ from gtopk_hvd.common.process_sets import agree_on_mode
 from gtopk_hvd.tensorflow.collective import check_verdict
 from gtopk_hvd.tensorflow.ops import TFOps, op_name_safe
 
-__all__ = ["hierarchical_exchange", "drive", "gather_modes", "check_mode"]
+__all__ = ["hierarchical_exchange", "drive", "gather_modes", "check_mode", "check_call_mode"]
 
 
 def drive(steps, sets):
@@ -58,5 +58,11 @@ def check_mode(name, hierarchical, verified):
         if not verified:
             agree_on_mode(hvd, name, hierarchical, gather_modes, once=False)
         return
+    check_call_mode(name, hierarchical)
+
+
+def check_call_mode(name, hierarchical):
+    """``gtopk_allreduce``'s mode check: once, at the first call named ``name`` (in a
+    ``tf.function`` when it is first traced, an eager allgather at trace time)."""
     with tf.init_scope():
         agree_on_mode(hvd, name, hierarchical, gather_modes, once=True)

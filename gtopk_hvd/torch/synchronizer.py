@@ -267,9 +267,8 @@ class Synchronizer:
     def refresh_hierarchy(self, buffers):
         """Hierarchical gTop-k, before a step's first operation: the part of each buffer this
         rank's residual covers (this rank's shard, or all of it where the step runs flat or
-        sends the buffer densely), the
-        residuals re-sharded where it moved (an Elastic reset, or ``algorithm="auto"``
-        switching modes: GTopkState.reshard)."""
+        sends the buffer densely), the residuals re-sharded where it moved (an Elastic
+        reset, or ``algorithm="auto"`` switching modes: GTopkState.reshard)."""
         if not self.hierarchical:
             return
         rank = hvd.rank()
