@@ -119,10 +119,18 @@ def prepare_exchange_sets(hvd):
 
 
 def _registered(hvd):
-    """{ranks tuple: process set id} of the sets Horovod holds now."""
+    """{ranks tuple: process set id} of the sets Horovod holds now.  Under Horovod Elastic,
+    Horovod found shut down here (a peer died since the last step, before this step's first
+    operation) is a lost worker: HorovodInternalError, so that ``elastic.run`` resets."""
+    from horovod.common.exceptions import HorovodInternalError
     from horovod.common.process_sets import _basics
-    return {tuple(ranks): ps_id
-            for ps_id, ranks in _basics._get_process_set_ids_and_ranks().items()}
+    try:
+        ids = _basics._get_process_set_ids_and_ranks()
+    except ValueError as err:  # "Horovod has not been initialized properly"
+        if is_elastic():
+            raise HorovodInternalError(err) from err
+        raise
+    return {tuple(ranks): ps_id for ps_id, ranks in ids.items()}
 
 
 def exchange_sets(hvd):

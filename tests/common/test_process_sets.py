@@ -66,3 +66,25 @@ def test_a_named_horovod_operation_lost_to_a_dead_worker_counts_as_lost():
     assert lost_worker("... [[{{node HorovodAllreduce_grads_0}}]]")
     assert not lost_worker("Incompatible shapes: [3] vs. [4]")
     assert not lost_worker(None)
+
+
+def test_horovod_found_shut_down_under_elastic_is_a_lost_worker(clean_env):
+    """A peer that died between two steps shuts Horovod down; the next step's look at the
+    registered process sets (hierarchical gTop-k under Elastic) then meets Horovod's "not
+    initialized" ValueError, which must reach ``elastic.run`` as HorovodInternalError (a
+    reset), not kill the survivor; outside Elastic it stays the ValueError."""
+    import horovod.common.process_sets as horovod_sets
+    from horovod.common.exceptions import HorovodInternalError
+
+    from gtopk_hvd.common.process_sets import _registered
+
+    class ShutDown:
+        def _get_process_set_ids_and_ranks(self):
+            raise ValueError("Horovod has not been initialized properly; use hvd.init().")
+    clean_env.setattr(horovod_sets, "_basics", ShutDown())
+    clean_env.setenv("HOROVOD_ELASTIC", "1")
+    with pytest.raises(HorovodInternalError):
+        _registered(None)
+    clean_env.setenv("HOROVOD_ELASTIC", "0")
+    with pytest.raises(ValueError):
+        _registered(None)
